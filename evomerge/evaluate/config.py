@@ -1,0 +1,198 @@
+"""Evaluation config: which lm-eval tasks make up the fitness signal, and how to run them.
+
+``EvalConfig`` and ``TaskSpec`` are frozen pydantic models. Short forms are accepted on input:
+a task may be ``"name"``, ``"name:weight"`` or a mapping; ``tasks`` may be one comma-separated
+string. Field-level and cross-field problems are all reported together in one
+``pydantic.ValidationError`` (a ``ValueError``). Checks that need the task catalog (does the task
+exist, does it produce the metric) live in :func:`evomerge.evaluate.validate.validate_eval_config`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: ``eval_tasks/`` at the repository root: always searched for local task YAMLs.
+REPO_EVAL_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
+PRESET_DIR = REPO_EVAL_TASKS / "presets"
+
+#: Keyword arguments of ``lm_eval.evaluator.evaluate`` a config may set through ``lm_eval_args``.
+LM_EVAL_ARG_NAMES = frozenset(
+    {
+        "bootstrap_iters",
+        "system_instruction",
+        "fewshot_as_multiturn",
+        "gen_kwargs",
+        "confirm_run_unsafe_code",
+        "cache_requests",
+        "fewshot_random_seed",
+    }
+)
+
+
+class EvalConfigError(ValueError):
+    """An evaluation config cannot run. The message is one line: the problem, then the fix.
+
+    ``problems`` holds every problem found (one line each) when several were collected.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the eval config: " + " | ".join(self.problems)
+        super().__init__(msg)
+
+
+class TaskSpec(BaseModel):
+    """One lm-eval task (or group) in the fitness signal.
+
+    ``metric`` is ``"name"`` or ``"name,filter"`` as lm-eval reports it (``"acc"``,
+    ``"exact_match,strict-match"``); ``None`` means the task's first metric under its first
+    filter. ``weight`` may be negative for a lower-is-better metric (e.g. perplexity); it may not
+    be zero. ``num_fewshot=None`` keeps the task's own default.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    weight: float = 1.0
+    metric: str | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_task_string(value)
+        return value
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_nonzero(cls, w: float) -> float:
+        if not math.isfinite(w) or w == 0:
+            raise ValueError(f"weight must be a finite non-zero number, got {w!r}")
+        return w
+
+    @field_validator("name")
+    @classmethod
+    def _no_spaces(cls, name: str) -> str:
+        if name != name.strip() or "," in name:
+            raise ValueError(f"task name {name!r} has spaces or commas; give one name per task")
+        return name
+
+
+def parse_task_string(text: str) -> dict[str, Any]:
+    """``"name"`` or ``"name:weight"`` → TaskSpec fields. Raises ``ValueError`` on a bad weight."""
+    name, sep, weight = text.strip().rpartition(":")
+    if not sep:
+        return {"name": text.strip()}
+    try:
+        return {"name": name.strip(), "weight": float(weight)}
+    except ValueError:
+        raise ValueError(
+            f"task {text!r}: expected 'name' or 'name:weight' with a number after ':'"
+        ) from None
+
+
+class EvalConfig(BaseModel):
+    """How candidates are scored. Frozen; build a new one with ``model_copy(update=...)``.
+
+    - ``limit``: ``None`` = all docs; an int N = a seeded random subset of N docs per leaf task;
+      a float in (0, 1) = that fraction of each leaf task. The subset depends only on ``seed``
+      and the task name, so every candidate of a run sees the same docs.
+    - ``include_paths``: extra folders of lm-eval task YAMLs; the repo's ``eval_tasks/`` is
+      always searched first (see :func:`effective_include_paths`).
+    - ``lm_eval_args``: extra keyword arguments for ``lm_eval.evaluator.evaluate`` (allowed
+      keys: ``LM_EVAL_ARG_NAMES``).
+    - ``vllm_args``: extra keyword arguments for ``vllm.LLM`` (e.g. ``max_model_len``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tasks: tuple[TaskSpec, ...] = Field(min_length=1)
+    backend: Literal["hf", "vllm"] = "hf"
+    limit: int | float | None = None
+    seed: int = 0
+    batch_size: int = Field(default=8, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    apply_chat_template: bool = False
+    include_paths: tuple[str, ...] = ()
+    lm_eval_args: dict[str, Any] = Field(default_factory=dict)
+    vllm_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_task_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("include_paths", mode="before")
+    @classmethod
+    def _one_path(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            return (str(value),)
+        return tuple(str(p) for p in value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> EvalConfig:
+        problems: list[str] = []
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"tasks listed more than once: {dupes}; list each task once")
+        if self.limit is not None:
+            if isinstance(self.limit, bool) or self.limit <= 0:
+                problems.append(f"limit must be > 0, got {self.limit!r}")
+            elif isinstance(self.limit, float) and not self.limit < 1:
+                problems.append(
+                    f"a float limit is a fraction and must be < 1, got {self.limit!r}; "
+                    "give an int for a number of docs"
+                )
+        unknown = sorted(set(self.lm_eval_args) - LM_EVAL_ARG_NAMES)
+        if unknown:
+            problems.append(
+                f"unknown lm_eval_args {unknown}; allowed: {sorted(LM_EVAL_ARG_NAMES)}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def effective_include_paths(cfg: EvalConfig) -> list[Path]:
+    """The repo's ``eval_tasks/`` (if present) followed by ``cfg.include_paths``, resolved."""
+    paths = [REPO_EVAL_TASKS] if REPO_EVAL_TASKS.is_dir() else []
+    for p in cfg.include_paths:
+        path = Path(p).expanduser().resolve()
+        if path not in paths:
+            paths.append(path)
+    return paths
+
+
+def available_presets() -> list[str]:
+    """Names of the YAML presets under ``eval_tasks/presets/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str, **overrides: Any) -> EvalConfig:
+    """Load ``eval_tasks/presets/<name>.yaml`` (or a YAML path) as an :class:`EvalConfig`.
+
+    ``overrides`` replace top-level fields (e.g. ``limit=50``, ``backend="vllm"``).
+    """
+    path = Path(name)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise EvalConfigError(
+            f"eval preset {name!r} not found; available presets: {available_presets()}"
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    data.pop("description", None)
+    data.update(overrides)
+    return EvalConfig.model_validate(data)

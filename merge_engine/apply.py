@@ -1,0 +1,132 @@
+"""Apply recipes to a resident model in place: no disk, source tensors cached across calls.
+
+The search keeps one model in memory and, for each candidate, overwrites its
+parameters with the merged tensors. The result equals, bit for bit, loading the
+on-disk merge of the same recipe into a model of the same dtype.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.errors import RecipeError
+from merge_engine.graph import Executor
+from merge_engine.io.refs import ModelRef
+from merge_engine.plan import LoadTensor, MergeContext, MergeTensor
+from merge_engine.recipe import MergeRecipe
+
+
+@dataclass
+class ApplyStats:
+    recomputed: int
+    unchanged: int
+    seconds: float
+
+
+class InMemoryMerger:
+    """Writes merged tensors into ``model``'s parameters.
+
+    Lifecycle: construct once with the resident model (its architecture must
+    match the recipes' output); call :meth:`apply` once per candidate recipe —
+    only tensors whose node changed since the last call are recomputed, and
+    source tensors are read once and kept (``cache_sources``); :meth:`close`
+    releases the readers and the cache.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None,
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 cache_sources: bool = True) -> None:
+        self.model = model
+        self.targets = dict(model.state_dict(keep_vars=True))
+        first = next(iter(model.parameters()))
+        self.device = torch.device(device) if device is not None else first.device
+        self.allow_pickle = allow_pickle
+        self.trust_remote_code = trust_remote_code
+        self.cache_sources = cache_sources
+        self._stack = ExitStack()
+        self._readers: dict[ModelRef, object] = {}
+        self._sources: dict[LoadTensor, torch.Tensor] = {}
+        self._applied: dict[str, MergeTensor] = {}
+
+    def _open(self, recipe: MergeRecipe):
+        from merge_engine.merge import prepare
+
+        # prepare() validates and plans; readers stay open in our own stack so
+        # headers are parsed once per model for the whole search.
+        missing = [r for r in recipe.referenced_models() if r not in self._readers]
+        if missing:
+            with ExitStack() as tmp:
+                prepare(recipe, tmp, allow_pickle=self.allow_pickle,
+                        trust_remote_code=self.trust_remote_code)
+            from merge_engine.io.reader import CheckpointReader
+            from merge_engine.io.resolve import resolve_model_dir
+            for ref in missing:
+                self._readers[ref] = self._stack.enter_context(CheckpointReader(
+                    resolve_model_dir(ref), allow_pickle=self.allow_pickle,
+                    trust_remote_code=self.trust_remote_code))
+
+    def plan(self, recipe: MergeRecipe):
+        """Validate and plan ``recipe`` against this model (raises RecipeError)."""
+        from merge_engine.plan import build_plan
+        from merge_engine.validate import Report, check_recipe
+
+        report = check_recipe(recipe, Report())
+        if report.problems:
+            raise RecipeError(report.problems)
+        self._open(recipe)
+        plan = build_plan(recipe, self._readers)
+        problems = []
+        for node in plan.targets:
+            target = self.targets.get(node.out_name)
+            if target is None:
+                problems.append(f"the resident model has no parameter {node.out_name}; "
+                                "in-memory apply needs a model of the recipe's output architecture")
+            else:
+                shape = node.deps()[0].crop or self._readers[node.deps()[0].model].shape(node.deps()[0].name)
+                if tuple(target.shape) != tuple(shape):
+                    problems.append(f"parameter {node.out_name} has shape {list(target.shape)} in the "
+                                    f"resident model but {list(shape)} in the merge")
+        if problems:
+            raise RecipeError(problems[:5])
+        return plan
+
+    def apply(self, recipe: MergeRecipe) -> ApplyStats:
+        """Merge ``recipe`` into the model's parameters in place."""
+        import time
+
+        start = time.perf_counter()
+        plan = self.plan(recipe)
+        todo = [n for n in plan.targets if self._applied.get(n.out_name) != n]
+        ctx = MergeContext(self._readers, self.device)
+        cached = self._sources.get if self.cache_sources else None
+
+        def remember(node, value):
+            if self.cache_sources and isinstance(node, LoadTensor):
+                self._sources[node] = value
+
+        executor = Executor(todo, ctx, cached=cached, on_computed=remember,
+                            prefetch=0 if self.cache_sources and self._sources else 4)
+        with torch.no_grad():
+            for node, value in executor.run():
+                self.targets[node.out_name].copy_(value)
+                self._applied[node.out_name] = node
+        return ApplyStats(len(todo), len(plan.targets) - len(todo), time.perf_counter() - start)
+
+    def forget(self) -> None:
+        """Drop the record of applied nodes (the next apply rewrites every tensor)."""
+        self._applied.clear()
+
+    def close(self) -> None:
+        self._sources.clear()
+        self._applied.clear()
+        self._stack.close()
+        self._readers.clear()
+
+    def __enter__(self) -> InMemoryMerger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Model access: references, lazy checkpoint readers, layer layout, sharded writer."""

@@ -1,0 +1,116 @@
+"""Merge a recipe to disk: validate → plan → execute → sharded safetensors, published atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from merge_engine.errors import RecipeError
+from merge_engine.graph import Executor
+from merge_engine.io.refs import ModelRef
+from merge_engine.plan import MergeContext, MergePlan, build_plan
+from merge_engine.recipe import MergeRecipe
+from merge_engine.validate import Report, check_models, check_recipe, open_readers
+
+DEFAULT_SHARD_SIZE = 5 * 2**30
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+          " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``auto``/None → cuda when available, else cpu; anything else as given."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {name} was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path | None
+    tensors: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    peak_live_tensors: int = 0
+
+
+def prepare(recipe: MergeRecipe, stack: ExitStack, *, allow_pickle: bool = False,
+            trust_remote_code: bool = False) -> tuple[MergePlan, dict[ModelRef, object]]:
+    """Validate everything and plan; raises RecipeError listing every problem."""
+    report = check_recipe(recipe, Report())
+    if report.problems:
+        raise RecipeError(report.problems)
+    readers = open_readers(recipe, stack, report, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+    if not report.problems:
+        check_models(recipe, readers, report)
+    if report.problems:
+        raise RecipeError(report.problems)
+    return build_plan(recipe, readers), readers
+
+
+def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None:
+    from merge_engine.io.resolve import resolve_model_dir
+    from merge_engine.io.writer import model_card, tokenizer_files
+
+    writer.write_json("config.json", plan.config)
+    tok_ref = recipe.tokenizer_model()
+    if isinstance(tok_ref, ModelRef):
+        tok_dir = resolve_model_dir(tok_ref)
+        writer.copy_files(tok_dir, tokenizer_files(tok_dir))
+    template = recipe.chat_template
+    if template and template != "auto":
+        writer.write_text("chat_template.jinja", CHATML if template == "chatml" else template)
+    text = recipe.to_yaml()
+    writer.write_text("evomerge_recipe.yaml", text)
+    writer.write_text("README.md", model_card(text, [str(r) for r in recipe.referenced_models()],
+                                              recipe.merge_method))
+
+
+def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = "auto",
+              shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+              trust_remote_code: bool = False, force: bool = False, dry_run: bool = False,
+              prefetch: int = 4, progress: Callable[[int, int], None] | None = None) -> MergeResult:
+    """Merge ``recipe`` into ``out_dir``.
+
+    Output goes to a temporary sibling directory that is renamed into place at
+    the end, so an interrupted or failed merge leaves nothing at ``out_dir``.
+    """
+    from merge_engine.io.writer import OutputWriter
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    with ExitStack() as stack:
+        plan, readers = prepare(recipe, stack, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code)
+        if dry_run:
+            return MergeResult(None, len(plan.targets), time.perf_counter() - start, plan.warnings)
+        ctx = MergeContext(readers, pick_device(device))
+        executor = Executor(plan.targets, ctx, prefetch=prefetch)
+        with OutputWriter(out_dir, shard_size=shard_size, force=force) as writer:
+            total = len(plan.targets)
+            for i, (node, tensor) in enumerate(executor.run(), 1):
+                writer.add(node.out_name, tensor.cpu())
+                if progress is not None:
+                    progress(i, total)
+            _write_extras(writer, plan, readers, recipe)
+            writer.publish()
+        return MergeResult(out_dir, len(plan.targets), time.perf_counter() - start, plan.warnings,
+                           executor.peak_live)
+
+
+def plan_summary(plan: MergePlan) -> str:
+    """A short human summary of a plan (for --dry-run)."""
+    methods = {t.method for t in plan.targets}
+    return json.dumps({"tensors": len(plan.targets), "layers": plan.num_layers,
+                       "methods": sorted(methods), "reference": str(plan.reference)})

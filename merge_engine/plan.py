@@ -1,0 +1,347 @@
+"""Recipe → DAG: one frozen node per output tensor (load → merge), ready for the executor.
+
+The planner reads only checkpoint headers (names, shapes, dtypes) and configs;
+every problem it finds is collected so ``validate`` can report them all at once.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from merge_engine.errors import NonFiniteError, RecipeError
+from merge_engine.io.layout import LayerLayout, detect_layout
+from merge_engine.io.refs import ModelRef
+from merge_engine.methods.registry import get_method
+from merge_engine.methods.spec import MethodSpec
+from merge_engine.randomness import TensorRandom
+from merge_engine.recipe import MISSING, MergeRecipe, resolve
+
+DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float64": torch.float64}
+NAME_OF = {v: k for k, v in DTYPE_OF.items()}
+
+
+# ---------------------------------------------------------------- nodes
+@dataclass(frozen=True)
+class LoadTensor:
+    """Read one tensor of one model (cast to ``dtype``, cropped to ``crop`` rows/cols)."""
+
+    io: ClassVar[bool] = True
+    model: ModelRef
+    name: str
+    dtype: str | None = None
+    crop: tuple[int, ...] | None = None
+
+    def deps(self) -> tuple:
+        return ()
+
+    def run(self, ctx: MergeContext) -> torch.Tensor:
+        tensor = ctx.readers[self.model].get(self.name)
+        if self.crop is not None:
+            tensor = tensor[tuple(slice(0, n) for n in self.crop)]
+        if self.dtype is not None:
+            tensor = tensor.to(DTYPE_OF[self.dtype])
+        if ctx.check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise NonFiniteError(f"tensor {self.name} of model {self.model} holds NaN or inf; "
+                                 "the checkpoint is corrupt, fix or replace it")
+        return tensor
+
+
+@dataclass(frozen=True)
+class MergeTensor:
+    """Merge the input tensors into output tensor ``out_name`` with one method."""
+
+    io: ClassVar[bool] = False
+    out_name: str
+    method: str
+    inputs: tuple[LoadTensor, ...]
+    base: LoadTensor | None
+    params: tuple[tuple[str, Any], ...]
+    seed: int
+    out_dtype: str | None
+
+    def deps(self) -> tuple[LoadTensor, ...]:
+        return self.inputs + ((self.base,) if self.base is not None else ())
+
+    def run(self, ctx: MergeContext, *values: torch.Tensor) -> torch.Tensor:
+        spec = get_method(self.method)
+        device = ctx.device
+        tensors = [v.to(device) for v in values[: len(self.inputs)]]
+        base = values[-1].to(device) if self.base is not None else None
+        kwargs: dict[str, Any] = {}
+        for name, value in self.params:
+            kwargs[spec.param(name).kwarg] = list(value) if isinstance(value, tuple) else value
+        if spec.random:
+            kwargs["rng"] = TensorRandom(self.seed, self.out_name)
+        with torch.no_grad():
+            out = spec.fn(tensors, base, **kwargs)
+        if ctx.check_finite and out.is_floating_point() and not torch.isfinite(out).all():
+            raise NonFiniteError(f"the {self.method} merge produced NaN or inf in tensor "
+                                 f"{self.out_name}; check the recipe's weights for that tensor")
+        if self.out_dtype is not None:
+            out = out.to(DTYPE_OF[self.out_dtype])
+        return out
+
+
+@dataclass
+class MergeContext:
+    """Run-time state the nodes need: open readers and the compute device."""
+
+    readers: Mapping[ModelRef, Any]
+    device: torch.device | str = "cpu"
+    check_finite: bool = True
+
+
+# ---------------------------------------------------------------- plan
+@dataclass
+class MergePlan:
+    """The output of planning: ordered targets plus what the output directory needs."""
+
+    recipe: MergeRecipe
+    targets: list[MergeTensor]
+    config: dict[str, Any]
+    reference: ModelRef
+    layout: LayerLayout
+    num_layers: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Source:
+    model: ModelRef
+    first_layer: int  # source layer of output layer 0 of the slice
+    params: Mapping[str, Any] | None
+
+
+@dataclass
+class _OutSlice:
+    sources: list[_Source]
+    num_layers: int
+    params: Mapping[str, Any] | None
+
+
+def _out_slices(recipe: MergeRecipe, num_layers: int) -> list[_OutSlice]:
+    if recipe.models is not None:
+        return [_OutSlice([_Source(m.model, 0, m.parameters) for m in recipe.models], num_layers, None)]
+    return [_OutSlice([_Source(s.model, s.layer_range[0], s.parameters) for s in sl.sources],
+                      sl.num_layers, sl.parameters) for sl in recipe.slices or ()]
+
+
+def _split_base(spec: MethodSpec, recipe: MergeRecipe, sources: list[_Source],
+                problems: list[str]) -> tuple[list[_Source], _Source | None]:
+    """Separate the base model from the other inputs, as the method's ``base`` rule says."""
+    if spec.base == "unused" or recipe.base_model is None:
+        if spec.base == "required":
+            problems.append(f"{spec.name} needs a base_model; add 'base_model: <model>' to the recipe")
+        return sources, None
+    others = [s for s in sources if s.model != recipe.base_model]
+    base = next((s for s in sources if s.model == recipe.base_model), None)
+    if base is None:  # a base not listed is added, aligned with the slice's first source
+        first = sources[0].first_layer if sources else 0
+        base = _Source(recipe.base_model, first, None)
+    return others, base
+
+
+def _layer_position(i: int, n: int) -> float:
+    return i / (n - 1) if n > 1 else 1.0
+
+
+class _Planner:
+    def __init__(self, recipe: MergeRecipe, readers: Mapping[ModelRef, Any]) -> None:
+        self.recipe = recipe
+        self.readers = readers
+        self.spec = get_method(recipe.merge_method)
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.reference = recipe.base_model or recipe.referenced_models()[0]
+        self.layouts = {ref: detect_layout(r.tensor_names, r.config) for ref, r in readers.items()}
+        self.layout = self.layouts[self.reference]
+
+    def problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+
+    # -- parameter resolution --------------------------------------------
+    def params_for(self, tensor_name: str, t: float, sl: _OutSlice,
+                   inputs: list[_Source]) -> tuple[tuple[str, Any], ...]:
+        out: list[tuple[str, Any]] = []
+        top = self.recipe.parameters
+        for p in self.spec.params:
+            if p.per_model:
+                values = []
+                for src in inputs:
+                    v = resolve((src.params, sl.params, top), p.name, tensor_name, t)
+                    values.append(self._default(p, v, tensor_name, src.model))
+                out.append((p.name, tuple(values)))
+            else:
+                v = resolve((sl.params, top), p.name, tensor_name, t)
+                out.append((p.name, self._default(p, v, tensor_name, None)))
+        return tuple(out)
+
+    def _default(self, p: Any, value: Any, tensor_name: str, model: ModelRef | None) -> Any:
+        if value is MISSING:
+            if p.required or p.default is None:
+                whose = f" for model {model}" if model is not None else ""
+                self.problem(f"{self.spec.name} needs parameter '{p.name}'{whose} (tensor "
+                             f"{tensor_name} has none); set it under that model's parameters "
+                             "or the top-level parameters")
+                return 0.0
+            return p.default
+        if p.kind == "bool" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = bool(value)
+        if p.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        issue = p.check(value)
+        if issue:
+            self.problem(f"{self.spec.name}: {issue} (tensor {tensor_name}); use a value in range")
+        return value
+
+    # -- tensors -----------------------------------------------------------
+    def source_name(self, out_name: str, out_layer: int | None, src: _Source, slice_start: int) -> str:
+        if out_layer is None:
+            return out_name
+        return self.layouts[src.model].rename(out_name, src.first_layer + out_layer - slice_start)
+
+    def load_nodes(self, out_name: str, names: list[tuple[_Source, str]]) -> list[LoadTensor] | None:
+        shapes = []
+        for src, name in names:
+            reader = self.readers[src.model]
+            if name not in reader.tensor_names:
+                self.problem(f"model {src.model} has no tensor {name}; its architecture does not "
+                             "match the others (or the layer_range is out of bounds)")
+                return None
+            shapes.append(tuple(reader.shape(name)))
+        crop = None
+        if len(set(shapes)) > 1:
+            crop = self._crop(out_name, names, shapes)
+            if crop is None:
+                return None
+        dtype = self.recipe.dtype
+        return [LoadTensor(src.model, name, dtype, crop if crop != shape else None)
+                for (src, name), shape in zip(names, shapes)]
+
+    def _crop(self, out_name: str, names: list[tuple[_Source, str]],
+              shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+        ranks = {len(s) for s in shapes}
+        tails = {s[1:] for s in shapes}
+        if len(ranks) > 1 or len(tails) > 1 or not self.layout.is_embedding(out_name):
+            listing = ", ".join(f"{src.model}: {list(s)}" for (src, _), s in zip(names, shapes))
+            self.problem(f"tensor {out_name} has different shapes across models ({listing}); "
+                         "these models cannot be merged")
+            return None
+        if self.spec.base == "required" and self.recipe.base_model is not None:
+            rows = next(s[0] for (src, _), s in zip(names, shapes) if src.model == self.recipe.base_model)
+            if any(s[0] < rows for s in shapes):
+                small = [str(src.model) for (src, _), s in zip(names, shapes) if s[0] < rows]
+                self.problem(f"vocabulary sizes differ: {', '.join(small)} has fewer rows in {out_name} "
+                             f"than the base ({rows}); use a base with the smallest vocabulary")
+                return None
+        else:
+            rows = min(s[0] for s in shapes)
+        self.warnings.append(f"vocabulary sizes differ in {out_name}; keeping the first {rows} rows")
+        return (rows,) + shapes[0][1:]
+
+    def tensor_node(self, out_name: str, sl: _OutSlice, out_layer: int | None, slice_start: int,
+                    t: float) -> MergeTensor | None:
+        inputs, base = _split_base(self.spec, self.recipe, sl.sources, [])
+        named = [(s, self.source_name(out_name, out_layer, s, slice_start)) for s in inputs]
+        if base is not None:
+            named.append((base, self.source_name(out_name, out_layer, base, slice_start)))
+        loads = self.load_nodes(out_name, named)
+        if loads is None:
+            return None
+        params = self.params_for(out_name, t, sl, inputs)
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype
+        return MergeTensor(out_name, self.spec.name, tuple(loads[: len(inputs)]),
+                           loads[-1] if base is not None else None, params,
+                           self.recipe.seed, out_dtype)
+
+    def check_counts(self, sl: _OutSlice) -> None:
+        found: list[str] = []
+        others, _ = _split_base(self.spec, self.recipe, sl.sources, found)
+        for text in found:
+            self.problem(text)
+        n, spec = len(others), self.spec
+        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+            want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
+                    else f"at least {spec.min_models}" if spec.max_models is None
+                    else f"{spec.min_models} to {spec.max_models}")
+            base_note = " besides the base model" if spec.base != "unused" and self.recipe.base_model else ""
+            self.problem(f"{spec.name} merges {want} model(s){base_note}, got {n}; "
+                         "adjust the models listed")
+
+    # -- whole plan ----------------------------------------------------------
+    def build(self) -> MergePlan:
+        layout = self.layout
+        names = self.readers[self.reference].tensor_names
+        slices = _out_slices(self.recipe, layout.num_layers)
+        for sl in slices:
+            self.check_counts(sl)
+            for src in sl.sources:
+                n_src = self.layouts[src.model].num_layers
+                if src.first_layer + sl.num_layers > n_src:
+                    self.problem(f"layer_range [{src.first_layer}, {src.first_layer + sl.num_layers}) "
+                                 f"is out of bounds for {src.model}, which has {n_src} layers")
+        if self.problems:
+            raise RecipeError(self.problems)
+        non_layer = [n for n in names if layout.layer_of(n) is None]
+        templates = sorted({layout.rename(n, 0) for n in names if layout.layer_of(n) is not None},
+                           key=lambda n: names.index(n) if n in names else 0)
+        # each template's suffix, ordered as in layer 0 of the reference
+        targets: list[MergeTensor] = []
+        pre = [n for n in non_layer if layout.is_embedding(n) and "lm_head" not in n and "embed_out" not in n]
+        post = [n for n in non_layer if n not in pre]
+        for name in pre:
+            targets.append(self.tensor_node(name, slices[0], None, 0, 0.0))
+        out_layer = 0
+        for sl in slices:
+            for i in range(sl.num_layers):
+                t = _layer_position(i, sl.num_layers)
+                for tmpl in templates:
+                    out_name = layout.rename(tmpl, out_layer + i)
+                    # source names are computed relative to the slice start
+                    node = self.tensor_node(out_name, sl, out_layer + i, out_layer, t)
+                    targets.append(node)
+            out_layer += sl.num_layers
+        for name in post:
+            targets.append(self.tensor_node(name, slices[-1], None, 0, 0.0))
+        if self.problems:
+            raise RecipeError(self.problems)
+        return MergePlan(self.recipe, [t for t in targets if t is not None],
+                         self._config(out_layer, slices, targets), self.reference, layout,
+                         out_layer, self.warnings)
+
+    def _config(self, num_layers: int, slices: list[_OutSlice], targets: list) -> dict[str, Any]:
+        config = copy.deepcopy(self.readers[self.reference].config)
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = num_layers
+        # per-layer lists (e.g. layer_types) follow the layers they came from
+        for key, value in list(config.items()):
+            if isinstance(value, list) and len(value) == self.layout.num_layers and num_layers != len(value) \
+                    and key not in ("architectures",):
+                config[key] = [value[min(s.sources[0].first_layer + i, len(value) - 1)]
+                               for s in slices for i in range(s.num_layers)]
+        reader = self.readers[self.reference]
+        out_dtype = (self.recipe.out_dtype or self.recipe.dtype
+                     or NAME_OF.get(reader.dtype(reader.tensor_names[0])))
+        if out_dtype:
+            config["torch_dtype"] = out_dtype
+            if "dtype" in config:
+                config["dtype"] = out_dtype
+        emb = next((t for t in targets if t is not None and self.layout.is_embedding(t.out_name)), None)
+        if emb is not None and "vocab_size" in config:
+            crop = next((ld.crop for ld in emb.deps() if ld.crop), None)
+            if crop:
+                config["vocab_size"] = crop[0]
+        return config
+
+
+def build_plan(recipe: MergeRecipe, readers: Mapping[ModelRef, Any]) -> MergePlan:
+    """Plan the merge; raises RecipeError listing every problem found."""
+    return _Planner(recipe, readers).build()

@@ -1,0 +1,313 @@
+"""The merge recipe: mergekit's YAML schema as frozen pydantic models, plus ``seed``.
+
+A recipe is parsed once, never mutated, and dumped back to YAML that mergekit
+accepts. Parameter values are resolved per output tensor by :func:`resolve`
+following mergekit's precedence: source → slice → top level → method default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      ValidationError, field_validator, model_validator)
+
+from merge_engine.errors import RecipeError
+from merge_engine.io.refs import ModelRef
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32", "single": "float32"}
+
+
+def _parse_ref(value: Any) -> Any:
+    if isinstance(value, ModelRef):
+        return value
+    if isinstance(value, str):
+        return ModelRef.parse(value)
+    if isinstance(value, Mapping) and "model" in value:
+        # mergekit's long form: {model: {path, revision}, lora: ...}
+        inner = value["model"]
+        if isinstance(inner, Mapping):
+            return ModelRef(path=str(inner["path"]), revision=inner.get("revision"),
+                            lora=(value.get("lora") or {}).get("path") if isinstance(value.get("lora"), Mapping) else value.get("lora"))
+        return ModelRef.parse(str(inner))
+    raise ValueError(f"a model reference must be a string like 'org/name@rev', got {value!r}")
+
+
+Ref = Annotated[ModelRef, BeforeValidator(_parse_ref), PlainSerializer(str, return_type=str)]
+
+Scalar = Union[bool, int, float, str]
+Gradient = list[Union[float, int, bool]]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FilterEntry(_Frozen):
+    """One entry of a filtered setting: applies when ``filter`` is a substring of the tensor name."""
+
+    filter: str | None = None
+    value: Union[bool, int, float, list[Union[bool, int, float]]]
+
+
+Setting = Union[Scalar, list[FilterEntry], Gradient]
+Parameters = dict[str, Setting]
+
+
+def _check_setting(name: str, value: Any) -> None:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError(f"parameter {name} is an empty list; give a number, a gradient or filters")
+        for v in value:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"parameter {name} holds {v}; values must be finite")
+            if isinstance(v, FilterEntry):
+                _check_setting(name, v.value)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"parameter {name} is {value}; values must be finite")
+
+
+class _HasParameters(_Frozen):
+    parameters: Parameters | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _finite(cls, params: Parameters | None) -> Parameters | None:
+        for name, value in (params or {}).items():
+            _check_setting(name, value)
+        return params
+
+
+class InputModel(_HasParameters):
+    """``models:`` entry: a model spanning all layers, with per-model parameters."""
+
+    model: Ref
+
+
+class SliceSource(_HasParameters):
+    """One source of an output slice: layers ``[start, end)`` of ``model``."""
+
+    model: Ref
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, rng: tuple[int, int]) -> tuple[int, int]:
+        start, end = rng
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range {list(rng)} must be [start, end) with 0 <= start < end")
+        return rng
+
+
+class Slice(_HasParameters):
+    """An output slice: the layers its sources produce, merged, stacked in order."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Slice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError("all sources of a slice must cover the same number of layers, got "
+                             + ", ".join(f"{s.model}{list(s.layer_range)}" for s in self.sources))
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
+
+
+class TokenizerSettings(_Frozen):
+    source: Union[Literal["base", "union"], Ref] = "base"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class MergeRecipe(_HasParameters):
+    """A whole merge recipe (mergekit YAML + our ``seed``)."""
+
+    merge_method: str
+    base_model: Ref | None = None
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    modules: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: Union[Literal["base", "union"], Ref, None] = None
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
+    seed: int = 0
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = _DTYPE_ALIASES.get(value, value)
+        if value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> MergeRecipe:
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k) is not None]
+        if self.modules is not None:
+            raise ValueError("'modules' (multi-module models) is not supported yet; use 'models' or 'slices'")
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'models' or 'slices', got "
+                             + (", ".join(given) if given else "neither"))
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty; list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty; list at least one slice")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("'tokenizer' and 'tokenizer_source' are mutually exclusive; keep one")
+        return self
+
+    # ------------------------------------------------------------------ views
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe reads, base first when given, without duplicates."""
+        seen: dict[ModelRef, None] = {}
+        if self.base_model is not None:
+            seen[self.base_model] = None
+        for m in self.models or ():
+            seen[m.model] = None
+        for s in self.slices or ():
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def tokenizer_model(self) -> ModelRef | Literal["union"]:
+        """Which model's tokenizer the output gets."""
+        src = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+        if src is None or src == "base":
+            return self.base_model or self.referenced_models()[0]
+        return src
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _model_first(self.model_dump(mode="json", exclude_none=True))
+        return {k: data[k] for k in _KEY_ORDER if k in data}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+def _model_first(obj: Any) -> Any:
+    """Put ``model``/``sources`` keys first in nested entries, as hand-written recipes do."""
+    if isinstance(obj, list):
+        return [_model_first(v) for v in obj]
+    if isinstance(obj, dict):
+        first = [k for k in ("model", "sources", "layer_range") if k in obj]
+        return {k: _model_first(obj[k]) for k in first + [k for k in obj if k not in first]}
+    return obj
+
+
+_KEY_ORDER = ("name", "merge_method", "base_model", "models", "slices", "parameters", "dtype",
+              "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "seed")
+
+
+# ---------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {e['loc'][-1]!r}; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        problems.append(f"{loc}: {msg}" if loc else msg)
+    # Union types repeat one problem per alternative; keep the first of each location.
+    out, seen = [], set()
+    for p in problems:
+        key = p.split(":")[0]
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
+    """Build a recipe from parsed YAML; every schema problem is reported in one RecipeError."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{source}: expected a mapping with 'merge_method', got {type(data).__name__}")
+    try:
+        return MergeRecipe.model_validate(dict(data))
+    except ValidationError as err:
+        raise RecipeError([f"{source}: {p}" for p in _format_validation_error(err)]) from None
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read a recipe YAML file; a missing, malformed or invalid file raises RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not a text file; give a YAML recipe") from None
+    return parse_recipe(data, source=str(path))
+
+
+# ---------------------------------------------------------------- parameter lookup
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def gradient_value(values: Sequence[Any], t: float) -> Any:
+    """Value of a gradient at position ``t`` in [0, 1] (piecewise linear over numbers)."""
+    n = len(values)
+    if n == 1:
+        return values[0]
+    if not all(_is_number(v) for v in values):
+        return values[int(t * (n - 1))]
+    s = t * (n - 1)
+    i = min(int(math.floor(s)), n - 1)
+    f = s - i
+    j = min(i + 1, n - 1)
+    if f == 0:
+        return values[i]
+    return (1 - f) * values[i] + f * values[j]
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Evaluate one parameter setting for a tensor at layer position ``t`` (MISSING if no filter matches)."""
+    if isinstance(setting, list):
+        if setting and isinstance(setting[0], FilterEntry):
+            for entry in setting:
+                if entry.filter is None or entry.filter == "*" or entry.filter in tensor_name:
+                    return evaluate_setting(entry.value, tensor_name, t)
+            return MISSING
+        return gradient_value(setting, t)
+    return setting
+
+
+def resolve(levels: Sequence[Mapping[str, Any] | None], name: str, tensor_name: str, t: float) -> Any:
+    """First value set for ``name`` along ``levels`` (most specific first), or MISSING."""
+    for params in levels:
+        if params and name in params:
+            value = evaluate_setting(params[name], tensor_name, t)
+            if value is not MISSING:
+                return value
+    return MISSING
