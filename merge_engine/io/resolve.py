@@ -1,0 +1,111 @@
+"""Turn a ModelRef into a local model directory (a local path, or a snapshot in the hub cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merge_engine.errors import CheckpointError
+from merge_engine.io.refs import ModelRef
+
+# Files a merge needs from a hub repo: weights, configs, tokenizer files, chat templates.
+# Pickle weights are fetched only when asked for, so repos carrying both formats download once.
+HUB_PATTERNS: tuple[str, ...] = (
+    "*.safetensors",
+    "*.json",  # config, generation config, shard index, tokenizer json files
+    "*.jinja",
+    "*.model",  # sentencepiece
+    "*.txt",  # merges.txt, vocab.txt
+    "*.tiktoken",
+)
+PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt")
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` is written as a filesystem path rather than a hub repo id."""
+    return path.startswith(("/", ".", "~", "\\")) or (len(path) > 1 and path[1] == ":")
+
+
+def resolve_model_dir(
+    ref: ModelRef, *, cache_dir: str | Path | None = None, allow_pickle: bool = False
+) -> Path:
+    """Return the local directory holding the model ``ref`` names.
+
+    An existing local directory is returned as is. Anything else that does not look like a local
+    path is taken for a hub repo id and fetched with ``huggingface_hub.snapshot_download`` into
+    ``cache_dir`` (default: the hub cache, ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` only the
+    cache is consulted. Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
+    and tokenizer files are fetched. Every failure is a one-line ``CheckpointError`` with a fix.
+    """
+    if ref.lora:
+        raise CheckpointError(
+            f"model {ref}: LoRA adapters are not supported yet; "
+            "merge the adapter into its model first and reference the merged directory"
+        )
+    local = Path(ref.path).expanduser()
+    if local.is_dir():
+        if ref.revision:
+            raise CheckpointError(
+                f"model {ref}: {local} is a local directory, which has no revisions; drop '@{ref.revision}'"
+            )
+        return local
+    if local.exists():
+        raise CheckpointError(f"model path {local} is a file, not a model directory; give its directory")
+    if looks_local(ref.path):
+        raise CheckpointError(f"model directory {local} does not exist; check the path")
+    return _snapshot(ref, cache_dir, allow_pickle)
+
+
+def _snapshot(ref: ModelRef, cache_dir: str | Path | None, allow_pickle: bool) -> Path:
+    # Imported late: huggingface_hub is only needed for hub ids.
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    repo = ref.path
+    patterns = list(HUB_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    download_hint = f"run `hf download {repo}` where the hub is reachable"
+    try:
+        folder = snapshot_download(
+            repo,
+            revision=ref.revision,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            allow_patterns=patterns,
+        )
+    except hub_errors.HFValidationError:
+        raise CheckpointError(
+            f"model {repo!r} is neither an existing local directory nor a valid hub repo id; check the path"
+        ) from None
+    except hub_errors.GatedRepoError:
+        raise CheckpointError(
+            f"hub repo {repo} is gated; accept its terms on the hub and log in with `hf auth login`"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise CheckpointError(
+            f"hub repo {repo} not found (or private) and no local directory {repo} exists; "
+            "check the name, or log in with `hf auth login`"
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise CheckpointError(
+            f"revision {ref.revision!r} not found in hub repo {repo}; check the branch, tag or commit"
+        ) from None
+    except hub_errors.IncompleteSnapshotError:
+        raise CheckpointError(
+            f"the cached snapshot of {ref} is incomplete (an interrupted download?); {download_hint} to complete it"
+        ) from None
+    except hub_errors.LocalEntryNotFoundError as exc:
+        # Raised when the hub is unreachable (or offline mode is on) and the cache lacks the snapshot.
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(
+                f"model {ref} is neither a local directory nor in the hub cache, and HF_HUB_OFFLINE is set; "
+                f"fix the path, or {download_hint} (or unset HF_HUB_OFFLINE)"
+            ) from None
+        raise CheckpointError(
+            f"could not reach the hub to fetch {ref} ({type(exc).__name__}); "
+            f"check the network, or {download_hint} and set HF_HUB_OFFLINE=1"
+        ) from None
+    except (hub_errors.HfHubHTTPError, OSError) as exc:
+        # Other HTTP failures and cache problems (permissions, disk) land here.
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"could not fetch {ref} from the hub: {first_line}; {download_hint} and set HF_HUB_OFFLINE=1"
+        ) from None
+    return Path(folder)

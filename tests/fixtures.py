@@ -1,0 +1,168 @@
+"""Tiny real checkpoints for tests, built offline in well under a second each.
+
+    make_tiny_llama(path, seed)                  LlamaForCausalLM + tokenizer (loads with Auto* classes)
+    make_tiny_llama(path, seed, perturb_from=b)  a "fine-tune" of b: b's weights + seeded noise
+    make_sharded(path, max_shard_size)           the same Llama saved as shards + index
+    make_tiny_gpt2(path) / make_tiny_neox(path)  other layer layouts (transformer.h.N / gpt_neox.layers.N)
+    load_state(path)                             every tensor of a saved model directory, by name
+    tiny_tokenizer(vocab)                        the char-level tokenizer the builders save
+
+Import them as ``from fixtures import make_tiny_llama`` (tests/conftest.py puts tests/ on sys.path).
+
+Every builder returns ``path``. Randomness is seeded and never touches the global torch RNG.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tiny_llama(
+    path: Path | str,
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    vocab: int = 128,
+    intermediate: int = 128,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    perturb_from: Path | str | None = None,
+    scale: float = 0.02,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """Save a seeded random LlamaForCausalLM and a char-level tokenizer to ``path``.
+
+    With ``perturb_from``, the model is that directory's model (its config wins over the size
+    arguments) plus Gaussian noise of std ``scale`` drawn from ``seed``: models made this way
+    share a base like real fine-tunes. ``dtype`` is the saved dtype; ``max_shard_size`` (bytes or
+    "100KB") saves shards plus an index instead of one file.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if perturb_from is not None:
+        config = LlamaConfig.from_pretrained(perturb_from)
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    if perturb_from is not None:
+        gen = torch.Generator().manual_seed(seed)
+        noisy = {
+            name: t.float() + scale * torch.randn(t.shape, generator=gen)
+            for name, t in sorted(load_state(perturb_from).items())
+        }
+        missing, unexpected = model.load_state_dict(noisy, strict=False)
+        if unexpected or any(k != "lm_head.weight" for k in missing):
+            raise ValueError(f"{perturb_from} does not match its config: missing {missing}, unexpected {unexpected}")
+    return _save(model.to(dtype), path, max_shard_size, config.vocab_size)
+
+
+def make_sharded(path: Path | str, max_shard_size: int | str = "100KB", **llama_kwargs: Any) -> Path:
+    """make_tiny_llama saved as shards of at most ``max_shard_size`` (the default gives 4 shards)."""
+    return make_tiny_llama(path, max_shard_size=max_shard_size, **llama_kwargs)
+
+
+def make_tiny_gpt2(
+    path: Path | str, seed: int = 0, *, num_layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 128
+) -> Path:
+    """Save a seeded random GPT2LMHeadModel (tensors ``transformer.h.N.*``, tied ``wte``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=num_layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=128, bos_token_id=1, eos_token_id=2
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    return _save(model, path, None, vocab)
+
+
+def make_tiny_neox(
+    path: Path | str, seed: int = 0, *, num_layers: int = 2, hidden: int = 64, heads: int = 4, vocab: int = 128
+) -> Path:
+    """Save a seeded random GPTNeoXForCausalLM (tensors ``gpt_neox.layers.N.*``, ``embed_out``)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        num_hidden_layers=num_layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPTNeoXForCausalLM(config)
+    return _save(model, path, None, vocab)
+
+
+def load_state(path: Path | str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors model saved in ``path`` (single file or sharded)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return load_file(path / "model.safetensors")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(load_file(path / shard))
+    return state
+
+
+def tiny_tokenizer(vocab: int = 128) -> Any:  # a PreTrainedTokenizerFast (TokenizersBackend)
+    """A char-level tokenizer: 4 specials (<pad>=0, <s>=1, </s>=2, <unk>=3) + printable ASCII, cut to ``vocab``."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    table = {PAD: 0, BOS: 1, EOS: 2, UNK: 3}
+    for code in range(32, 127):
+        if len(table) >= vocab:
+            break
+        table[chr(code)] = len(table)
+    # BPE with no merges splits text into characters; Fuse joins them back on decode.
+    core = Tokenizer(models.BPE(vocab=table, merges=[], unk_token=UNK))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+def _save(model: torch.nn.Module, path: Path | str, max_shard_size: int | str | None, vocab: int) -> Path:
+    path = Path(path)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    tiny_tokenizer(vocab).save_pretrained(path)
+    return path
