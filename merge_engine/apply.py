@@ -15,7 +15,7 @@ import torch
 from merge_engine.errors import RecipeError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
-from merge_engine.plan import LoadTensor, MergeContext, MergeTensor
+from merge_engine.plan import LoadTensor, MergeContext, MergeTensor, output_shape_dtype
 from merge_engine.recipe import MergeRecipe
 
 
@@ -85,7 +85,7 @@ class InMemoryMerger:
                 problems.append(f"the resident model has no parameter {node.out_name}; "
                                 "in-memory apply needs a model of the recipe's output architecture")
             else:
-                shape = node.deps()[0].crop or self._readers[node.deps()[0].model].shape(node.deps()[0].name)
+                shape, _ = output_shape_dtype(node, self._readers)
                 if tuple(target.shape) != tuple(shape):
                     problems.append(f"parameter {node.out_name} has shape {list(target.shape)} in the "
                                     f"resident model but {list(shape)} in the merge")

@@ -14,7 +14,8 @@ import torch
 from merge_engine.errors import RecipeError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
-from merge_engine.plan import MergeContext, MergePlan, build_plan
+from merge_engine.io.stream import PlannedTensor
+from merge_engine.plan import MergeContext, MergePlan, build_plan, output_shape_dtype
 from merge_engine.recipe import MergeRecipe
 from merge_engine.validate import Report, check_models, check_recipe, open_readers
 
@@ -98,6 +99,7 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
         ctx = MergeContext(readers, pick_device(device))
         executor = Executor(plan.targets, ctx, prefetch=prefetch)
         with OutputWriter(out_dir, shard_size=shard_size, force=force) as writer:
+            writer.plan([PlannedTensor(n.out_name, *output_shape_dtype(n, readers)) for n in plan.targets])
             total = len(plan.targets)
             for i, (node, tensor) in enumerate(executor.run(), 1):
                 writer.add(node.out_name, tensor.cpu())

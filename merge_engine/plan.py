@@ -88,6 +88,15 @@ class MergeTensor:
         return out
 
 
+def output_shape_dtype(node: MergeTensor, readers: Mapping[ModelRef, Any]) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype ``node`` will produce, known from headers alone."""
+    first = node.deps()[0]
+    shape = first.crop or tuple(readers[first.model].shape(first.name))
+    name = node.out_dtype or first.dtype
+    dtype = DTYPE_OF[name] if name else readers[first.model].dtype(first.name)
+    return tuple(shape), dtype
+
+
 @dataclass
 class MergeContext:
     """Run-time state the nodes need: open readers and the compute device."""
@@ -234,7 +243,7 @@ class _Planner:
             self.problem(f"tensor {out_name} has different shapes across models ({listing}); "
                          "these models cannot be merged")
             return None
-        if self.spec.base == "required" and self.recipe.base_model is not None:
+        if self.spec.embed_rows == "base" and self.recipe.base_model is not None:
             rows = next(s[0] for (src, _), s in zip(names, shapes) if src.model == self.recipe.base_model)
             if any(s[0] < rows for s in shapes):
                 small = [str(src.model) for (src, _), s in zip(names, shapes) if s[0] < rows]

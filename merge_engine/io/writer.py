@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
+from merge_engine.io.stream import PlannedTensor, ShardStream
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,6 +66,7 @@ class OutputWriter:
         except OSError as exc:
             raise _os_error(exc, self.out_dir) from None
         self._state = "open"  # open -> published | aborted
+        self._stream: ShardStream | None = None
         self._names: set[str] = set()
         self._shard: dict[str, torch.Tensor] = {}
         self._shard_bytes = 0
@@ -82,9 +84,33 @@ class OutputWriter:
 
     # -- caller API ---------------------------------------------------------------------------
 
+    def plan(self, entries: list[PlannedTensor], max_pending_tensors: int = 4) -> None:
+        """Declare every tensor (name, shape, dtype) up front to stream them to disk.
+
+        Shard files and headers are laid out now; each :meth:`add` then writes the
+        tensor's bytes in place from the background thread, so at most
+        ``max_pending_tensors`` tensors wait in memory instead of whole shards.
+        """
+        self._check_open()
+        if self._names or self._stream is not None:
+            raise MergeError("plan() must come before the first add(); this is a bug")
+        try:
+            self._stream = ShardStream(self.tmp_dir, entries, self.shard_size)
+        except OSError as exc:
+            self.abort()
+            raise _os_error(exc, self.out_dir) from None
+        self._slots = threading.Semaphore(max_pending_tensors)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` to be saved as ``name`` (moved to CPU, made contiguous)."""
         self._check_open()
+        if self._stream is not None:
+            if name in self._names:
+                raise ValueError(f"tensor {name} was already added to {self.out_dir}")
+            self._names.add(name)
+            self._slots.acquire()
+            self._queue.put((name, tensor.detach().to("cpu")))
+            return
         if name in self._names:
             raise ValueError(f"tensor {name} was already added to {self.out_dir}")
         t = tensor.detach().to("cpu").contiguous()
@@ -126,6 +152,10 @@ class OutputWriter:
         """Finish writing, name the shards, write the index, and move the result to ``out_dir``."""
         self._check_open()
         try:
+            if self._stream is not None:
+                self._publish_stream()
+                self._state = "published"
+                return self.out_dir
             if self._shard:
                 self._flush()
             if not self._shards:
@@ -142,6 +172,22 @@ class OutputWriter:
         self._state = "published"
         return self.out_dir
 
+    def _publish_stream(self) -> None:
+        try:
+            self._stop_thread()
+            self._raise_thread_error()
+            stream, self._stream = self._stream, None
+            stream.close()
+            index = stream.index()
+            if index is not None:
+                (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            self._swap_in()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise _os_error(exc, self.out_dir) from None
+            raise
+
     def abort(self) -> None:
         """Stop writing and delete the temp directory. Does nothing after publish or a prior abort."""
         if self._state != "open":
@@ -150,6 +196,11 @@ class OutputWriter:
         self._cancel = True
         self._stop_thread()
         self._shard.clear()
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            for fd in stream.fds:
+                os.close(fd)
+            stream.fds = []
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> OutputWriter:
@@ -186,7 +237,10 @@ class OutputWriter:
             path, tensors = item
             if self._error is None and not self._cancel:
                 try:
-                    save_file(tensors, str(path), metadata={"format": "pt"})
+                    if self._stream is not None:  # (name, tensor) streamed into its slot
+                        self._stream.write(path, tensors)
+                    else:
+                        save_file(tensors, str(path), metadata={"format": "pt"})
                 except OSError as exc:
                     self._error = _os_error(exc, self.out_dir)
                 except BaseException as exc:  # re-raised in the caller's thread

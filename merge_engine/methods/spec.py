@@ -88,6 +88,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    embed_rows: Literal["common", "base"] = "common"
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def param(self, name: str) -> Param | None:

@@ -1,0 +1,198 @@
+"""Shared maths of the task-arithmetic family: trimming deltas, sign election, mixing.
+
+A *delta* (task vector) is ``model - base``. Each trim function takes one delta
+and returns a tensor of the same shape and dtype with some entries zeroed (and
+optionally the rest rescaled); ``merge_task_vectors`` combines the trimmed,
+weighted deltas and adds them back to the base. Behaviour follows mergekit
+(docs/merge-semantics.md) with three deliberate differences: ties of equal
+magnitude are broken by position (stable sorts) so results never depend on the
+sort implementation, breadcrumbs with ``int(gamma * numel) == 0`` drops nothing
+from the top, and magnitude trimming keeps at least one entry when
+``0 < density`` but ``int(density * numel) == 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from merge_engine.errors import MergeError
+from merge_engine.methods._reduce import total
+from merge_engine.randomness import TensorRandom
+
+RESCALE_EPS = 1e-7  # below this L1 norm a delta is treated as empty: no rescale
+
+Trim = Callable[[int, torch.Tensor], torch.Tensor]  # (model index, delta) -> trimmed delta
+
+
+# ---------------------------------------------------------------- rescaling
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` scaled so its L1 norm equals ``delta``'s (skipped when either is ~0)."""
+    before, after = total(delta.abs()), total(kept.abs())
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest ``scores``; equal scores go to the lower flat index."""
+    flat = scores.reshape(-1).float()
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices
+        mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+# ---------------------------------------------------------------- trims
+def magnitude_trim(delta: torch.Tensor, density: float, *, rescale: bool) -> torch.Tensor:
+    """TIES trim: keep the ``int(density * numel)`` largest-magnitude entries.
+
+    ``density >= 1`` returns ``delta`` unchanged; ``density <= 0`` drops the whole
+    delta (the model then takes no part in the merge). When ``0 < density`` but
+    ``int(density * numel) == 0`` the single largest entry is kept (mergekit
+    asserts there).
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    kept = delta * top_k_mask(delta.abs(), k)
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def breadcrumbs_trim(delta: torch.Tensor, density: float, gamma: float, *,
+                     rescale: bool) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top ``gamma`` and the bottom ``1 - density - gamma`` by magnitude.
+
+    When ``density + gamma > 1`` fewer top entries are dropped so that
+    ``int(density * numel)`` survive. ``int(gamma * numel) == 0`` drops nothing
+    from the top (mergekit's ``[n_bot:-0]`` slice drops everything).
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    n_keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - n_keep - n_top
+    if n_bot < 0:
+        n_top += n_bot
+        n_bot = 0
+    order = torch.sort(delta.abs().reshape(-1).float(), stable=True).indices  # ascending
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bot:n - n_top]] = True
+    kept = delta * mask.reshape(delta.shape)
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def dare_drop(delta: torch.Tensor, density: float, rng: TensorRandom, model_index: int, *,
+              rescale: bool, paper_rescale: bool) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` (seeded per model), then rescale.
+
+    ``rescale`` with ``paper_rescale`` divides kept entries by ``density``;
+    without it, matches the original L1 norm (mergekit).
+    """
+    if density >= 1:
+        return delta
+    keep = rng.bernoulli(density, delta.shape, model_index, device=delta.device)
+    kept = delta * keep
+    if not rescale:
+        return kept
+    if paper_rescale:
+        return kept / density if density > 0 else kept
+    return rescale_l1(delta, kept)
+
+
+def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA keep probabilities, float32, shape of ``delta``.
+
+    Within each row (dim 1; a 1-D tensor is one row) entries are ranked by
+    magnitude, smallest first, and the rank mapped linearly onto
+    ``[density - epsilon, density + epsilon]``. Equal magnitudes are ranked by
+    position. A row of one entry gets ``density``.
+    """
+    mags = delta.abs().float()
+    rows = mags if mags.dim() >= 2 else mags.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows, dim=1, stable=True)
+    positions = torch.arange(n, device=rows.device, dtype=torch.float32)
+    positions = positions.reshape(1, n, *([1] * (rows.dim() - 2))).expand(order.shape)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, positions)  # ranks[i, order[i, r]] = r
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    return probs.reshape(delta.shape)
+
+
+def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorRandom,
+               model_index: int, *, rescale: bool, paper_rescale: bool) -> torch.Tensor:
+    """DELLA (MagPrune): Bernoulli drop with magnitude-rank keep probabilities, then rescale.
+
+    ``paper_rescale`` divides each kept entry by its own keep probability;
+    otherwise the L1 norm is matched (mergekit). ``density - epsilon`` must be
+    > 0 and ``density + epsilon`` < 1 whenever ``0 < density < 1``.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1, got "
+                         f"density={density}, epsilon={epsilon}; lower epsilon or move density "
+                         "away from 0 and 1")
+    probs = della_keep_probs(delta, density, epsilon)
+    keep = rng.bernoulli(probs, delta.shape, model_index, device=delta.device)
+    kept = delta * keep
+    if not rescale:
+        return kept
+    if paper_rescale:
+        return (kept.float() / probs.to(kept.device)).to(delta.dtype)
+    return rescale_l1(delta, kept)
+
+
+# ---------------------------------------------------------------- combining
+def sign_agreement(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES sign election over ``weighted`` [N, ...] -> bool [N, ...].
+
+    The majority sign is +1 where the sum over models is >= 0 (ties go to +1),
+    else -1; a model contributes where its sign equals it (zeros never do).
+    """
+    majority = torch.where(weighted.sum(dim=0) >= 0, 1, -1).to(weighted.dtype)
+    return weighted.sign() == majority
+
+
+def merge_task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor,
+                       weight: Sequence[float], *, normalize: bool, lambda_: float,
+                       elect_signs: bool, trim: Trim | None = None) -> torch.Tensor:
+    """Generalized task arithmetic: ``base + lambda * mix(trim(w_i * delta_i))``.
+
+    Without sign election the divisor is ``sum(w)`` (1 when ``|sum(w)| < 1e-8``);
+    with it, ``sum(w_i * mask_i)`` per entry (zeros become 1). Arithmetic runs in
+    the base dtype, as mergekit does; the result is in the base dtype.
+    """
+    if not tensors:
+        return base
+    deltas = []
+    for i, x in enumerate(tensors):
+        delta = x.to(base.dtype) - base
+        deltas.append(trim(i, delta) if trim is not None else delta)
+    stacked = torch.stack(deltas)  # [N, *shape]
+    w = torch.tensor(list(weight), dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *([1] * base.dim()))  # [N, 1, ...]
+    weighted = stacked * w
+    if elect_signs:
+        agree = sign_agreement(weighted)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return (base + mixed).to(base.dtype)

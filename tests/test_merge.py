@@ -1,0 +1,327 @@
+"""End-to-end merges on tiny real Llama checkpoints: disk output, slices, apply, determinism, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fixtures import load_state, make_tiny_llama
+from merge_engine.apply import InMemoryMerger
+from merge_engine.errors import MergeError, NonFiniteError, OutputExistsError, RecipeError
+from merge_engine.merge import run_merge
+from merge_engine.recipe import parse_recipe
+from merge_engine.validate import validate_recipe
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("zoo")
+    base = make_tiny_llama(root / "base", seed=0, num_layers=4)
+    return {
+        "base": base,
+        "a": make_tiny_llama(root / "a", seed=1, perturb_from=base),
+        "b": make_tiny_llama(root / "b", seed=2, perturb_from=base),
+        "c": make_tiny_llama(root / "c", seed=3, perturb_from=base),
+    }
+
+
+def recipe(method: str, zoo, models=("a", "b"), base=True, params=None, top=None, **extra):
+    data = {"merge_method": method,
+            "models": [{"model": str(zoo[m]), "parameters": dict(params or {})} for m in models]}
+    if base:
+        data["base_model"] = str(zoo["base"])
+    if top:
+        data["parameters"] = top
+    data.update(extra)
+    return parse_recipe(data)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(path.glob("*.safetensors")))).hexdigest()
+
+
+def test_linear_merge_matches_formula_and_loads_in_transformers(zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 0.25}},
+        {"model": str(zoo["b"]), "parameters": {"weight": 0.75}}]})
+    out = tmp_path / "out"
+    run_merge(r, out, device="cpu")
+    a, b, merged = load_state(zoo["a"]), load_state(zoo["b"]), load_state(out)
+    assert set(merged) == set(a)
+    for name in a:
+        torch.testing.assert_close(merged[name], 0.25 * a[name] + 0.75 * b[name])
+    for f in ("config.json", "evomerge_recipe.yaml", "README.md", "tokenizer.json"):
+        assert (out / f).is_file(), f
+    assert parse_recipe(yaml.safe_load((out / "evomerge_recipe.yaml").read_text())) == r
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("hello", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 5
+
+
+def test_out_dtype_written_to_config_and_tensors(zoo, tmp_path):
+    r = recipe("task_arithmetic", zoo, params={"weight": 0.5}, out_dtype="bfloat16")
+    out = tmp_path / "bf16"
+    run_merge(r, out, device="cpu")
+    import json
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_state(out).values())
+
+
+def test_gradient_weights_vary_by_layer(zoo, tmp_path):
+    # weight of model a goes 0 → 1 across 4 layers; b gets 1 - that (normalize off)
+    r = parse_recipe({"merge_method": "linear", "parameters": {"normalize": False}, "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": [0.0, 1.0]}},
+        {"model": str(zoo["b"]), "parameters": {"weight": [1.0, 0.0]}}]})
+    out = tmp_path / "grad"
+    run_merge(r, out, device="cpu")
+    a, b, m = load_state(zoo["a"]), load_state(zoo["b"]), load_state(out)
+    for layer in range(4):
+        t = layer / 3
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        torch.testing.assert_close(m[name], t * a[name] + (1 - t) * b[name])
+    # embeddings sit at t = 0
+    torch.testing.assert_close(m["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+
+
+def test_filters_apply_per_module(zoo, tmp_path):
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": [{"filter": "self_attn", "value": 1.0},
+                                                           {"value": 0.0}]}},
+        {"model": str(zoo["b"]), "parameters": {"weight": [{"filter": "self_attn", "value": 0.0},
+                                                           {"value": 1.0}]}}]})
+    out = tmp_path / "filt"
+    run_merge(r, out, device="cpu")
+    a, b, m = load_state(zoo["a"]), load_state(zoo["b"]), load_state(out)
+    q, up = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    assert torch.equal(m[q], a[q]) and torch.equal(m[up], b[up])
+
+
+def test_passthrough_slices_stack_layers(zoo, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(zoo["a"]), "layer_range": [0, 3]}]},
+        {"sources": [{"model": str(zoo["b"]), "layer_range": [1, 4]}]}]})
+    out = tmp_path / "stack"
+    run_merge(r, out, device="cpu")
+    a, b, m = load_state(zoo["a"]), load_state(zoo["b"]), load_state(out)
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 6
+    for i in range(3):
+        assert torch.equal(m[f"model.layers.{i}.mlp.down_proj.weight"], a[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert torch.equal(m[f"model.layers.{3 + i}.mlp.down_proj.weight"],
+                           b[f"model.layers.{1 + i}.mlp.down_proj.weight"])
+    assert torch.equal(m["model.embed_tokens.weight"], a["model.embed_tokens.weight"])  # first slice
+    assert torch.equal(m["lm_head.weight"], b["lm_head.weight"])  # last slice
+    AutoModelForCausalLM.from_pretrained(out)  # loads with 6 layers
+
+
+def test_passthrough_scale(zoo, tmp_path):
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(zoo["a"]), "layer_range": [0, 4],
+                      "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]}]})
+    out = tmp_path / "scaled"
+    run_merge(r, out, device="cpu")
+    a, m = load_state(zoo["a"]), load_state(out)
+    o = "model.layers.2.self_attn.o_proj.weight"
+    torch.testing.assert_close(m[o], 0.5 * a[o])
+
+
+def test_slices_merge_interpolates_within_each_slice(zoo, tmp_path):
+    r = parse_recipe({"merge_method": "slerp", "base_model": str(zoo["a"]), "parameters": {"t": [0.0, 1.0]},
+                      "slices": [{"sources": [{"model": str(zoo["a"]), "layer_range": [0, 2]},
+                                              {"model": str(zoo["b"]), "layer_range": [0, 2]}]},
+                                 {"sources": [{"model": str(zoo["a"]), "layer_range": [2, 4]},
+                                              {"model": str(zoo["b"]), "layer_range": [2, 4]}]}]})
+    out = tmp_path / "slerp"
+    run_merge(r, out, device="cpu")
+    a, b, m = load_state(zoo["a"]), load_state(zoo["b"]), load_state(out)
+    # position restarts in every slice: layers 0 and 2 sit at t=0 (=a), layers 1 and 3 at t=1 (=b)
+    for layer, src in ((0, a), (1, b), (2, a), (3, b)):
+        name = f"model.layers.{layer}.mlp.gate_proj.weight"
+        torch.testing.assert_close(m[name], src[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "ties"])
+def test_byte_identical_across_runs_and_thread_counts(zoo, tmp_path, method):
+    r = recipe(method, zoo, models=("a", "b", "c"), params={"weight": 0.5, "density": 0.5}, seed=11)
+    hashes = []
+    old = torch.get_num_threads()
+    try:
+        for i, threads in enumerate((1, 2)):
+            torch.set_num_threads(threads)
+            out = tmp_path / f"run{i}"
+            run_merge(r, out, device="cpu")
+            hashes.append(_sha(out))
+    finally:
+        torch.set_num_threads(old)
+    assert hashes[0] == hashes[1]
+
+
+def test_seed_changes_random_masks(zoo, tmp_path):
+    outs = []
+    for seed in (1, 2):
+        out = tmp_path / f"s{seed}"
+        run_merge(recipe("dare_linear", zoo, params={"weight": 0.5, "density": 0.5}, seed=seed), out, device="cpu")
+        outs.append(_sha(out))
+    assert outs[0] != outs[1]
+
+
+@pytest.mark.parametrize("method, params, top", [
+    ("linear", {"weight": 0.5}, None),
+    ("task_arithmetic", {"weight": 0.7}, {"lambda": 0.8}),
+    ("ties", {"weight": 0.5, "density": 0.6}, None),
+    ("dare_ties", {"weight": 0.5, "density": 0.5}, None),
+    ("della_linear", {"weight": 0.5, "density": 0.5}, None),
+    ("breadcrumbs_ties", {"weight": 0.5, "density": 0.8}, None),
+])
+def test_in_memory_apply_equals_disk_merge(zoo, tmp_path, method, params, top):
+    from transformers import AutoModelForCausalLM
+
+    r = recipe(method, zoo, models=("a", "b", "c"), params=params, top=top, seed=5)
+    out = tmp_path / "disk"
+    run_merge(r, out, device="cpu")
+    from_disk = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    model = AutoModelForCausalLM.from_pretrained(zoo["base"])
+    with InMemoryMerger(model) as merger:
+        # apply something else first so the cache and change tracking are exercised
+        merger.apply(recipe("linear", zoo, models=("a", "b"), base=False, params={"weight": 1.0}))
+        stats = merger.apply(r)
+        assert stats.recomputed > 0
+        again = merger.apply(r)
+        assert again.recomputed == 0 and again.unchanged == stats.recomputed + stats.unchanged
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, from_disk[name]), name
+
+
+def test_output_exists_needs_force(zoo, tmp_path):
+    r = recipe("linear", zoo, base=False, params={"weight": 1.0})
+    out = tmp_path / "o"
+    run_merge(r, out, device="cpu")
+    with pytest.raises(OutputExistsError, match="--force"):
+        run_merge(r, out, device="cpu")
+    run_merge(r, out, device="cpu", force=True)
+    assert (out / "config.json").is_file()
+
+
+def _with_tensor(src: Path, dst: Path, name: str, fill: float, dtype=None) -> Path:
+    """A copy of checkpoint ``src`` with tensor ``name`` filled with ``fill``."""
+    import shutil
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    state = load_state(src)
+    state[name] = torch.full_like(state[name], fill)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_nan_produced_by_a_merge_is_caught_before_publishing(zoo, tmp_path):
+    # 60000 + 60000 overflows float16: the merge itself produces inf in one tensor
+    name = "model.layers.1.mlp.up_proj.weight"
+    big_a = _with_tensor(zoo["a"], tmp_path / "big_a", name, 60000.0, torch.float16)
+    big_b = _with_tensor(zoo["b"], tmp_path / "big_b", name, 60000.0, torch.float16)
+    r = parse_recipe({"merge_method": "linear", "dtype": "float16", "parameters": {"normalize": False},
+                      "models": [{"model": str(big_a), "parameters": {"weight": 1.0}},
+                                 {"model": str(big_b), "parameters": {"weight": 1.0}}]})
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteError, match=name.replace(".", r"\.")):
+        run_merge(r, out, device="cpu")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_nan_in_a_checkpoint_is_named(zoo, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    bad = _with_tensor(zoo["a"], tmp_path / "bad", name, float("nan"))
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(bad), "parameters": {"weight": 1.0}}, {"model": str(zoo["b"]), "parameters": {"weight": 1.0}}]})
+    with pytest.raises(NonFiniteError, match="k_proj.*bad|bad.*k_proj"):
+        run_merge(r, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_reports_every_problem(zoo, tmp_path):
+    r = parse_recipe({"merge_method": "ties", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 0.5, "densty": 0.5}},
+        {"model": str(tmp_path / "nope"), "parameters": {"weight": 2.0, "density": 1.5}}]})
+    report = validate_recipe(r)
+    text = "\n".join(report.problems)
+    assert "densty" in text and "density" in text  # suggestion
+    assert "base_model" in text
+    assert "must be <= 1" in text
+    assert len(report.problems) >= 3
+
+
+def test_validate_unknown_method_suggests(zoo):
+    report = validate_recipe(parse_recipe({"merge_method": "tie", "models": [{"model": str(zoo["a"])}]}))
+    assert not report.ok and "ties" in report.problems[0]
+
+
+def test_validate_layer_range_out_of_bounds(zoo):
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(zoo["a"]), "layer_range": [2, 9]}]}]})
+    report = validate_recipe(r)
+    assert any("out of bounds" in p for p in report.problems)
+
+
+def test_validate_shape_mismatch(zoo, tmp_path):
+    other = make_tiny_llama(tmp_path / "wide", seed=0, num_layers=4, hidden=128)
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(other), "parameters": {"weight": 1.0}}]})
+    report = validate_recipe(r)
+    assert not report.ok
+
+
+def test_linear_weights_summing_to_zero_rejected(zoo, tmp_path):
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 1.0}},
+        {"model": str(zoo["b"]), "parameters": {"weight": -1.0}}]})
+    with pytest.raises(MergeError, match="sum"):
+        run_merge(r, tmp_path / "z", device="cpu")
+    assert not (tmp_path / "z").exists()
+
+
+def test_vocab_mismatch_keeps_common_rows(zoo, tmp_path):
+    big = make_tiny_llama(tmp_path / "big", seed=4, num_layers=4, vocab=160)
+    r = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 0.5}},
+        {"model": str(big), "parameters": {"weight": 0.5}}]})
+    out = tmp_path / "v"
+    res = run_merge(r, out, device="cpu")
+    assert any("vocabulary" in w for w in res.warnings)
+    m = load_state(out)
+    assert m["model.embed_tokens.weight"].shape[0] == 128
+    import json
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 128
+
+
+def test_cli_merge_and_validate(zoo, tmp_path):
+    rp = tmp_path / "r.yaml"
+    rp.write_text(recipe("task_arithmetic", zoo, params={"weight": 0.5}).to_yaml())
+    exe = [sys.executable, "-m", "evomerge.cli"]
+    ok = subprocess.run(exe + ["validate", str(rp)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    out = tmp_path / "cli_out"
+    run = subprocess.run(exe + ["merge", str(rp), str(out), "--shard-size", "20K"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (out / "model.safetensors.index.json").is_file()
+    again = subprocess.run(exe + ["merge", str(rp), str(out)], capture_output=True, text=True)
+    assert again.returncode == 2
+    assert again.stderr.strip().count("\n") == 0 and "--force" in again.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: [unclosed\n")
+    res = subprocess.run(exe + ["validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and "YAML" in res.stderr and "Traceback" not in res.stderr
