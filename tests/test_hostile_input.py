@@ -1,0 +1,190 @@
+"""Hostile input, table-driven: each case gives one clear line, a non-zero exit, nothing half-written,
+and no traceback unless --debug."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixtures import load_state, make_sharded, make_tiny_llama
+from evomerge.cli import main
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile_models")
+    base = make_tiny_llama(root / "base", seed=0)
+    return {"root": root, "base": base, "a": make_tiny_llama(root / "a", seed=1, perturb_from=base)}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _recipe(tmp: Path, text: str) -> Path:
+    p = tmp / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def _ta(model: Path, base: Path) -> str:
+    return (f"merge_method: task_arithmetic\nbase_model: {base}\n"
+            f"models:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n")
+
+
+# each case: build inputs in tmp → argv (OUT is the output dir that must not appear) + expected text
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Path, dict], list[str]]
+    expect: str
+
+
+def truncated(tmp, m):
+    bad = _copy(m["a"], tmp / "trunc")
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return ["merge", str(_recipe(tmp, _ta(bad, m["base"]))), str(tmp / "OUT")]
+
+
+def header_overclaims(tmp, m):
+    bad = _copy(m["a"], tmp / "overclaim")
+    f = bad / "model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = sorted(k for k in header if k != "__metadata__")[0]
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 10**9]
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    f.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    return ["merge", str(_recipe(tmp, _ta(bad, m["base"]))), str(tmp / "OUT")]
+
+
+def index_outside(tmp, m):
+    bad = make_sharded(tmp / "sharded", seed=3)
+    idx = bad / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = sorted(data["weight_map"])[0]
+    data["weight_map"][first] = "../../etc/passwd"
+    idx.write_text(json.dumps(data))
+    return ["validate", str(_recipe(tmp, _ta(bad, m["base"])))]
+
+
+def pickle_only(tmp, m):
+    bad = tmp / "pickled"
+    bad.mkdir()
+    shutil.copy(m["a"] / "config.json", bad / "config.json")
+    torch.save(load_state(m["a"]), bad / "pytorch_model.bin")
+    return ["merge", str(_recipe(tmp, _ta(bad, m["base"]))), str(tmp / "OUT")]
+
+
+def remote_code(tmp, m):
+    bad = _copy(m["a"], tmp / "remote")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    return ["merge", str(_recipe(tmp, _ta(bad, m["base"]))), str(tmp / "OUT")]
+
+
+def nan_checkpoint(tmp, m):
+    bad = _copy(m["a"], tmp / "nan")
+    state = load_state(m["a"])
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    return ["merge", str(_recipe(tmp, _ta(bad, m["base"]))), str(tmp / "OUT")]
+
+
+def smaller_vocab(tmp, m):
+    small = make_tiny_llama(tmp / "small_vocab", seed=4, vocab=100)
+    return ["merge", str(_recipe(tmp, _ta(small, m["base"]))), str(tmp / "OUT")]
+
+
+def malformed_yaml(tmp, m):
+    return ["merge", str(_recipe(tmp, "merge_method: linear\nmodels: [\n  - model: x\n")), str(tmp / "OUT")]
+
+
+def truncated_yaml(tmp, m):
+    full = _ta(m["a"], m["base"])
+    return ["validate", str(_recipe(tmp, full[: len(full) // 2] + "\n  - {model: "))]
+
+
+def unknown_keys_wrong_types(tmp, m):
+    return ["merge", str(_recipe(tmp, f"merge_method: linear\nmodelz: []\nmodels:\n  - model: {m['a']}\n"
+                                      "    parameters: {weight: heavy}\n")), str(tmp / "OUT")]
+
+
+def missing_model(tmp, m):
+    return ["merge", str(_recipe(tmp, _ta(tmp / "no_such_model", m["base"]))), str(tmp / "OUT")]
+
+
+CASES = [
+    Case("malformed yaml", malformed_yaml, "not valid YAML"),
+    Case("truncated yaml", truncated_yaml, "YAML"),
+    Case("unknown keys and wrong types", unknown_keys_wrong_types, "modelz"),
+    Case("missing model path", missing_model, "does not exist"),
+    Case("truncated safetensors", truncated, "truncated"),
+    Case("header claims more bytes than the file", header_overclaims, "needs data up to byte"),
+    Case("shard index points outside the model", index_outside, "outside"),
+    Case("pickle checkpoint without opt-in", pickle_only, "--allow-pickle"),
+    Case("trust_remote_code needed", remote_code, "trust-remote-code"),
+    Case("inf in a checkpoint", nan_checkpoint, "up_proj"),
+    Case("vocabulary sizes differ", smaller_vocab, "vocabulary"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_gives_one_clear_line(case, models, tmp_path, capsys):
+    argv = case.build(tmp_path, models)
+    capsys.readouterr()  # drop what building the inputs printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert "Traceback" not in err
+    assert case.expect.lower() in err.lower(), err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("warning:")]
+    if argv[0] == "merge":
+        assert len(lines) == 1, err
+        assert not (tmp_path / "OUT").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".OUT")]
+
+
+def test_disk_full_while_writing_leaves_nothing(models, tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path, _ta(models["a"], models["base"]))
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        if len(data) > 1024:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    capsys.readouterr()
+    code = main(["merge", str(recipe), str(tmp_path / "OUT")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "disk full" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "OUT").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".OUT")]
+
+
+def test_debug_shows_the_traceback(models, tmp_path):
+    recipe = _recipe(tmp_path, _ta(tmp_path / "missing", models["base"]))
+    cmd = [sys.executable, "-m", "evomerge.cli"]
+    plain = subprocess.run(cmd + ["merge", str(recipe), str(tmp_path / "o")], capture_output=True, text=True)
+    debug = subprocess.run(cmd + ["--debug", "merge", str(recipe), str(tmp_path / "o")], capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
