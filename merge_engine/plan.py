@@ -26,6 +26,14 @@ DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torc
 NAME_OF = {v: k for k, v in DTYPE_OF.items()}
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 # ---------------------------------------------------------------- nodes
 @dataclass(frozen=True)
 class LoadTensor:
@@ -46,9 +54,6 @@ class LoadTensor:
             tensor = tensor[tuple(slice(0, n) for n in self.crop)]
         if self.dtype is not None:
             tensor = tensor.to(DTYPE_OF[self.dtype])
-        if ctx.check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise NonFiniteError(f"tensor {self.name} of model {self.model} holds NaN or inf; "
-                                 "the checkpoint is corrupt, fix or replace it")
         return tensor
 
 
@@ -80,7 +85,12 @@ class MergeTensor:
             kwargs["rng"] = TensorRandom(self.seed, self.out_name)
         with torch.no_grad():
             out = spec.fn(tensors, base, **kwargs)
-        if ctx.check_finite and out.is_floating_point() and not torch.isfinite(out).all():
+        if ctx.check_finite and not all_finite(out):
+            # inputs are checked only now, to name the culprit: a clean merge pays one pass
+            for node, value in zip(self.deps(), values):
+                if not all_finite(value):
+                    raise NonFiniteError(f"tensor {node.name} of model {node.model} holds NaN or inf; "
+                                         "the checkpoint is corrupt, fix or replace it")
             raise NonFiniteError(f"the {self.method} merge produced NaN or inf in tensor "
                                  f"{self.out_name}; check the recipe's weights for that tensor")
         if self.out_dtype is not None:

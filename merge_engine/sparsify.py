@@ -36,12 +36,23 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest ``scores``; equal scores go to the lower flat index."""
+    """Boolean mask of the ``k`` largest ``scores``; equal scores go to the lower flat index.
+
+    Linear time: the k-th largest value is found with ``kthvalue``; everything
+    above it is kept, and of the entries equal to it, the first ones in flat
+    order fill the remaining places (the same result as a stable descending sort).
+    """
     flat = scores.reshape(-1).float()
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        mask[order[:k]] = True
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest
+    above = flat > threshold
+    need = k - int(above.sum())
+    equal = flat == threshold
+    mask = above | (equal & (torch.cumsum(equal, 0, dtype=torch.int64) <= need))
     return mask.reshape(scores.shape)
 
 

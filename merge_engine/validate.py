@@ -97,6 +97,11 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
             refs = [s.model for s in sl.sources]
             if len(set(refs)) != len(refs):
                 report.add(f"slices[{i}] lists the same model twice; list each model once per slice")
+    if spec.base != "unused" and recipe.base_model is not None and recipe.slices is not None:
+        for i, sl in enumerate(recipe.slices):
+            if all(s.model != recipe.base_model for s in sl.sources):
+                report.add(f"slices[{i}] does not list the base model {recipe.base_model} among its "
+                           "sources; add it with the same layer_range (mergekit requires it too)")
     if recipe.models is not None:
         refs = [m.model for m in recipe.models]
         dup = sorted({str(r) for r in refs if refs.count(r) > 1})

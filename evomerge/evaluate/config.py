@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evomerge.errors import EvomergeError
+
 #: ``eval_tasks/`` at the repository root: always searched for local task YAMLs.
 REPO_EVAL_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
 PRESET_DIR = REPO_EVAL_TASKS / "presets"
@@ -34,7 +36,7 @@ LM_EVAL_ARG_NAMES = frozenset(
 )
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(EvomergeError, ValueError):
     """An evaluation config cannot run. The message is one line: the problem, then the fix.
 
     ``problems`` holds every problem found (one line each) when several were collected.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from merge_engine.errors import CheckpointError, NonFiniteError
 from merge_engine.io.st_header import read_header
@@ -27,6 +27,19 @@ class _Slot:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
+    offset: int = -1  # absolute file offset of a safetensors tensor's bytes
+
+
+def _pread_tensor(fd: int, slot: _Slot) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh buffer the caller owns (no shared mmap pages)."""
+    buf = torch.empty(slot.nbytes, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    while done < slot.nbytes:
+        got = os.preadv(fd, [view[done:]], slot.offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{slot.file} ended early while reading; re-download the checkpoint")
+        done += got
+    return buf.view(slot.dtype).reshape(slot.shape)
 
 
 class CheckpointReader:
@@ -57,7 +70,7 @@ class CheckpointReader:
             raise CheckpointError(f"model directory {self.model_dir} does not exist; check the path")
         self._config = _read_config(self.model_dir, self.name, trust_remote_code)
         self._slots: dict[str, _Slot] = {}
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -98,12 +111,11 @@ class CheckpointReader:
         slot = self._slot(name)
         if self._closed:
             raise CheckpointError(f"reader for model {self.name} is closed; open a new CheckpointReader")
-        if slot.file.suffix == ".safetensors":
-            raw = self._handle(slot.file).get_tensor(name)
-        else:
-            raw = self._pickled[name]
+        if slot.offset >= 0:
+            return _pread_tensor(self._fd(slot.file), slot).to(device=device, dtype=dtype)
+        raw = self._pickled[name]
         out = raw.to(device=device, dtype=dtype)
-        # safetensors and mmap'd pickles hand out views of shared cached storage: copy if `to` did not.
+        # mmap'd pickles hand out views of shared storage: copy if `to` did not.
         return out.clone() if out.data_ptr() == raw.data_ptr() else out
 
     def check_finite(self, name: str, tensor: torch.Tensor) -> None:
@@ -113,8 +125,8 @@ class CheckpointReader:
     def close(self) -> None:
         """Release file handles and mappings. Safe to call twice."""
         with self._lock:
-            for handle in self._handles.values():
-                handle.__exit__(None, None, None)
+            for fd in self._handles.values():
+                os.close(fd)
             self._handles.clear()
             self._pickled.clear()
             self._closed = True
@@ -138,10 +150,10 @@ class CheckpointReader:
                 f"model {self.name} has no tensor {name!r}; check the name (see CheckpointReader.tensor_names)"
             ) from None
 
-    def _handle(self, path: Path) -> Any:
+    def _fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+                self._handles[path] = os.open(path, os.O_RDONLY)
             return self._handles[path]
 
     def _find_weights(self, allow_pickle: bool) -> None:
@@ -206,6 +218,8 @@ class CheckpointReader:
 
     def _add_safetensors(self, path: Path, names: list[str] | None) -> None:
         header = read_header(path)
+        with path.open("rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
         if names is None:
             names = list(header)
         for tensor in names:
@@ -215,7 +229,7 @@ class CheckpointReader:
                     f"model {self.name}: tensor {tensor} is listed in the shard index but missing from "
                     f"{path.name}; re-download the model"
                 )
-            self._slots[tensor] = _Slot(path, info.shape, info.dtype, info.nbytes)
+            self._slots[tensor] = _Slot(path, info.shape, info.dtype, info.nbytes, data_start + info.begin)
 
     def _add_pickle(self, path: Path, names: list[str] | None) -> None:
         try:

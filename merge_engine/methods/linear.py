@@ -11,22 +11,22 @@ from merge_engine.methods.spec import MethodSpec
 
 def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: list[float],
            normalize: bool) -> torch.Tensor:
-    """``sum(w_i * x_i)``, divided by ``sum(w_i)`` when ``normalize``; in the inputs' dtype.
+    """``sum(w_i * x_i)``, divided by ``sum(w_i)`` when ``normalize``; accumulated in float32
+    one model at a time and cast back to the inputs' dtype once.
 
     Weights summing to 0 with ``normalize`` raise MergeError (mergekit divides by zero).
     """
-    stacked = torch.stack(tensors)  # [N, *shape]
-    w = torch.tensor(list(weight), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape(-1, *([1] * (stacked.dim() - 1)))  # [N, 1, ...]
-    out = (w * stacked).sum(dim=0)
+    total = sum(float(w) for w in weight)
+    if normalize and abs(total) < 1e-8:
+        raise MergeError(f"linear: the weights {list(weight)} sum to 0 and normalize is true, "
+                         "so the merge would divide by zero; change the weights or set "
+                         "normalize: false")
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for w, x in zip(weight, tensors):
+        acc.add_(x.float() if x.dtype != torch.float32 else x, alpha=float(w))
     if normalize:
-        w_sum = w.sum(dim=0)
-        if abs(float(w_sum.sum())) < 1e-8:
-            raise MergeError(f"linear: the weights {list(weight)} sum to 0 and normalize is true, "
-                             "so the merge would divide by zero; change the weights or set "
-                             "normalize: false")
-        out = out / w_sum
-    return out
+        acc.div_(total)
+    return acc.to(tensors[0].dtype)
 
 
 SPEC = MethodSpec(

@@ -30,7 +30,9 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor, *,
             cos = sum_last(offsets[i] * offsets[j]) / (norms[i] * norms[j]).clamp(min=1e-6)
             cosines.append(cos.clamp(-1, 1))
     c = torch.stack(cosines).mean(dim=0).unsqueeze(-1)  # [..., 1]
-    t = n * c / (1 + (n - 1) * c)
+    denom = 1 + (n - 1) * c
+    # where the deltas cancel (c ≈ -1/(N-1)) the ratio is undefined: keep the base (t = 0)
+    t = torch.where(denom.abs() < 1e-6, torch.zeros_like(c), n * c / torch.where(denom.abs() < 1e-6, torch.ones_like(denom), denom))
     mean = torch.stack(ws).sum(dim=0) / n
     return (t * mean + (1 - t) * w0).reshape(shape).to(base.dtype)
 

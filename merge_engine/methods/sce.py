@@ -26,7 +26,7 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float,
         deltas = deltas * top_k_mask(var, k)
     energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
     energy_sum = sum(energy)
-    shares = [1.0 / len(energy)] * len(energy) if energy_sum == 0 else [e / energy_sum for e in energy]
+    shares = [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
     w = torch.tensor(shares, dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * base.dim()))  # [N, 1, ...]
     w = w * sign_agreement(deltas)

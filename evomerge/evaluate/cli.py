@@ -1,0 +1,118 @@
+"""``evomerge eval MODEL``: score a saved model on lm-eval tasks (a thin shell over the library).
+
+    evomerge eval out/merged --tasks smoke_mc,smoke_gen:2 --limit 10 --out results.json
+    evomerge eval out/merged --preset medical --backend vllm
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="score a saved model on lm-eval tasks",
+        description="Score a local model directory on lm-eval tasks; prints a table.",
+    )
+    p.add_argument("model", help="local model directory (config.json, weights, tokenizer)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tasks", help="comma-separated tasks, each NAME or NAME:WEIGHT")
+    src.add_argument("--preset", help="a preset under eval_tasks/presets/ (e.g. medical)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default=None, help="default: hf")
+    p.add_argument("--limit", type=_limit, default=None,
+                   help="docs per task: an int N (seeded random subset) or a fraction < 1")
+    p.add_argument("--seed", type=int, default=None, help="seed of the doc subset (default 0)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--num-fewshot", type=int, default=None, help="override every task's few-shot count")
+    p.add_argument("--apply-chat-template", action="store_true", default=None)
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="extra folder of lm-eval task YAMLs (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--validate-only", action="store_true",
+                   help="check the tasks and metrics, load no model")
+    p.set_defaults(func=run_eval_command)
+    return p
+
+
+def register(subparsers: Any) -> dict[str, Any]:
+    """Hook for ``evomerge.cli``: add the parser, return ``{command: handler}``."""
+    add_eval_parser(subparsers)
+    return {"eval": run_eval_command}
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """Run ``evomerge eval``; 0 on success, 2 on a config problem (message on stderr)."""
+    from evomerge.evaluate.api import evaluate_model_dir
+    from evomerge.evaluate.config import EvalConfigError
+    from evomerge.evaluate.result import format_table
+    from evomerge.evaluate.validate import validate_eval_config
+
+    try:
+        cfg = config_from_args(args)
+        if args.validate_only:
+            problems = validate_eval_config(cfg)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            print(f"eval config: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+            return 0 if not problems else 2
+        result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out)
+    except (EvalConfigError, FileNotFoundError) as err:
+        print(f"evomerge eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`EvalConfig` the flags describe (preset fields, then explicit flags)."""
+    from pydantic import ValidationError
+
+    from evomerge.evaluate.config import EvalConfig, EvalConfigError, TaskSpec, load_preset
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in {
+            "backend": args.backend,
+            "limit": args.limit,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "dtype": args.dtype,
+            "apply_chat_template": args.apply_chat_template,
+        }.items()
+        if value is not None
+    }
+    try:
+        if args.preset:
+            cfg = load_preset(args.preset, **overrides)
+        else:
+            cfg = EvalConfig(tasks=args.tasks, **overrides)
+        if args.include_path:
+            cfg = EvalConfig.model_validate(
+                {**cfg.model_dump(), "include_paths": (*cfg.include_paths, *args.include_path)}
+            )
+        if args.num_fewshot is not None:
+            tasks = tuple(
+                TaskSpec(**{**t.model_dump(), "num_fewshot": args.num_fewshot}) for t in cfg.tasks
+            )
+            cfg = EvalConfig.model_validate({**cfg.model_dump(), "tasks": tasks})
+    except ValidationError as err:
+        problems = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()]
+        raise EvalConfigError(problems) from None
+    return cfg
+
+
+def _limit(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--limit {text!r}: give an int or a fraction") from None
+    return int(value) if value >= 1 and value.is_integer() else value

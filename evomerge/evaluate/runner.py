@@ -1,0 +1,179 @@
+"""Built-once lm-eval tasks, run against any lm-eval ``LM`` once per candidate.
+
+``TaskRunner`` owns what does not depend on the weights: the Task objects (datasets read once),
+few-shot settings, the seeded doc subset, the built requests and the metric keys. ``run(lm)`` builds the requests,
+calls ``lm_eval.evaluator.evaluate`` and turns its output into an :class:`EvalResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from evomerge.evaluate.catalog import TaskCatalog
+from evomerge.evaluate.config import EvalConfig
+from evomerge.evaluate.result import EvalResult, TaskScore
+from evomerge.evaluate.validate import check_eval_config, resolve_metric
+
+if TYPE_CHECKING:
+    from lm_eval.api.model import LM
+
+# Our defaults for lm_eval.evaluator.evaluate; cfg.lm_eval_args override them.
+_EVALUATE_DEFAULTS: dict[str, Any] = {"bootstrap_iters": 1000, "fewshot_random_seed": 1234}
+
+
+class TaskRunner:
+    """Tasks of one :class:`EvalConfig`, built once (validation first, then datasets)."""
+
+    def __init__(self, cfg: EvalConfig, catalog: TaskCatalog | None = None) -> None:
+        self.cfg = cfg
+        self.catalog = check_eval_config(cfg, catalog)
+        self.metric_keys = {s.name: resolve_metric(s, self.catalog) for s in cfg.tasks}
+        args = {**_EVALUATE_DEFAULTS, **cfg.lm_eval_args}
+        self._fewshot_seed = args.pop("fewshot_random_seed")
+        gen_kwargs = args.pop("gen_kwargs", None)
+        self._evaluate_args = args
+
+        self.task_dict = self.catalog.load([s.name for s in cfg.tasks])
+        self.leaves = {s.name: self._leaf_names(s.name) for s in cfg.tasks}
+        for spec in cfg.tasks:
+            for leaf in self.leaves[spec.name]:
+                self._configure(self.task_dict["tasks"][leaf], spec.num_fewshot, gen_kwargs)
+        self.samples = select_samples(self.task_dict["tasks"], cfg.limit, cfg.seed)
+        for task in self.task_dict["tasks"].values():
+            _reuse_requests(task)
+
+    def run(self, lm: LM) -> EvalResult:
+        """Evaluate ``lm`` on all tasks; the same docs and few-shot examples on every call."""
+        from lm_eval.evaluator import evaluate
+
+        start = time.perf_counter()
+        for task in self.task_dict["tasks"].values():
+            # The sampler's RNG advances while building contexts: reset it so every candidate
+            # sees the same few-shot examples.
+            task.set_fewshot_seed(seed=self._fewshot_seed)
+        with seeded(self.cfg.seed):
+            out = evaluate(
+                lm=lm,
+                task_dict=self.task_dict,
+                samples=self.samples or None,
+                log_samples=False,
+                apply_chat_template=self.cfg.apply_chat_template,
+                **self._evaluate_args,
+            )
+        return self._to_result(out, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ internals
+    def _leaf_names(self, name: str) -> list[str]:
+        groups = self.task_dict.get("groups", {})
+        if name in groups:
+            return [t.task_name for t in groups[name].get_all_tasks()]
+        return [name]
+
+    @staticmethod
+    def _configure(task: Any, num_fewshot: int | None, gen_kwargs: Any) -> None:
+        # Same rules as lm_eval.simple_evaluate: an explicit 0 in the YAML wins.
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        if gen_kwargs and task.get_config("output_type") == "generate_until":
+            task.set_config(key="generation_kwargs", value=dict(gen_kwargs), update=True)
+
+    def _to_result(self, out: dict[str, Any], wall: float) -> EvalResult:
+        table = {**out.get("results", {}), **out.get("groups", {})}
+        n_by_leaf = {k: int(v.get("effective", 0)) for k, v in out.get("n-samples", {}).items()}
+        scores = []
+        for spec in self.cfg.tasks:
+            key = self.metric_keys[spec.name]
+            row = table.get(spec.name, {})
+            if key not in row:
+                raise RuntimeError(
+                    f"lm-eval reported no {key!r} for {spec.name!r} (got {sorted(row)}); "
+                    "check the task's metric_list / filter_list"
+                )
+            metric, _, filt = key.partition(",")
+            stderr = row.get(f"{metric}_stderr,{filt}")
+            scores.append(
+                TaskScore(
+                    task=spec.name,
+                    metric=key,
+                    value=float(row[key]),
+                    weight=spec.weight,
+                    stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
+                    n_samples=sum(n_by_leaf.get(leaf, 0) for leaf in self.leaves[spec.name]),
+                )
+            )
+        return EvalResult(
+            tasks=tuple(scores),
+            n_samples=sum(s.n_samples for s in scores),
+            wall_time_s=wall,
+            backend=self.cfg.backend,
+        )
+
+
+def _reuse_requests(task: Any) -> None:
+    """Make ``task.build_all_requests`` build once per distinct argument set, then hand back the
+    same Instances with their responses cleared.
+
+    The requests (prompts, continuations) do not depend on the weights: rebuilding them for every
+    candidate costs ~10% of a trial on a tiny model. The key includes every argument lm-eval
+    passes (limit, samples, chat template callable, ...), so a change rebuilds.
+    """
+    build = task.build_all_requests
+    built: dict[str, list[Any]] = {}
+
+    def build_all_requests(**kwargs: Any) -> None:
+        key = repr(sorted(kwargs.items()))
+        if key not in built:
+            build(**kwargs)
+            built[key] = task._instances
+            return
+        for inst in built[key]:
+            inst.resps.clear()
+            inst.filtered_resps.clear()
+        task._instances = built[key]
+
+    task.build_all_requests = build_all_requests
+
+
+def select_samples(
+    tasks: dict[str, Any], limit: int | float | None, seed: int
+) -> dict[str, list[int]]:
+    """Seeded random doc indices per leaf task (sorted), for lm-eval's ``samples=`` argument.
+
+    lm-eval's own ``limit`` takes the first N docs; we take a random N instead. A task with no
+    more than N docs is left out of the mapping, which lm-eval reads as "all docs". The choice
+    depends only on ``seed``, the task name and its number of docs.
+    """
+    if limit is None:
+        return {}
+    chosen: dict[str, list[int]] = {}
+    for name, task in tasks.items():
+        n_docs = len(task.eval_docs)
+        k = int(limit) if limit >= 1 else max(1, int(round(n_docs * limit)))
+        if k < n_docs:
+            rng = random.Random(f"{seed}/{name}")
+            chosen[name] = sorted(rng.sample(range(n_docs), k))
+    return chosen
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed python, numpy and torch RNGs for the block, then restore their previous states."""
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])

