@@ -128,7 +128,7 @@ def open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, *, allow
     readers: dict[ModelRef, Any] = {}
     for ref in recipe.referenced_models():
         try:
-            path = resolve_model_dir(ref)
+            path = resolve_model_dir(ref, allow_pickle=allow_pickle)
             readers[ref] = stack.enter_context(CheckpointReader(
                 path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
         except MergeError as err:
