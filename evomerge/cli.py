@@ -62,10 +62,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 @_command("validate")
 def cmd_validate(args: argparse.Namespace) -> int:
-    from merge_engine.validate import validate_recipe
+    from merge_engine.recipe import load_recipe
+    from merge_engine.validate import Report, validate_recipe
 
-    report = validate_recipe(args.recipe, with_models=not args.no_models,
-                             allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    if args.model_config:
+        from evomerge.model_configs import validate_with_configs
+
+        configs = {}
+        for item in args.model_config:
+            ref, sep, folder = item.partition("=")
+            if not sep or not ref or not folder:
+                raise EvomergeError(f"--model-config {item!r} must look like org/name=DIR")
+            configs[ref] = folder
+        try:
+            recipe = load_recipe(args.recipe)
+        except RecipeError as err:
+            report = Report(problems=list(err.problems))
+        else:
+            report = validate_with_configs(recipe, configs, trust_remote_code=args.trust_remote_code)
+    else:
+        report = validate_recipe(args.recipe, with_models=not args.no_models,
+                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if report.ok:
@@ -75,6 +92,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for p in report.problems:
         print(f"  - {p}", file=sys.stderr)
     return 1
+
+
+from evomerge.errors import EvomergeError  # noqa: E402  (light: no heavy imports)
+from merge_engine.errors import RecipeError  # noqa: E402
 
 
 def _add_engine_parsers(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +112,8 @@ def _add_engine_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a recipe and its models; lists every problem")
     p.add_argument("recipe")
     p.add_argument("--no-models", action="store_true", help="check the recipe only, not the model files")
+    p.add_argument("--model-config", action="append", default=[], metavar="REPO=DIR",
+                   help="validate model REPO from DIR/config.json alone (no weights needed); repeatable")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
 

@@ -325,3 +325,22 @@ def test_cli_merge_and_validate(zoo, tmp_path):
     bad.write_text("merge_method: [unclosed\n")
     res = subprocess.run(exe + ["validate", str(bad)], capture_output=True, text=True)
     assert res.returncode == 1 and "YAML" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_validate_from_configs_alone(zoo, tmp_path, capsys):
+    """`evomerge validate --model-config REPO=DIR` checks a recipe for models we only have configs of."""
+    import shutil
+
+    from evomerge.cli import main
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    shutil.copy(zoo["a"] / "config.json", cfg / "config.json")
+    rp = tmp_path / "r.yaml"
+    rp.write_text(f"merge_method: ties\nbase_model: {zoo['base']}\nmodels:\n"
+                  "  - model: org/remote-model\n    parameters: {weight: 0.5, density: 0.5}\n")
+    assert main(["validate", str(rp), "--model-config", f"org/remote-model={cfg}"]) == 0
+    rp.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n"
+                  "      - model: org/remote-model\n        layer_range: [0, 9]\n")
+    assert main(["validate", str(rp), "--model-config", f"org/remote-model={cfg}"]) == 1
+    assert "out of bounds" in capsys.readouterr().err
