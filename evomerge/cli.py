@@ -122,7 +122,7 @@ def _add_optional_parsers(sub: argparse._SubParsersAction) -> None:
     """Subcommands that live with their library modules."""
     import importlib
 
-    for module in ("evomerge.evaluate.cli", "evomerge.zoo.cli", "evomerge.search_cli",
+    for module in ("evomerge.evaluate.cli", "evomerge.zoo_cli", "evomerge.search_cli",
                    "evomerge.ablate_cli"):
         try:
             mod = importlib.import_module(module)

