@@ -46,11 +46,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.config import EvalConfig, load_preset
 from evomerge.evaluate.result import EvalResult, weighted_score
+from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import MergeRecipe, parse_recipe
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = VAR
 # Config keys that differ between a merged directory and its reference model without changing
 # the network (the dtype is chosen separately when the resident model is loaded).
 _VOLATILE_CONFIG_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version", "_name_or_path"})
@@ -137,20 +138,8 @@ class Grid(_Frozen):
 # ---------------------------------------------------------------- loading
 def expand_vars(value: Any, variables: Mapping[str, str]) -> Any:
     """Replace ``${NAME}`` in every string, from ``variables`` then the environment."""
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            key = m.group(1)
-            if key in variables:
-                return str(variables[key])
-            if key in os.environ:
-                return os.environ[key]
-            raise GridError(f"${{{key}}} is not set; pass --var {key}=VALUE or export {key}")
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [expand_vars(v, variables) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_vars(v, variables) for k, v in value.items()}
-    return value
+    return _expand(value, variables, lambda key:
+                   GridError(f"${{{key}}} is not set; pass --var {key}=VALUE or export {key}"))
 
 
 def grid_variables(path: str | Path) -> list[str]:

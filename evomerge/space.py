@@ -36,13 +36,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.config import EvalConfig
 from evomerge.space_rules import SCORE, method_spec as _spec, registry_range
+from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe, resolve
 
 SAMPLERS = ("cmaes", "tpe", "gp", "random", "nsga2")
 REST = "rest"    # the name of the filter entry that matches every tensor no filter took
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_VAR = VAR
 
 
 class SpaceError(EvomergeError):
@@ -511,21 +512,9 @@ def _format_errors(err: ValidationError) -> list[str]:
 
 # ---------------------------------------------------------------- loading
 def expand_vars(value: Any, variables: Mapping[str, str]) -> Any:
-    """Replace ``${NAME}`` in every string (from ``variables``, then the environment)."""
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            key = m.group(1)
-            if key in variables:
-                return str(variables[key])
-            if key in os.environ:
-                return os.environ[key]
-            raise SpaceError(f"${{{key}}} is not set; pass it (e.g. export {key}=...) or edit the space")
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [expand_vars(v, variables) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_vars(v, variables) for k, v in value.items()}
-    return value
+    """Replace ``${NAME}`` in every string, from ``variables`` then the environment."""
+    return _expand(value, variables, lambda key:
+                   SpaceError(f"${{{key}}} is not set; pass it (e.g. export {key}=...) or edit the space"))
 
 
 def _local_paths(data: dict[str, Any], base_dir: Path) -> None:

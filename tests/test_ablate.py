@@ -317,7 +317,7 @@ def test_medical_search_space_makes_valid_recipes():
     # The search starts from the grid's dare_ties row, kept in one file and inline in the grid.
     start_file = load_recipe(MEDICAL.parent / "recipes" / "dare_ties.yaml")
     assert start_file.to_dict() == next(r.recipe for r in grid.recipes if r.name == "dare_ties").to_dict()
-    trials = [FixedTrial(params) for _, params in space.start_points(MEDICAL.parent)]
+    trials = [FixedTrial(params) for _, params in space.start_points()]
     sampler = optuna.samplers.RandomSampler(seed=0)
     study = optuna.create_study(sampler=sampler)
     trials.append(study.ask(space.distributions()))
