@@ -83,8 +83,10 @@ def evomerge_version() -> str:
 
 
 def redact(storage: str) -> str:
-    """A storage URL without its password."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", storage)
+    """A storage URL without its password (one rule, in evomerge.storage)."""
+    from evomerge.storage import redact as _redact
+
+    return _redact(storage)
 
 
 # ---------------------------------------------------------------- selecting trials

@@ -11,6 +11,7 @@ eval settings) is stored in the study's user attrs (:func:`space_from_study`).
 from __future__ import annotations
 
 import math
+from datetime import datetime
 import os
 import socket
 import time
@@ -28,6 +29,7 @@ from evomerge import results
 from evomerge.errors import EvomergeError
 from evomerge.samplers import make_pruner, make_sampler
 from evomerge.space import SCORE, SearchSpace
+from evomerge.storage import ask, heartbeat, open_storage, redact
 from merge_engine.errors import NonFiniteError
 from merge_engine.recipe import MergeRecipe, parse_recipe
 
@@ -157,7 +159,7 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir) / 'study.db').resolve()}"
 
 
-def open_study(space: SearchSpace, *, storage: str, study_name: str,
+def open_study(space: SearchSpace, *, storage: str | optuna.storages.BaseStorage, study_name: str,
                sampler: str | None = None) -> optuna.Study:
     """Create the study, or load it when it exists (its space must match this one)."""
     sampler_name = sampler or space.default_sampler
@@ -174,7 +176,7 @@ def open_study(space: SearchSpace, *, storage: str, study_name: str,
         study.set_user_attr("evomerge_version", results.evomerge_version())
         study.set_user_attr("checkpoints", results.checkpoint_fingerprints(space))
     elif _comparable(stored) != _comparable(space.model_dump(mode="json")):
-        raise EvomergeError(f"study {study_name!r} in {results.redact(storage)} was created from a "
+        raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
                             "different search space; use the same space file or a new --study name")
     return study
 
@@ -214,7 +216,10 @@ def _worker_id() -> dict[str, Any]:
 def _is_stale(t: FrozenTrial) -> bool:
     worker = t.user_attrs.get("worker")
     if not isinstance(worker, dict):
-        return True  # asked but never started: nobody is running it
+        # asked but not yet started: another worker may be just about to start it, so only a
+        # trial older than the heartbeat grace period counts as abandoned
+        started = t.datetime_start
+        return started is not None and (datetime.now() - started).total_seconds() > 60
     if worker.get("host") != socket.gethostname():
         return False  # another host's trial is that host's to finish
     try:
@@ -306,9 +311,10 @@ def search_loop(study: optuna.Study, space: SearchSpace, bench: Workbench, *, tr
         if failures >= max_failures:
             return f"{failures} candidates failed in this run; see the error column of trials.csv"
         t0 = time.monotonic()
-        trial = study.ask()
-        trial.set_user_attr("worker", _worker_id())
-        state = tell_outcome(study, trial, space, bench)
+        trial = ask(study)  # first fails the trials of dead workers (heartbeat) and retries them
+        with heartbeat(study, trial):
+            trial.set_user_attr("worker", _worker_id())
+            state = tell_outcome(study, trial, space, bench)
         failures += state == TrialState.FAIL
         if progress is not None:
             progress(_progress(study, trial.number, state, trials, done_at_start, start, t0))
@@ -376,7 +382,8 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     trials = options.trials or space.budget.trials
     timeout = options.timeout if options.timeout is not None else space.budget.timeout
 
-    study = open_study(space, storage=storage, study_name=study_name, sampler=options.sampler)
+    study = open_study(space, storage=open_storage(storage), study_name=study_name,
+                       sampler=options.sampler)
     recover_stale_trials(study)
     enqueue_start_points(study, space)
     stopped = None
@@ -394,13 +401,14 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
     """Join an existing study: evaluate candidates until it has ``trials`` finished trials
     (default: its space's budget). Needs nothing but the storage URL and the study name; results
     are written by ``evomerge export`` (or the process that started the search)."""
+    opened = open_storage(storage)
     try:
-        stored = optuna.load_study(study_name=study_name, storage=storage)
+        stored = optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        raise EvomergeError(f"no study {study_name!r} in {results.redact(storage)}; "
-                            f"studies there: {optuna.get_all_study_names(storage)}") from None
+        raise EvomergeError(f"no study {study_name!r} in {redact(storage)}; "
+                            f"studies there: {optuna.get_all_study_names(opened)}") from None
     space = space_from_study(stored)
-    study = open_study(space, storage=storage, study_name=study_name)
+    study = open_study(space, storage=opened, study_name=study_name)
     recover_stale_trials(study)
     with Workbench(space, device=device) as bench:
         stopped = search_loop(study, space, bench, trials=trials or space.budget.trials,
