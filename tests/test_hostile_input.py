@@ -131,6 +131,14 @@ def missing_model(tmp, m):
     return ["merge", str(_recipe(tmp, _ta(tmp / "no_such_model", m["base"]))), str(tmp / "OUT")]
 
 
+def unknown_task(tmp, m):
+    return ["eval", str(m["a"]), "--tasks", "zoo_add_serach"]
+
+
+def unreachable_storage(tmp, m):
+    return ["worker", "--storage", "postgresql+psycopg2://evo:s3cret@127.0.0.1:1/evomerge", "--study", "x"]
+
+
 CASES = [
     Case("malformed yaml", malformed_yaml, "not valid YAML"),
     Case("truncated yaml", truncated_yaml, "YAML"),
@@ -143,6 +151,8 @@ CASES = [
     Case("trust_remote_code needed", remote_code, "trust-remote-code"),
     Case("inf in a checkpoint", nan_checkpoint, "up_proj"),
     Case("vocabulary sizes differ", smaller_vocab, "vocabulary"),
+    Case("eval task name that does not exist", unknown_task, "zoo_add_serach"),
+    Case("storage URL that cannot be reached", unreachable_storage, "127.0.0.1:1"),
 ]
 
 
@@ -155,8 +165,9 @@ def test_hostile_input_gives_one_clear_line(case, models, tmp_path, capsys):
     assert code != 0
     assert "Traceback" not in err
     assert case.expect.lower() in err.lower(), err
+    assert "s3cret" not in err  # passwords never printed
     lines = [ln for ln in err.splitlines() if not ln.startswith("warning:")]
-    if argv[0] == "merge":
+    if argv[0] in ("merge", "eval", "worker"):
         assert len(lines) == 1, err
         assert not (tmp_path / "OUT").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".OUT")]
