@@ -51,33 +51,28 @@ class InMemoryMerger:
         self._sources: dict[LoadTensor, torch.Tensor] = {}
         self._applied: dict[str, MergeTensor] = {}
 
-    def _open(self, recipe: MergeRecipe):
-        from merge_engine.merge import prepare
-
-        # prepare() validates and plans; readers stay open in our own stack so
-        # headers are parsed once per model for the whole search.
-        missing = [r for r in recipe.referenced_models() if r not in self._readers]
-        if missing:
-            with ExitStack() as tmp:
-                prepare(recipe, tmp, allow_pickle=self.allow_pickle,
-                        trust_remote_code=self.trust_remote_code)
-            from merge_engine.io.reader import CheckpointReader
-            from merge_engine.io.resolve import resolve_model_dir
-            for ref in missing:
-                self._readers[ref] = self._stack.enter_context(CheckpointReader(
-                    resolve_model_dir(ref), allow_pickle=self.allow_pickle,
-                    trust_remote_code=self.trust_remote_code))
-
     def plan(self, recipe: MergeRecipe):
-        """Validate and plan ``recipe`` against this model (raises RecipeError)."""
+        """Validate and plan ``recipe`` against this model (raises RecipeError).
+
+        Models seen for the first time are opened into this merger's own stack (headers are
+        parsed once per model for the whole search) and fully checked; later recipes over the
+        same models are only planned.
+        """
         from merge_engine.plan import build_plan
-        from merge_engine.validate import Report, check_recipe
+        from merge_engine.validate import Report, check_models, check_recipe, open_readers
 
         report = check_recipe(recipe, Report())
         if report.problems:
             raise RecipeError(report.problems)
-        self._open(recipe)
-        plan = build_plan(recipe, self._readers)
+        if any(r not in self._readers for r in recipe.referenced_models()):
+            readers = open_readers(recipe, self._stack, report, allow_pickle=self.allow_pickle,
+                                   trust_remote_code=self.trust_remote_code, opened=self._readers)
+            plan = check_models(recipe, readers, report) if not report.problems else None
+            if plan is None:
+                raise RecipeError(report.problems)
+            self._readers.update(readers)
+        else:
+            plan = build_plan(recipe, self._readers)
         problems = []
         for node in plan.targets:
             target = self.targets.get(node.out_name)

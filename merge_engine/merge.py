@@ -15,7 +15,7 @@ from merge_engine.errors import RecipeError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
-from merge_engine.plan import MergeContext, MergePlan, build_plan, output_shape_dtype
+from merge_engine.plan import MergeContext, MergePlan, output_shape_dtype
 from merge_engine.recipe import MergeRecipe
 from merge_engine.validate import Report, check_models, check_recipe, open_readers
 
@@ -53,11 +53,10 @@ def prepare(recipe: MergeRecipe, stack: ExitStack, *, allow_pickle: bool = False
         raise RecipeError(report.problems)
     readers = open_readers(recipe, stack, report, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
-    if not report.problems:
-        check_models(recipe, readers, report)
-    if report.problems:
+    plan = check_models(recipe, readers, report) if not report.problems else None
+    if plan is None:
         raise RecipeError(report.problems)
-    return build_plan(recipe, readers), readers
+    return plan, readers
 
 
 def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None:

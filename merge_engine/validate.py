@@ -10,13 +10,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from merge_engine.errors import MergeError, RecipeError, UnknownMethodError
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import FilterEntry, MergeRecipe, load_recipe
+
+if TYPE_CHECKING:
+    from merge_engine.plan import MergePlan
 
 CHAT_TEMPLATE_NAMES = ("auto", "chatml")
 
@@ -120,13 +123,18 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
 
 
 def open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, *, allow_pickle: bool = False,
-                 trust_remote_code: bool = False) -> dict[ModelRef, Any]:
-    """Resolve and open every referenced model; problems go to ``report``."""
+                 trust_remote_code: bool = False,
+                 opened: Mapping[ModelRef, Any] | None = None) -> dict[ModelRef, Any]:
+    """Resolve and open every referenced model (reusing readers in ``opened``); problems go to
+    ``report``."""
     from merge_engine.io.reader import CheckpointReader
     from merge_engine.io.resolve import resolve_model_dir
 
     readers: dict[ModelRef, Any] = {}
     for ref in recipe.referenced_models():
+        if opened is not None and ref in opened:
+            readers[ref] = opened[ref]
+            continue
         try:
             path = resolve_model_dir(ref, allow_pickle=allow_pickle)
             readers[ref] = stack.enter_context(CheckpointReader(
@@ -142,8 +150,10 @@ def open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, *, allow
     return readers
 
 
-def check_models(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], report: Report) -> None:
-    """Architectures, layer ranges and shapes across models (reads headers and configs only)."""
+def check_models(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], report: Report) -> MergePlan | None:
+    """Architectures, layer ranges and shapes across models (reads headers and configs only).
+
+    Returns the plan that the check builds, or None when a problem was found."""
     from merge_engine.io.layout import check_compatible
     from merge_engine.plan import build_plan
 
@@ -151,13 +161,15 @@ def check_models(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], report: R
                                   for n in r.tensor_names}) for ref, r in readers.items()}):
         report.add(text)
     if report.problems:
-        return
+        return None
     try:
         plan = build_plan(recipe, readers)
-        report.warnings.extend(plan.warnings)
     except RecipeError as err:
         for text in err.problems:
             report.add(text)
+        return None
+    report.warnings.extend(plan.warnings)
+    return plan
 
 
 def validate_recipe(recipe: MergeRecipe | str | Path, *, with_models: bool = True,
