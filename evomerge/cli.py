@@ -157,6 +157,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from merge_engine.allocator import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except _user_errors() as err:

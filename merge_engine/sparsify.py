@@ -35,24 +35,60 @@ def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _order_keys(flat: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
+    """Integer keys that sort like the float values of ``flat`` (int32), and their bit width.
+
+    IEEE bit patterns compare like the numbers once the magnitude bits of negative values are
+    flipped. Half-precision values keep their own 16 bits (converting them to float32 is exact
+    and order-preserving, so the ranking is the same); anything else is ranked as float32.
+    """
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        if nonnegative:  # the bits already sort like the values (and -0.0 cannot occur)
+            return flat.view(torch.int16), 16
+        bits, width = flat.view(torch.int16).to(torch.int32), 16
+    else:
+        bits, width = flat.float().view(torch.int32), 32
+    keys = bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+    return keys.masked_fill_(keys == -1, 0), width  # -1 is -0.0, which equals +0.0
+
+
+def _kth_bucket(buckets: torch.Tensor, k: int) -> tuple[int, int]:
+    """For ``buckets`` in [0, 65536): the bucket holding the k-th largest, and how many lie above it."""
+    counts_from_top = torch.bincount(buckets, minlength=65536).flip(0).cumsum(0)
+    i = int(torch.searchsorted(counts_from_top, k))
+    return 65535 - i, (int(counts_from_top[i - 1]) if i else 0)
+
+
+def top_k_mask(scores: torch.Tensor, k: int, *, nonnegative: bool = False) -> torch.Tensor:
     """Boolean mask of the ``k`` largest ``scores``; equal scores go to the lower flat index.
 
-    Linear time: the k-th largest value is found with ``kthvalue``; everything
-    above it is kept, and of the entries equal to it, the first ones in flat
-    order fill the remaining places (the same result as a stable descending sort).
+    Linear time, exact: the k-th largest value is found by radix selection on the
+    float bit patterns (one 65536-bucket histogram for half precision, two for
+    float32); everything above it is kept and, of the entries equal to it, the
+    first ones in flat order fill the remaining places: the same mask as a stable
+    descending sort. ``nonnegative`` promises no negative values and no -0.0 (as
+    from ``abs``), which saves a pass for half-precision scores.
     """
-    flat = scores.reshape(-1).float()
+    flat = scores.reshape(-1)
     n = flat.numel()
     if k <= 0:
         return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    threshold = torch.kthvalue(flat, n - k + 1).values  # the k-th largest
-    above = flat > threshold
-    need = k - int(above.sum())
-    equal = flat == threshold
-    mask = above | (equal & (torch.cumsum(equal, 0, dtype=torch.int64) <= need))
+    keys, bits = _order_keys(flat, nonnegative)
+    if bits == 16:
+        offset = 0 if keys.dtype == torch.int16 else 32768
+        bucket, _ = _kth_bucket(keys + offset if offset else keys, k)
+        threshold = bucket - offset
+    else:
+        high = (keys >> 16) + 32768
+        bucket, above = _kth_bucket(high, k)
+        low, _ = _kth_bucket(keys[high == bucket] & 0xFFFF, k - above)
+        threshold = ((bucket - 32768) << 16) | low
+    mask = keys > threshold
+    need = k - int(torch.count_nonzero(mask))
+    if need:
+        mask[torch.nonzero(keys == threshold).reshape(-1)[:need]] = True
     return mask.reshape(scores.shape)
 
 
@@ -70,7 +106,7 @@ def magnitude_trim(delta: torch.Tensor, density: float, *, rescale: bool) -> tor
     if density <= 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    kept = delta * top_k_mask(delta.abs(), k)
+    kept = delta * top_k_mask(delta.abs(), k, nonnegative=True)
     return rescale_l1(delta, kept) if rescale else kept
 
 

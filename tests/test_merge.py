@@ -344,3 +344,39 @@ def test_validate_from_configs_alone(zoo, tmp_path, capsys):
                   "      - model: org/remote-model\n        layer_range: [0, 9]\n")
     assert main(["validate", str(rp), "--model-config", f"org/remote-model={cfg}"]) == 1
     assert "out of bounds" in capsys.readouterr().err
+
+
+def test_elementwise_methods_give_the_same_bits_block_by_block() -> None:
+    """Methods flagged elementwise run on blocks of the flattened tensors: no bit may change."""
+    from merge_engine.methods.registry import get_method, method_names
+    from merge_engine.plan import BLOCK, _blockwise
+
+    flagged = [name for name in method_names() if get_method(name).elementwise]
+    assert "linear" in flagged
+    gen = torch.Generator().manual_seed(0)
+    shape = (3 * BLOCK // 1000 + 7, 1000)  # several blocks, the last one partial
+    for name in flagged:
+        spec = get_method(name)
+        for dtype in (torch.bfloat16, torch.float32):
+            xs = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+            kwargs = {p.kwarg: ([0.5, -0.25, 0.8] if p.per_model else p.default) for p in spec.params}
+            base = xs[0] if spec.base == "required" else None
+            tensors = xs[1:] if base is not None else xs
+            if spec.base == "required":
+                kwargs = {k: (v[:2] if isinstance(v, list) else v) for k, v in kwargs.items()}
+            whole = spec.fn(tensors, base, **kwargs)
+            blocks = _blockwise(spec.fn, tensors, base, kwargs)
+            assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
+            assert torch.equal(blocks.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), name
+
+
+def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
+    import platform
+
+    from merge_engine.allocator import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied and keep_freed_memory()
+    big = torch.ones(20 << 20, dtype=torch.float32)  # 80 MB: above glibc's largest mmap threshold
+    assert float(big.sum()) == 20 << 20

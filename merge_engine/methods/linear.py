@@ -24,14 +24,15 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: li
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for w, x in zip(weight, tensors):
         acc.add_(x.float() if x.dtype != torch.float32 else x, alpha=float(w))
-    if normalize:
-        acc.div_(total)
+    if normalize and torch.tensor(total, dtype=torch.float32).item() != 1.0:
+        acc.div_(total)  # (the divisor is used in float32; dividing by 1 changes no bits)
     return acc.to(tensors[0].dtype)
 
 
 SPEC = MethodSpec(
     name="linear",
     fn=linear,
+    elementwise=True,
     params=(_params.weight(), _params.normalize(True)),
     base="unused",
     description="weighted average of the models (model soup)",

@@ -78,6 +78,10 @@ class MethodSpec:
     ``base``: "required" — the recipe must name a base model, which is passed
     as ``base`` and excluded from ``tensors``; "optional" — same when given;
     "unused" — a listed base model is just another input in ``tensors``.
+
+    ``elementwise``: each output entry depends only on the inputs' entries at the same
+    position (no norms, sorts, reductions or random draws over the tensor), so the engine may
+    run ``fn`` on blocks of the flattened tensors, which keeps temporaries in cache.
     """
 
     name: str
@@ -89,6 +93,7 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False
     embed_rows: Literal["common", "base"] = "common"
+    elementwise: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def param(self, name: str) -> Param | None:

@@ -1,0 +1,42 @@
+"""Radix top-k selection against a stable descending sort, on awkward inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_engine.sparsify import top_k_mask
+
+
+def sorted_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the first k of a stable descending sort (ties go to the lower index)."""
+    flat = scores.reshape(-1).double()
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def awkward(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(37, 29, generator=g)
+    ties = torch.randint(-3, 4, (40, 25), generator=g).float() / 4  # many exact ties
+    tiny = torch.randn(300, generator=g) * 1e-40  # float32 denormals (zero in half precision)
+    zeros = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0, -0.0])
+    wide = torch.cat([torch.randn(200, generator=g) * 10.0 ** torch.randint(-6, 6, (200,), generator=g),
+                      torch.tensor([float("inf"), -float("inf"), 65000.0, -65000.0])])
+    return [t.to(dtype) for t in (x, x.abs(), ties, ties.abs(), tiny, zeros, wide)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_top_k_mask_equals_a_stable_sort(dtype: torch.dtype) -> None:
+    for seed in range(3):
+        for scores in awkward(dtype, seed):
+            n = scores.numel()
+            for k in sorted({0, 1, 2, n // 3, n // 2, n - 1, n, n + 5}):
+                want = sorted_top_k(scores, min(k, n))
+                got = top_k_mask(scores, k)
+                assert got.shape == scores.shape and got.dtype == torch.bool
+                assert torch.equal(got, want), (dtype, seed, n, k)
+                if not bool((scores < 0).any() or (scores.double().reciprocal() < 0).any()):
+                    assert torch.equal(top_k_mask(scores, k, nonnegative=True), want), (dtype, seed, n, k)
