@@ -284,3 +284,34 @@ def test_cli_eval_and_validate_only(model_dirs, tmp_path, capsys):
         args = parser.parse_args(["eval", empty, "--tasks", "smoke_mc", "--limit", "2"])
         assert run_eval_command(args) == 2
         assert "no config.json" in capsys.readouterr().err
+
+
+def test_batched_loglikelihood_equals_lm_evals_hflm(model_dirs):
+    """Our batched scoring and remembered encodings give lm-eval's HFLM answers, float for float:
+    one- and multi-token continuations, shared contexts (lm-eval's one-token grouping), an
+    empty context, a context longer than the model, batches of several sizes, repeated calls."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate.hf import _resident_hflm_class
+
+    model, tok = load(model_dirs[0])
+    words = ["1", "2", "3", "12", "21", "abc", "x y", "hello there"]
+    pairs = [(f"Q: {a} + {b} =", f" {c}") for a in words[:4] for b in words[:3] for c in words]
+    pairs += [("", " hello"), ("1 2 3 " * 200, " 4"), ("same context", " a"), ("same context", " a")]
+    # continuations the model itself predicts greedily, so that exact-match flags are not all False
+    for context in ("Q: 1 + 2 =", "abc", "hello there"):
+        ids = tok(context, return_tensors="pt").input_ids
+        with torch.no_grad():
+            for _ in range(3):
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        cont = tok.decode(ids[0, -3:])
+        pairs += [(context, cont), (context, cont[:1])]
+    requests = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(pairs)]
+    for batch_size in (1, 7, 64):
+        want = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size).loglikelihood(requests)
+        ours = _resident_hflm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        for _ in range(2):  # the second call answers from remembered encodings
+            got = ours.loglikelihood(requests)
+            assert got == want, batch_size
+    assert any(greedy for _, greedy in want) and not all(greedy for _, greedy in want)
