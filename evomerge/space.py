@@ -40,6 +40,7 @@ from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe, resolve
 
+GP_MAX_PARAMS = 16  # up to this many searched parameters the default single-objective sampler is GP
 SAMPLERS = ("cmaes", "tpe", "gp", "random", "nsga2")
 REST = "rest"    # the name of the filter entry that matches every tensor no filter took
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -267,7 +268,14 @@ class SearchSpace(_Frozen):
 
     @property
     def default_sampler(self) -> str:
-        return self.sampler or ("cmaes" if len(self.objectives) == 1 else "nsga2")
+        """The space's ``sampler``, else: NSGA-II for several objectives; for one, a Gaussian
+        process while the space has at most ``GP_MAX_PARAMS`` parameters (far fewer evaluations
+        than CMA-ES at that size: results/benchmarks/search_efficiency.md), CMA-ES above."""
+        if self.sampler:
+            return self.sampler
+        if len(self.objectives) > 1:
+            return "nsga2"
+        return "gp" if len(self.distributions()) <= GP_MAX_PARAMS else "cmaes"
 
     def inputs(self, method: str) -> tuple[ModelEntry, ...]:
         """Models that get per-model parameters: with a base-less method the base is one of them."""

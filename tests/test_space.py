@@ -193,3 +193,13 @@ def test_every_example_space_loads(tmp_path):
         assert path.read_text().startswith("# evomerge "), f"{path.name} must start with its command"
         space = load_space(path, variables={"ZOO": str(tmp_path)})
         assert space.recipe(optuna.trial.FixedTrial(space.equal_params())).models
+
+
+def test_default_sampler_follows_the_space_size(zoo):
+    from evomerge.space import GP_MAX_PARAMS
+
+    small = parse_space(space_dict(zoo))
+    assert len(small.distributions()) <= GP_MAX_PARAMS and small.default_sampler == "gp"
+    big = parse_space(space_dict(zoo, layer_granularity=1, filters=["self_attn", "mlp"]))
+    assert len(big.distributions()) > GP_MAX_PARAMS and big.default_sampler == "cmaes"
+    assert parse_space(space_dict(zoo, sampler="tpe")).default_sampler == "tpe"

@@ -40,3 +40,30 @@ def test_top_k_mask_equals_a_stable_sort(dtype: torch.dtype) -> None:
                 assert torch.equal(got, want), (dtype, seed, n, k)
                 if not bool((scores < 0).any() or (scores.double().reciprocal() < 0).any()):
                     assert torch.equal(top_k_mask(scores, k, nonnegative=True), want), (dtype, seed, n, k)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties", "della_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mixing_block_by_block_gives_the_same_bits(method: str, dtype: torch.dtype, monkeypatch) -> None:
+    """Task vectors are mixed in blocks; the block size must not change a bit (tails included)."""
+    import merge_engine.sparsify as sparsify
+    from merge_engine.methods.registry import get_method
+    from merge_engine.randomness import TensorRandom
+
+    spec = get_method(method)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(123, 77, generator=gen).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(123, 77, generator=gen)).to(dtype) for _ in range(3)]
+    per_model = {"weight": [0.5, -0.3, 0.9], "density": [0.6, 0.5, 0.7], "epsilon": [0.1] * 3,
+                 "gamma": [0.02] * 3}
+    kwargs = {p.kwarg: per_model[p.name] if p.per_model else p.default for p in spec.params}
+    kwargs[spec.param("normalize").kwarg] = True
+    if spec.random:
+        kwargs["rng"] = TensorRandom(7, "t")
+    monkeypatch.setattr(sparsify, "MIX_BLOCK", 10**9)
+    whole = spec.fn(models, base, **kwargs)
+    for block in (1000, 4096, 123 * 77 - 1):
+        monkeypatch.setattr(sparsify, "MIX_BLOCK", block)
+        blocks = spec.fn(models, base, **kwargs)
+        assert blocks.dtype == whole.dtype == dtype and blocks.shape == whole.shape
+        assert torch.equal(blocks.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), block
