@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from merge_engine.errors import MergeError
@@ -24,8 +25,13 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: li
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     for w, x in zip(weight, tensors):
         acc.add_(x.float() if x.dtype != torch.float32 else x, alpha=float(w))
-    if normalize and torch.tensor(total, dtype=torch.float32).item() != 1.0:
-        acc.div_(total)  # (the divisor is used in float32; dividing by 1 changes no bits)
+    if normalize:
+        # the divisor is the float32 sum of the float32 weights, in order (mergekit's arithmetic)
+        divisor = np.float32(0)
+        for w in weight:
+            divisor = np.float32(divisor + np.float32(w))
+        if divisor != 1:  # dividing by 1 changes no bits
+            acc.div_(float(divisor))
     return acc.to(tensors[0].dtype)
 
 
