@@ -380,3 +380,30 @@ def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
         assert applied and keep_freed_memory()
     big = torch.ones(20 << 20, dtype=torch.float32)  # 80 MB: above glibc's largest mmap threshold
     assert float(big.sum()) == 20 << 20
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della_linear"])
+def test_random_merge_equals_the_method_called_with_its_seeded_generator(zoo, tmp_path, method):
+    """The planned merge hands each tensor's method exactly TensorRandom(seed, tensor name):
+    a user can recompute any merged tensor from the recipe alone (model indices are kept when a
+    density of 1 draws nothing)."""
+    from merge_engine.methods.registry import get_method
+    from merge_engine.randomness import TensorRandom
+
+    r = parse_recipe({"merge_method": method, "base_model": str(zoo["base"]), "seed": 11,
+                      "parameters": {"epsilon": 0.1} if method.startswith("della") else {},
+                      "models": [{"model": str(zoo[m]), "parameters": {"weight": w, "density": d}}
+                                 for m, w, d in (("a", 0.6, 1.0), ("b", 0.5, 0.4), ("c", 0.3, 0.7))]})
+    out = tmp_path / "out"
+    run_merge(r, out, device="cpu")
+    merged, base = load_state(out), load_state(zoo["base"])
+    inputs = [load_state(zoo[m]) for m in ("a", "b", "c")]
+    spec = get_method(method)
+    kwargs = {p.kwarg: p.default for p in spec.params if not p.per_model}
+    kwargs.update(weight=[0.6, 0.5, 0.3], density=[1.0, 0.4, 0.7])
+    if spec.param("epsilon") is not None:
+        kwargs[spec.param("epsilon").kwarg] = [0.1] * 3 if spec.param("epsilon").per_model else 0.1
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        want = spec.fn([s[name] for s in inputs], base[name], rng=TensorRandom(11, name), **kwargs)
+        assert torch.equal(merged[name], want), name
+        assert not torch.equal(merged[name], base[name])
