@@ -180,3 +180,30 @@ def test_study_refuses_a_different_space(zoo, tmp_path):
     # a larger budget is a resume, not a different space
     open_study(parse_space(space_dict(zoo, budget={"trials": 50})), storage=storage, study_name="t")
     assert export_study(storage, "t", tmp_path / "empty")["trials"].is_file()
+
+
+def test_gp_with_pruning_learns_from_pruned_trials():
+    """With cheap-first pruning the GP sees each pruned trial at its cheap score (the stored
+    trial stays PRUNED); sampling keeps working on such a study."""
+    from optuna.trial import TrialState
+
+    from evomerge.samplers import PrunedAwareGPSampler, _PrunedAsComplete, make_sampler
+
+    assert isinstance(make_sampler("gp", seed=0, pruning=True), PrunedAwareGPSampler)
+    assert not isinstance(make_sampler("gp", seed=0, pruning=False), PrunedAwareGPSampler)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("gp", seed=0, pruning=True))
+    for i in range(12):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        x = trial.params["x"]
+        if i % 2:
+            trial.report(x / 2, step=0)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, x)
+    view = _PrunedAsComplete(study)._get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    assert len(view) == 12 and all(t.state == TrialState.COMPLETE for t in view)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert len(pruned) == 6
+    assert {t.number: t.value for t in view if t.number % 2} == {
+        t.number: t.intermediate_values[0] for t in pruned}
+    assert 0 <= study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params["x"] <= 1

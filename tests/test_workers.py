@@ -46,13 +46,13 @@ def zoo(tmp_path_factory):
     return d
 
 
-def space_dict(zoo: Path, trials: int) -> dict:
+def space_dict(zoo: Path, trials: int, limit: int = 4) -> dict:
     return {
         "name": "w",
         "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
         "base_model": str(zoo / "base"),
         "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
+        "eval": {"tasks": ["smoke_mc"], "limit": limit, "batch_size": 32},
         "budget": {"trials": trials},
         "top_k": 2,
         "seed": 3,
@@ -230,9 +230,13 @@ def test_killed_search_resumes_with_the_same_command(zoo, tmp_path):
     """`kill -9` of `evomerge search` on its default SQLite storage, then the same command
     again: finished trials are kept as they were, the killed one is retried, the run reaches
     exactly its budget and every result file is whole."""
-    budget = 5
+    # Every doc and batches of 4: a trial lasts long enough to be caught mid-way (with 4 docs a
+    # trial took 0.1 s once evaluation got faster, and the kill could miss every trial).
+    budget = 8
     space_file = tmp_path / "space.yaml"
-    space_file.write_text(yaml.safe_dump(space_dict(zoo, budget)))
+    data = space_dict(zoo, budget, limit=None)
+    data["eval"]["batch_size"] = 4
+    space_file.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
     command = evomerge("search", str(space_file), "--out", str(out))
     storage, log = f"sqlite:///{out / 'study.db'}", tmp_path / "search.log"
