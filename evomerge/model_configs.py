@@ -21,12 +21,11 @@ from typing import Any
 import torch
 
 from merge_engine.errors import CheckpointError, MergeError
+from merge_engine.io.reader import read_config
 from merge_engine.io.refs import ModelRef
+from merge_engine.plan import DTYPE_OF
 from merge_engine.recipe import MergeRecipe
 from merge_engine.validate import Report, check_models, check_recipe
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64}
 
 
 class ConfigOnlyReader:
@@ -47,15 +46,9 @@ class ConfigOnlyReader:
         if not path.is_file():
             raise CheckpointError(f"model {self.name}: no config.json in {self.model_dir}; "
                                   "bundle the model's config.json there")
-        try:
-            self._config = json.loads(path.read_text())
-        except ValueError:
-            raise CheckpointError(f"{path} is not valid JSON; re-download the model's config.json") from None
-        if "auto_map" in self._config and not trust_remote_code:
-            raise CheckpointError(f"model {self.name} needs custom code (config.json has auto_map); "
-                                  "pass trust_remote_code only if you trust its author")
-        self._dtype = _DTYPES.get(str(self._config.get("dtype") or self._config.get("torch_dtype")),
-                                  torch.float32)
+        self._config = read_config(self.model_dir, self.name, trust_remote_code)
+        self._dtype = DTYPE_OF.get(str(self._config.get("dtype") or self._config.get("torch_dtype")),
+                                   torch.float32)
         self._shapes = _meta_shapes(self.model_dir, self.name, trust_remote_code)
         self._names = tuple(sorted(self._shapes))
 

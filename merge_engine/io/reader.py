@@ -68,7 +68,7 @@ class CheckpointReader:
         self.name = name or str(model_dir)
         if not self.model_dir.is_dir():
             raise CheckpointError(f"model directory {self.model_dir} does not exist; check the path")
-        self._config = _read_config(self.model_dir, self.name, trust_remote_code)
+        self._config = read_config(self.model_dir, self.name, trust_remote_code)
         self._slots: dict[str, _Slot] = {}
         self._handles: dict[Path, int] = {}
         self._pickled: dict[str, torch.Tensor] = {}
@@ -273,7 +273,9 @@ def check_finite(name: str, tensor: torch.Tensor, *, where: str) -> None:
     )
 
 
-def _read_config(model_dir: Path, name: str, trust_remote_code: bool) -> dict[str, Any]:
+def read_config(model_dir: Path, name: str, trust_remote_code: bool) -> dict[str, Any]:
+    """Parsed ``config.json`` of ``model_dir``; CheckpointError if missing, malformed or needing
+    custom code without ``trust_remote_code``."""
     path = model_dir / "config.json"
     if not path.is_file():
         raise CheckpointError(
