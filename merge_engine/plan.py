@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from merge_engine import blocks
 from merge_engine.errors import NonFiniteError, RecipeError
 from merge_engine.io.layout import LayerLayout, detect_layout
 from merge_engine.io.refs import ModelRef
@@ -84,8 +85,8 @@ class MergeTensor:
         if spec.random:
             kwargs["rng"] = TensorRandom(self.seed, self.out_name)
         with torch.no_grad():
-            if spec.elementwise and tensors[0].numel() > 2 * BLOCK:
-                out = _blockwise(spec.fn, tensors, base, kwargs)
+            if spec.elementwise and tensors[0].numel() > 2 * blocks.BLOCK:
+                out = blocks.blockwise(lambda xs, b: spec.fn(xs, b, **kwargs), tensors, base)
             else:
                 out = spec.fn(tensors, base, **kwargs)
         if ctx.check_finite and not all_finite(out):
@@ -99,29 +100,6 @@ class MergeTensor:
         if self.out_dtype is not None:
             out = out.to(DTYPE_OF[self.out_dtype])
         return out
-
-
-BLOCK = 1 << 18  # elements per block of an elementwise method (1 MiB of float32 temporaries)
-
-
-def _blockwise(fn: Any, tensors: list[torch.Tensor], base: torch.Tensor | None,
-               kwargs: dict[str, Any]) -> torch.Tensor:
-    """``fn`` run on consecutive blocks of the flattened inputs, written into one output.
-
-    For elementwise methods this gives the same bits as one call, while each block's
-    temporaries stay in the CPU cache instead of streaming whole-tensor copies through memory.
-    """
-    flats = [t.reshape(-1) for t in tensors]
-    flat_base = base.reshape(-1) if base is not None else None
-    n, out = flats[0].numel(), None
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        part = fn([f[start:stop] for f in flats],
-                  flat_base[start:stop] if flat_base is not None else None, **kwargs)
-        if out is None:
-            out = torch.empty(n, dtype=part.dtype, device=part.device)
-        out[start:stop] = part
-    return out.reshape(tensors[0].shape)
 
 
 def output_shape_dtype(node: MergeTensor, readers: Mapping[ModelRef, Any]) -> tuple[tuple[int, ...], torch.dtype]:

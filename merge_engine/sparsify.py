@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from merge_engine.blocks import blockwise
 from merge_engine.errors import MergeError
 from merge_engine.methods._reduce import total
 from merge_engine.randomness import TensorRandom
@@ -210,9 +211,6 @@ def sign_agreement(weighted: torch.Tensor) -> torch.Tensor:
     return weighted.sign() == majority
 
 
-MIX_BLOCK = 1 << 18  # elements per block when mixing task vectors (temporaries stay in cache)
-
-
 def merge_task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor,
                        weight: Sequence[float], *, normalize: bool, lambda_: float,
                        elect_signs: bool, trim: Trim | None = None) -> torch.Tensor:
@@ -223,28 +221,21 @@ def merge_task_vectors(tensors: Sequence[torch.Tensor], base: torch.Tensor,
     the base dtype, as mergekit does; the result is in the base dtype.
 
     Trims need whole tensors (top-k, norms, seeded draws of the tensor's shape); the
-    mixing after them is elementwise, so it runs on blocks of ``MIX_BLOCK`` entries,
+    mixing after them is elementwise, so it runs block by block (``blocks.blockwise``),
     which gives the same bits with far less memory traffic.
     """
     if not tensors:
         return base
-    deltas = None
-    if trim is not None:
-        deltas = [trim(i, x.to(base.dtype) - base).reshape(-1) for i, x in enumerate(tensors)]
     w = torch.tensor(list(weight), dtype=base.dtype, device=base.device).reshape(-1, 1)  # [N, 1]
-    flat_base = base.reshape(-1)
-    n = flat_base.numel()
-    out = torch.empty_like(flat_base)
-    for start in range(0, max(n, 1), MIX_BLOCK):
-        stop = min(start + MIX_BLOCK, n)
-        b = flat_base[start:stop]
-        if deltas is None:
-            parts = [x.reshape(-1)[start:stop].to(base.dtype) - b for x in tensors]
-        else:
-            parts = [d[start:stop] for d in deltas]
-        out[start:stop] = _mix(torch.stack(parts), b, w, normalize=normalize, lambda_=lambda_,
-                               elect_signs=elect_signs)
-    return out.reshape(base.shape)
+
+    def mix(parts: list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+        deltas = parts if trim is not None else [x.to(base.dtype) - b for x in parts]
+        return _mix(torch.stack(deltas), b, w, normalize=normalize, lambda_=lambda_,
+                    elect_signs=elect_signs)
+
+    if trim is None:
+        return blockwise(mix, tensors, base)
+    return blockwise(mix, [trim(i, x.to(base.dtype) - base) for i, x in enumerate(tensors)], base)
 
 
 def _mix(stacked: torch.Tensor, base: torch.Tensor, w: torch.Tensor, *, normalize: bool,

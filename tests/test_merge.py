@@ -349,7 +349,7 @@ def test_validate_from_configs_alone(zoo, tmp_path, capsys):
 def test_elementwise_methods_give_the_same_bits_block_by_block() -> None:
     """Methods flagged elementwise run on blocks of the flattened tensors: no bit may change."""
     from merge_engine.methods.registry import get_method, method_names
-    from merge_engine.plan import BLOCK, _blockwise
+    from merge_engine.blocks import BLOCK, blockwise
 
     flagged = [name for name in method_names() if get_method(name).elementwise]
     assert "linear" in flagged
@@ -365,7 +365,7 @@ def test_elementwise_methods_give_the_same_bits_block_by_block() -> None:
             if spec.base == "required":
                 kwargs = {k: (v[:2] if isinstance(v, list) else v) for k, v in kwargs.items()}
             whole = spec.fn(tensors, base, **kwargs)
-            blocks = _blockwise(spec.fn, tensors, base, kwargs)
+            blocks = blockwise(lambda xs, b: spec.fn(xs, b, **kwargs), tensors, base)
             assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
             assert torch.equal(blocks.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), name
 
