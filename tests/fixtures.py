@@ -83,6 +83,15 @@ def make_tiny_llama(
     return _save(model.to(dtype), path, max_shard_size, config.vocab_size)
 
 
+def make_math_code_zoo(root: Path) -> Path:
+    """A tiny base and two experts perturbed from it ("math", "code"), for search tests."""
+    root = Path(root)
+    make_tiny_llama(root / "base", 0)
+    make_tiny_llama(root / "math", 1, perturb_from=root / "base", scale=0.05)
+    make_tiny_llama(root / "code", 2, perturb_from=root / "base", scale=0.05)
+    return root
+
+
 def make_sharded(path: Path | str, max_shard_size: int | str = "100KB", **llama_kwargs: Any) -> Path:
     """make_tiny_llama saved as shards of at most ``max_shard_size`` (the default gives 4 shards)."""
     return make_tiny_llama(path, max_shard_size=max_shard_size, **llama_kwargs)

@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from fixtures import make_tiny_llama
+from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
 
 from evomerge.cli import main
@@ -22,11 +22,7 @@ from merge_engine.recipe import load_recipe
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("search_models")
-    make_tiny_llama(d / "base", 0)
-    make_tiny_llama(d / "math", 1, perturb_from=d / "base", scale=0.05)
-    make_tiny_llama(d / "code", 2, perturb_from=d / "base", scale=0.05)
-    return d
+    return make_math_code_zoo(tmp_path_factory.mktemp("search_models"))
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from fixtures import load_state, make_tiny_llama
+from fixtures import load_state, make_math_code_zoo
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from pg import postgres_url  # noqa: F401  (the fixture)
 
@@ -39,11 +39,7 @@ FAST_HEARTBEAT = {"EVOMERGE_HEARTBEAT_INTERVAL": "1", "EVOMERGE_GRACE_PERIOD": "
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("worker_models")
-    make_tiny_llama(d / "base", 0)
-    make_tiny_llama(d / "math", 1, perturb_from=d / "base", scale=0.05)
-    make_tiny_llama(d / "code", 2, perturb_from=d / "base", scale=0.05)
-    return d
+    return make_math_code_zoo(tmp_path_factory.mktemp("worker_models"))
 
 
 def space_dict(zoo: Path, trials: int, limit: int = 4) -> dict:
