@@ -170,8 +170,13 @@ def test_resolve_hub_id_missing_offline(offline_hub: Path) -> None:
 # -- reader ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mmap", "pread"])
 @pytest.mark.parametrize("which", ["llama", "sharded"])
-def test_reader_matches_saved_tensors(models: dict[str, Path], which: str) -> None:
+def test_reader_matches_saved_tensors(models: dict[str, Path], which: str, mapped: bool,
+                                      monkeypatch) -> None:
+    from merge_engine.io import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "_CAN_MAP", mapped and reader_module._CAN_MAP)
     state = load_state(models[which])
     with CheckpointReader(models[which]) as reader:
         assert reader.tensor_names == tuple(sorted(state))
@@ -186,11 +191,22 @@ def test_reader_matches_saved_tensors(models: dict[str, Path], which: str) -> No
 
 
 def test_reader_hands_out_owned_tensors(models: dict[str, Path]) -> None:
+    """Tensors are copy-on-write mappings of the file: writing to one changes neither the file
+    nor later reads."""
+    import hashlib
+
+    files = sorted(models["tied"].glob("*.safetensors"))
+    digest = lambda: [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]  # noqa: E731
+    before = digest()
     with CheckpointReader(models["tied"]) as reader:
         assert reader.dtype("model.norm.weight") == torch.bfloat16
         first = reader.get("model.norm.weight")
         first.add_(100)
         assert torch.all(reader.get("model.norm.weight") < 50)
+        for name in reader.tensor_names:
+            reader.get(name).zero_()
+    assert digest() == before
+    with CheckpointReader(models["tied"]) as reader:
         with pytest.raises(CheckpointError, match="has no tensor 'nope'"):
             reader.get("nope")
     with pytest.raises(CheckpointError, match="is closed"):

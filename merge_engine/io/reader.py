@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class _Slot:
     offset: int = -1  # absolute file offset of a safetensors tensor's bytes
 
 
+_MADV_POPULATE_READ = 22  # Linux 5.14+: map every page of a file range now, without copying it
+
+
 def _pread_tensor(fd: int, slot: _Slot) -> torch.Tensor:
     """Read one tensor's bytes into a fresh buffer the caller owns (no shared mmap pages)."""
     buf = torch.empty(slot.nbytes, dtype=torch.uint8)
@@ -40,6 +44,31 @@ def _pread_tensor(fd: int, slot: _Slot) -> torch.Tensor:
             raise CheckpointError(f"{slot.file} ended early while reading; re-download the checkpoint")
         done += got
     return buf.view(slot.dtype).reshape(slot.shape)
+
+
+def _map_tensor(fd: int, slot: _Slot) -> torch.Tensor:
+    """One tensor as a private copy-on-write mapping of its file range.
+
+    No bytes are copied: the pages are the page cache's own until somebody writes to them, and
+    then only that page is copied (so in-place changes never reach the file or later reads). The
+    pages are mapped up front (MADV_POPULATE_READ; on older kernels, one read per page), so the
+    thread that calls this pays for the mapping and any disk reads, not the thread that computes.
+    The mapping is released when the last tensor viewing it is freed.
+    """
+    start = slot.offset - slot.offset % mmap.ALLOCATIONGRANULARITY
+    length = slot.offset + slot.nbytes - start
+    mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                       offset=start)
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        pages = torch.frombuffer(mapped, dtype=torch.uint8)[::mmap.PAGESIZE]
+        int(pages.sum())  # touch one byte per page
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=slot.offset - start, count=slot.nbytes)
+    return flat.view(slot.dtype).reshape(slot.shape)
+
+
+_CAN_MAP = hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap.mmap, "madvise")
 
 
 class CheckpointReader:
@@ -112,7 +141,10 @@ class CheckpointReader:
         if self._closed:
             raise CheckpointError(f"reader for model {self.name} is closed; open a new CheckpointReader")
         if slot.offset >= 0:
-            return _pread_tensor(self._fd(slot.file), slot).to(device=device, dtype=dtype)
+            # mapped only when the bytes are aligned for the dtype (every well-formed file)
+            read = _map_tensor if _CAN_MAP and slot.offset % slot.dtype.itemsize == 0 and slot.nbytes \
+                else _pread_tensor
+            return read(self._fd(slot.file), slot).to(device=device, dtype=dtype)
         raw = self._pickled[name]
         out = raw.to(device=device, dtype=dtype)
         # mmap'd pickles hand out views of shared storage: copy if `to` did not.
