@@ -67,3 +67,33 @@ def test_mixing_block_by_block_gives_the_same_bits(method: str, dtype: torch.dty
         blocked = spec.fn(models, base, **kwargs)
         assert blocked.dtype == whole.dtype == dtype and blocked.shape == whole.shape
         assert torch.equal(blocked.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weights", [[0.5, 0.3, 0.2], [0.5, -0.5, 0.2], [1.0, 1.0, 1.0]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sign_election_mixing_equals_comparing_signs(dtype, weights, normalize) -> None:
+    """``_mix`` elects signs arithmetically; it must give the values of the textbook rule (a model
+    contributes where its weighted sign equals the sign of the weighted sum, >= 0 counting as +),
+    written here with comparisons, on columns that are all zero, cancel exactly or are sparse."""
+    from merge_engine.sparsify import _mix, sign_agreement
+
+    g = torch.Generator().manual_seed(1)
+    stacked = torch.randn(3, 4000, generator=g) * 0.01
+    stacked[torch.rand(3, 4000, generator=g) < 0.5] = 0.0
+    stacked[:, :300] = 0.0  # no model contributes
+    stacked[0, 300:600] = -stacked[1, 300:600]  # weighted sums that may cancel
+    stacked[:, 600:700] = -0.0
+    stacked, base = stacked.to(dtype), (torch.randn(4000, generator=g) * 0.1).to(dtype)
+    base[:100] = 0.0
+    w = torch.tensor(weights, dtype=dtype).reshape(-1, 1)
+    for lambda_ in (1.0, 0.7):
+        got = _mix(stacked, base, w, normalize=normalize, lambda_=lambda_, elect_signs=True)
+        weighted = stacked * w
+        agree = sign_agreement(weighted)
+        mixed = (weighted * agree).sum(dim=0)
+        if normalize:
+            divisor = (w * agree).sum(dim=0)
+            mixed = mixed / divisor.masked_fill(divisor == 0, 1)
+        want = (base + mixed * lambda_ if lambda_ != 1 else base + mixed).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
