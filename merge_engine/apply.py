@@ -102,8 +102,7 @@ class InMemoryMerger:
             if self.cache_sources and isinstance(node, LoadTensor):
                 self._sources[node] = value
 
-        executor = Executor(todo, ctx, cached=cached, on_computed=remember,
-                            prefetch=0 if self.cache_sources and self._sources else 4)
+        executor = Executor(todo, ctx, cached=cached, on_computed=remember)
         with torch.no_grad():
             for node, value in executor.run():
                 self.targets[node.out_name].copy_(value)

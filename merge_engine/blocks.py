@@ -30,3 +30,21 @@ def blockwise(fn: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tens
             out = torch.empty(n, dtype=part.dtype, device=part.device)
         out[start:stop] = part
     return out.reshape(tensors[0].shape)
+
+
+def blockwise_into(kernel: Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], None],
+                   tensors: Sequence[torch.Tensor], dtype: torch.dtype, *, scratch: int = 0,
+                   scratch_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Like :func:`blockwise` for kernels that write in place: ``kernel(blocks of tensors, block
+    of the output, scratch blocks)`` fills its output block (``dtype``) using ``scratch`` work
+    buffers of ``scratch_dtype`` that are allocated once and reused for every block."""
+    flats = [t.reshape(-1) for t in tensors]
+    n = flats[0].numel()
+    device = flats[0].device
+    out = torch.empty(n, dtype=dtype, device=device)
+    size = min(n, BLOCK)
+    buffers = [torch.empty(size, dtype=scratch_dtype, device=device) for _ in range(scratch)]
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        kernel([f[start:stop] for f in flats], out[start:stop], [b[: stop - start] for b in buffers])
+    return out.reshape(tensors[0].shape)

@@ -4,8 +4,10 @@ It knows nothing about merging. A node is any frozen, hashable object with
 
 * ``deps() -> tuple[Node, ...]``: the nodes whose values it consumes, in order;
 * ``run(ctx, *values) -> Any``: computes its value from its dependencies' values;
-* ``io: bool`` (class attribute): True for nodes that only read storage. Those
-  are run ahead of time on a background thread, ``prefetch`` nodes ahead.
+* ``io: bool`` (class attribute): True for nodes that only read storage (or otherwise
+  need no other node and run best off the compute thread). Those are run ahead of time
+  on a background thread, ``prefetch`` nodes ahead (default: enough for the next
+  ``TARGETS_AHEAD`` targets, so slow inputs such as random draws are ready in time).
 
 The executor runs the targets in the order given, each one's dependencies just
 before it (depth first), so consecutive targets that share inputs keep them in
@@ -17,6 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
+
+
+TARGETS_AHEAD = 3  # measured on a 1B DARE merge: 1 ahead waited 9.9 s on draws, 3 ahead 3.3 s
 
 
 class Node(Protocol, Hashable):
@@ -56,11 +61,13 @@ class Executor:
     are not run. ``on_computed(node, value)`` is told every value computed.
     """
 
-    def __init__(self, targets: Sequence[Node], ctx: Any, *, prefetch: int = 4,
+    def __init__(self, targets: Sequence[Node], ctx: Any, *, prefetch: int | None = None,
                  cached: Callable[[Node], Any] | None = None,
                  on_computed: Callable[[Node, Any], None] | None = None) -> None:
         self.targets = list(targets)
         self.ctx = ctx
+        if prefetch is None:  # the inputs of the next TARGETS_AHEAD targets (at least 4 nodes)
+            prefetch = max([4] + [TARGETS_AHEAD * sum(d.io for d in t.deps()) for t in self.targets])
         self.prefetch = max(0, prefetch)
         self.cached = cached
         self.on_computed = on_computed

@@ -80,7 +80,7 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None
 def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = "auto",
               shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
               trust_remote_code: bool = False, force: bool = False, dry_run: bool = False,
-              prefetch: int = 4, progress: Callable[[int, int], None] | None = None) -> MergeResult:
+              prefetch: int | None = None, progress: Callable[[int, int], None] | None = None) -> MergeResult:
     """Merge ``recipe`` into ``out_dir``.
 
     Output goes to a temporary sibling directory that is renamed into place at

@@ -7,13 +7,13 @@ every problem it finds is collected so ``validate`` can report them all at once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from merge_engine import blocks
 from merge_engine.errors import NonFiniteError, RecipeError
 from merge_engine.io.layout import LayerLayout, detect_layout
 from merge_engine.io.refs import ModelRef
@@ -59,6 +59,33 @@ class LoadTensor:
 
 
 @dataclass(frozen=True)
+class Draw:
+    """Seeded random draws one model's trim of one output tensor will ask for.
+
+    ``below`` None: ``TensorRandom(seed, out_name).uniform(shape, model_index)``; a number:
+    ``.keep_mask(below, shape, model_index)`` (same values either way). An I/O-like node, so the
+    executor makes it ahead on its background thread: a CPU generator is serial, and on a 1B
+    model the draws of a DARE merge are a third of the single-core work.
+    """
+
+    io: ClassVar[bool] = True
+    seed: int
+    out_name: str
+    model_index: int
+    shape: tuple[int, ...]
+    below: float | None = None
+
+    def deps(self) -> tuple:
+        return ()
+
+    def run(self, ctx: MergeContext) -> torch.Tensor:
+        rng = TensorRandom(self.seed, self.out_name)
+        if self.below is None:
+            return rng.uniform(self.shape, self.model_index)
+        return rng.keep_mask(self.below, self.shape, self.model_index)
+
+
+@dataclass(frozen=True)
 class MergeTensor:
     """Merge the input tensors into output tensor ``out_name`` with one method."""
 
@@ -70,28 +97,32 @@ class MergeTensor:
     params: tuple[tuple[str, Any], ...]
     seed: int
     out_dtype: str | None
+    draws: tuple[Draw, ...] = ()
 
-    def deps(self) -> tuple[LoadTensor, ...]:
-        return self.inputs + ((self.base,) if self.base is not None else ())
+    def deps(self) -> tuple[LoadTensor | Draw, ...]:
+        return self.inputs + ((self.base,) if self.base is not None else ()) + self.draws
+
+    def kwargs(self) -> dict[str, Any]:
+        """The method's keyword arguments (per-model parameters as lists), without ``rng``."""
+        spec = get_method(self.method)
+        return {spec.param(name).kwarg: list(value) if isinstance(value, tuple) else value
+                for name, value in self.params}
 
     def run(self, ctx: MergeContext, *values: torch.Tensor) -> torch.Tensor:
         spec = get_method(self.method)
         device = ctx.device
+        n_in = len(self.inputs) + (self.base is not None)
         tensors = [v.to(device) for v in values[: len(self.inputs)]]
-        base = values[-1].to(device) if self.base is not None else None
-        kwargs: dict[str, Any] = {}
-        for name, value in self.params:
-            kwargs[spec.param(name).kwarg] = list(value) if isinstance(value, tuple) else value
+        base = values[n_in - 1].to(device) if self.base is not None else None
+        kwargs = self.kwargs()
         if spec.random:
-            kwargs["rng"] = TensorRandom(self.seed, self.out_name)
+            drawn = {(d.model_index, d.below): u for d, u in zip(self.draws, values[n_in:])}
+            kwargs["rng"] = TensorRandom(self.seed, self.out_name, drawn)
         with torch.no_grad():
-            if spec.elementwise and tensors[0].numel() > 2 * blocks.BLOCK:
-                out = blocks.blockwise(lambda xs, b: spec.fn(xs, b, **kwargs), tensors, base)
-            else:
-                out = spec.fn(tensors, base, **kwargs)
+            out = spec.fn(tensors, base, **kwargs)
         if ctx.check_finite and not all_finite(out):
             # inputs are checked only now, to name the culprit: a clean merge pays one pass
-            for node, value in zip(self.deps(), values):
+            for node, value in zip(self.deps()[:n_in], values):
                 if not all_finite(value):
                     raise NonFiniteError(f"tensor {node.name} of model {node.model} holds NaN or inf; "
                                          "the checkpoint is corrupt, fix or replace it")
@@ -280,9 +311,15 @@ class _Planner:
             return None
         params = self.params_for(out_name, t, sl, inputs)
         out_dtype = self.recipe.out_dtype or self.recipe.dtype
-        return MergeTensor(out_name, self.spec.name, tuple(loads[: len(inputs)]),
+        node = MergeTensor(out_name, self.spec.name, tuple(loads[: len(inputs)]),
                            loads[-1] if base is not None else None, params,
                            self.recipe.seed, out_dtype)
+        if self.spec.draws is None:
+            return node
+        shape = loads[0].crop or tuple(self.readers[loads[0].model].shape(loads[0].name))
+        draws = tuple(Draw(self.recipe.seed, out_name, i, tuple(shape), below)
+                      for i, below in self.spec.draws(node.kwargs()))
+        return dataclasses.replace(node, draws=draws)
 
     def check_counts(self, sl: _OutSlice) -> None:
         found: list[str] = []
@@ -359,7 +396,8 @@ class _Planner:
                 config["dtype"] = out_dtype
         emb = next((t for t in targets if t is not None and self.layout.is_embedding(t.out_name)), None)
         if emb is not None and "vocab_size" in config:
-            crop = next((ld.crop for ld in emb.deps() if ld.crop), None)
+            loads = emb.inputs + ((emb.base,) if emb.base is not None else ())
+            crop = next((ld.crop for ld in loads if ld.crop), None)
             if crop:
                 config["vocab_size"] = crop[0]
         return config

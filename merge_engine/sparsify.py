@@ -144,8 +144,7 @@ def dare_drop(delta: torch.Tensor, density: float, rng: TensorRandom, model_inde
     """
     if density >= 1:
         return delta
-    keep = rng.bernoulli(density, delta.shape, model_index, device=delta.device)
-    kept = delta * keep
+    kept = delta * rng.keep_mask(density, delta.shape, model_index, device=delta.device)
     if not rescale:
         return kept
     if paper_rescale:

@@ -346,28 +346,33 @@ def test_validate_from_configs_alone(zoo, tmp_path, capsys):
     assert "out of bounds" in capsys.readouterr().err
 
 
-def test_elementwise_methods_give_the_same_bits_block_by_block() -> None:
-    """Methods flagged elementwise run on blocks of the flattened tensors: no bit may change."""
-    from merge_engine.methods.registry import get_method, method_names
-    from merge_engine.blocks import BLOCK, blockwise
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_gives_the_same_bits_for_any_block_size(monkeypatch, dtype, normalize) -> None:
+    """Linear runs block by block with reused buffers: the bits must equal one pass over the
+    whole tensors, written independently as a float32 weighted sum cast back once."""
+    import numpy as np
 
-    flagged = [name for name in method_names() if get_method(name).elementwise]
-    assert "linear" in flagged
+    from merge_engine import blocks
+    from merge_engine.methods.linear import linear
+
     gen = torch.Generator().manual_seed(0)
-    shape = (3 * BLOCK // 1000 + 7, 1000)  # several blocks, the last one partial
-    for name in flagged:
-        spec = get_method(name)
-        for dtype in (torch.bfloat16, torch.float32):
-            xs = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
-            kwargs = {p.kwarg: ([0.5, -0.25, 0.8] if p.per_model else p.default) for p in spec.params}
-            base = xs[0] if spec.base == "required" else None
-            tensors = xs[1:] if base is not None else xs
-            if spec.base == "required":
-                kwargs = {k: (v[:2] if isinstance(v, list) else v) for k, v in kwargs.items()}
-            whole = spec.fn(tensors, base, **kwargs)
-            blocks = blockwise(lambda xs, b: spec.fn(xs, b, **kwargs), tensors, base)
-            assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
-            assert torch.equal(blocks.view(-1).view(torch.uint8), whole.view(-1).view(torch.uint8)), name
+    xs = [torch.randn(3 * 1000 + 7, 1000, generator=gen).to(dtype) for _ in range(3)]
+    weights = [0.5, -0.25, 0.8]
+    want = torch.zeros(xs[0].shape)
+    for w, x in zip(weights, xs):
+        want = want.add(x.float(), alpha=w)
+    if normalize:
+        want = want / float(np.float32(np.float32(np.float32(0.5) + np.float32(-0.25)) + np.float32(0.8)))
+    want = want.to(dtype)
+    results = []
+    for block in (1 << 20, 1000, 4096, 999_983):  # one block; many; the last one partial
+        monkeypatch.setattr(blocks, "BLOCK", block)
+        got = linear(xs, None, weight=weights, normalize=normalize)
+        assert got.dtype == dtype and got.shape == xs[0].shape
+        results.append(got)
+    for got in results:
+        assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
 
 
 def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
@@ -380,6 +385,36 @@ def test_keep_freed_memory_is_applied_once_on_glibc() -> None:
         assert applied and keep_freed_memory()
     big = torch.ones(20 << 20, dtype=torch.float32)  # 80 MB: above glibc's largest mmap threshold
     assert float(big.sum()) == 20 << 20
+
+
+def test_random_draws_are_made_ahead_on_the_io_thread(zoo, tmp_path, monkeypatch):
+    """DARE's keep masks are planned as Draw nodes (one per model with density below 1) that the
+    executor makes on its I/O thread; the method then uses them instead of drawing itself."""
+    import threading
+    from contextlib import ExitStack
+
+    from merge_engine.merge import prepare
+    from merge_engine.randomness import TensorRandom
+
+    r = parse_recipe({"merge_method": "dare_ties", "base_model": str(zoo["base"]), "seed": 3,
+                      "models": [{"model": str(zoo[m]), "parameters": {"weight": 0.5, "density": d}}
+                                 for m, d in (("a", 1.0), ("b", 0.4), ("c", 0.7))]})
+    with ExitStack() as stack:
+        plan, _ = prepare(r, stack)
+    node = next(t for t in plan.targets if t.out_name == "model.layers.1.mlp.up_proj.weight")
+    assert [(d.model_index, d.below) for d in node.draws] == [(1, 0.4), (2, 0.7)]
+    shape = tuple(load_state(zoo["base"])[node.out_name].shape)
+    assert all(d.shape == shape for d in node.draws)
+    drawn_on: list[str] = []
+    original = TensorRandom.bernoulli
+
+    def spy(self, *args, **kwargs):
+        drawn_on.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TensorRandom, "bernoulli", spy)
+    run_merge(r, tmp_path / "out", device="cpu")
+    assert drawn_on and all(name.startswith("merge-io") for name in drawn_on), set(drawn_on)
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della_linear"])

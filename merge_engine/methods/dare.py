@@ -35,6 +35,11 @@ def dare_ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[f
                  elect_signs=True)
 
 
+def _draws(kwargs: dict) -> list[tuple[int, float]]:
+    """Keep masks ``dare_drop`` asks for: models with density below 1."""
+    return [(i, float(d)) for i, d in enumerate(kwargs["density"]) if d < 1]
+
+
 _PARAMS = (_params.weight(), _params.density(), _params.normalize(False), _params.rescale(True),
            _params.LAMBDA, _params.INT8_MASK, _params.PAPER_RESCALE)
 
@@ -46,6 +51,7 @@ SPEC_LINEAR = MethodSpec(
     base="required",
     description="DARE drop-and-rescale, then task arithmetic (Yu et al. 2023)",
     random=True,
+    draws=_draws,
 )
 
 SPEC_TIES = MethodSpec(
@@ -56,4 +62,5 @@ SPEC_TIES = MethodSpec(
     base="required",
     description="DARE drop-and-rescale, then TIES sign election (Yu et al. 2023)",
     random=True,
+    draws=_draws,
 )

@@ -44,6 +44,11 @@ def della_linear(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: lis
                   paper_rescale, rng, elect_signs=False)
 
 
+def _draws(kwargs: dict) -> list[tuple[int, None]]:
+    """Uniform draws ``della_drop`` asks for: models with 0 < density < 1."""
+    return [(i, None) for i, d in enumerate(kwargs["density"]) if 0 < d < 1]
+
+
 SPEC = MethodSpec(
     name="della",
     embed_rows="base",
@@ -53,6 +58,7 @@ SPEC = MethodSpec(
     base="required",
     description="DELLA: magnitude-ranked drop (MagPrune), rescale, sign election (Deep et al. 2024)",
     random=True,
+    draws=_draws,
 )
 
 SPEC_LINEAR = MethodSpec(
@@ -64,4 +70,5 @@ SPEC_LINEAR = MethodSpec(
     base="required",
     description="DELLA drop and rescale, then task arithmetic without sign election",
     random=True,
+    draws=_draws,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from merge_engine import blocks
 from merge_engine.errors import MergeError
 from merge_engine.methods import _params
 from merge_engine.methods.spec import MethodSpec
@@ -15,6 +16,8 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: li
     """``sum(w_i * x_i)``, divided by ``sum(w_i)`` when ``normalize``; accumulated in float32
     one model at a time and cast back to the inputs' dtype once.
 
+    Runs block by block (``blocks.blockwise_into``) with two reused float32 buffers: the same bits
+    as the whole-tensor expression, without a temporary of the tensor's size per step.
     Weights summing to 0 with ``normalize`` raise MergeError (mergekit divides by zero).
     """
     total = sum(float(w) for w in weight)
@@ -22,23 +25,33 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weight: li
         raise MergeError(f"linear: the weights {list(weight)} sum to 0 and normalize is true, "
                          "so the merge would divide by zero; change the weights or set "
                          "normalize: false")
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-    for w, x in zip(weight, tensors):
-        acc.add_(x.float() if x.dtype != torch.float32 else x, alpha=float(w))
+    divisor = None
     if normalize:
         # the divisor is the float32 sum of the float32 weights, in order (mergekit's arithmetic)
-        divisor = np.float32(0)
+        d = np.float32(0)
         for w in weight:
-            divisor = np.float32(divisor + np.float32(w))
-        if divisor != 1:  # dividing by 1 changes no bits
-            acc.div_(float(divisor))
-    return acc.to(tensors[0].dtype)
+            d = np.float32(d + np.float32(w))
+        divisor = float(d) if d != 1 else None  # dividing by 1 changes no bits
+    alphas = [float(w) for w in weight]
+
+    def accumulate(parts: list[torch.Tensor], out: torch.Tensor, scratch: list[torch.Tensor]) -> None:
+        acc, tmp = scratch
+        acc.zero_()
+        for alpha, x in zip(alphas, parts):
+            if x.dtype != torch.float32:
+                tmp.copy_(x)  # exact widening
+                x = tmp
+            acc.add_(x, alpha=alpha)
+        if divisor is not None:
+            acc.div_(divisor)
+        out.copy_(acc)  # one rounding to the output dtype
+
+    return blocks.blockwise_into(accumulate, tensors, tensors[0].dtype, scratch=2)
 
 
 SPEC = MethodSpec(
     name="linear",
     fn=linear,
-    elementwise=True,
     params=(_params.weight(), _params.normalize(True)),
     base="unused",
     description="weighted average of the models (model soup)",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import keyword
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from collections.abc import Sequence
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -79,9 +80,10 @@ class MethodSpec:
     as ``base`` and excluded from ``tensors``; "optional" — same when given;
     "unused" — a listed base model is just another input in ``tensors``.
 
-    ``elementwise``: each output entry depends only on the inputs' entries at the same
-    position (no norms, sorts, reductions or random draws over the tensor), so the engine may
-    run ``fn`` on blocks of the flattened tensors, which keeps temporaries in cache.
+    ``draws`` (random methods): given ``fn``'s keyword arguments, the draws of the tensor's
+    shape ``fn`` will ask ``rng`` for, as ``(model index, None)`` for ``rng.uniform`` or
+    ``(model index, p)`` for ``rng.keep_mask(p)``; the engine makes them ahead of time on its
+    I/O thread (same values). None: ``fn`` draws when it needs to.
     """
 
     name: str
@@ -93,7 +95,7 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False
     embed_rows: Literal["common", "base"] = "common"
-    elementwise: bool = False
+    draws: Callable[[dict[str, Any]], Sequence[tuple[int, float | None]]] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
     def param(self, name: str) -> Param | None:
