@@ -170,13 +170,18 @@ def test_resolve_hub_id_missing_offline(offline_hub: Path) -> None:
 # -- reader ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mapped", [True, False], ids=["mmap", "pread"])
+@pytest.mark.parametrize("read", ["mmap", "mmap-touching-pages", "pread"])
 @pytest.mark.parametrize("which", ["llama", "sharded"])
-def test_reader_matches_saved_tensors(models: dict[str, Path], which: str, mapped: bool,
+def test_reader_matches_saved_tensors(models: dict[str, Path], which: str, read: str,
                                       monkeypatch) -> None:
+    """Every way the reader gets bytes gives the saved tensors: a populated mapping, a mapping
+    touched page by page (kernels without MADV_POPULATE_READ), and pread (no mmap)."""
     from merge_engine.io import reader as reader_module
 
-    monkeypatch.setattr(reader_module, "_CAN_MAP", mapped and reader_module._CAN_MAP)
+    if read == "pread":
+        monkeypatch.setattr(reader_module, "_CAN_MAP", False)
+    if read == "mmap-touching-pages":
+        monkeypatch.setattr(reader_module, "_MADV_POPULATE_READ", None)
     state = load_state(models[which])
     with CheckpointReader(models[which]) as reader:
         assert reader.tensor_names == tuple(sorted(state))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -31,7 +32,8 @@ class _Slot:
     offset: int = -1  # absolute file offset of a safetensors tensor's bytes
 
 
-_MADV_POPULATE_READ = 22  # Linux 5.14+: map every page of a file range now, without copying it
+# Linux 5.14+: map every page of a file range now, without copying it (the number is Linux's own)
+_MADV_POPULATE_READ = 22 if sys.platform.startswith("linux") else None
 
 
 def _pread_tensor(fd: int, slot: _Slot) -> torch.Tensor:
@@ -60,6 +62,8 @@ def _map_tensor(fd: int, slot: _Slot) -> torch.Tensor:
     mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=start)
     try:
+        if _MADV_POPULATE_READ is None:
+            raise OSError("no MADV_POPULATE_READ here")
         mapped.madvise(_MADV_POPULATE_READ)
     except (OSError, ValueError):
         pages = torch.frombuffer(mapped, dtype=torch.uint8)[::mmap.PAGESIZE]
