@@ -56,7 +56,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{args.recipe}: valid; would write {result.tensors} tensors to {args.out}")
     else:
-        print(f"merged {result.tensors} tensors into {result.out_dir} in {result.seconds:.1f}s")
+        print(f"merged {result.tensors} tensors into {result.out_dir} in {result.seconds:.2f}s")
     return 0
 
 
