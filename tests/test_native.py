@@ -59,3 +59,19 @@ def test_native_off_by_environment(monkeypatch) -> None:
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_tried", False)
     assert not native.available()
+
+
+def test_native_result_does_not_depend_on_the_thread_count() -> None:
+    if not native.available():
+        pytest.skip("no native kernel on this machine")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(3 * native.MIN_ENTRIES + 11, generator=gen).bfloat16() for _ in range(3)]
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(native.weighted_sum_bf16(xs, [0.2, 0.5, 0.3], 1.0000001))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r.view(torch.int16), results[0].view(torch.int16)) for r in results)
