@@ -170,18 +170,24 @@ def test_resolve_hub_id_missing_offline(offline_hub: Path) -> None:
 # -- reader ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("read", ["mmap", "mmap-touching-pages", "pread"])
+@pytest.mark.parametrize("read", ["mmap", "mmap-touching-pages", "pread", "mmap-refused"])
 @pytest.mark.parametrize("which", ["llama", "sharded"])
 def test_reader_matches_saved_tensors(models: dict[str, Path], which: str, read: str,
                                       monkeypatch) -> None:
     """Every way the reader gets bytes gives the saved tensors: a populated mapping, a mapping
-    touched page by page (kernels without MADV_POPULATE_READ), and pread (no mmap)."""
+    touched page by page (kernels without MADV_POPULATE_READ), pread (no mmap), and pread after
+    the kernel refuses a mapping."""
     from merge_engine.io import reader as reader_module
 
     if read == "pread":
         monkeypatch.setattr(reader_module, "_CAN_MAP", False)
     if read == "mmap-touching-pages":
         monkeypatch.setattr(reader_module, "_MADV_POPULATE_READ", None)
+    if read == "mmap-refused":  # out of mappings (vm.max_map_count): pread instead
+        def refuse(*args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(reader_module.mmap, "mmap", refuse)
     state = load_state(models[which])
     with CheckpointReader(models[which]) as reader:
         assert reader.tensor_names == tuple(sorted(state))

@@ -145,10 +145,17 @@ class CheckpointReader:
         if self._closed:
             raise CheckpointError(f"reader for model {self.name} is closed; open a new CheckpointReader")
         if slot.offset >= 0:
+            fd = self._fd(slot.file)
+            tensor = None
             # mapped only when the bytes are aligned for the dtype (every well-formed file)
-            read = _map_tensor if _CAN_MAP and slot.offset % slot.dtype.itemsize == 0 and slot.nbytes \
-                else _pread_tensor
-            return read(self._fd(slot.file), slot).to(device=device, dtype=dtype)
+            if _CAN_MAP and slot.offset % slot.dtype.itemsize == 0 and slot.nbytes:
+                try:
+                    tensor = _map_tensor(fd, slot)
+                except OSError:  # e.g. out of mappings (vm.max_map_count) with many tensors kept
+                    tensor = None
+            if tensor is None:
+                tensor = _pread_tensor(fd, slot)
+            return tensor.to(device=device, dtype=dtype)
         raw = self._pickled[name]
         out = raw.to(device=device, dtype=dtype)
         # mmap'd pickles hand out views of shared storage: copy if `to` did not.
