@@ -99,8 +99,12 @@ class MergeTensor:
     out_dtype: str | None
     draws: tuple[Draw, ...] = ()
 
+    def loads(self) -> tuple[LoadTensor, ...]:
+        """The tensors read: the inputs, then the base if any."""
+        return self.inputs + ((self.base,) if self.base is not None else ())
+
     def deps(self) -> tuple[LoadTensor | Draw, ...]:
-        return self.inputs + ((self.base,) if self.base is not None else ()) + self.draws
+        return self.loads() + self.draws
 
     def kwargs(self) -> dict[str, Any]:
         """The method's keyword arguments (per-model parameters as lists), without ``rng``."""
@@ -111,7 +115,7 @@ class MergeTensor:
     def run(self, ctx: MergeContext, *values: torch.Tensor) -> torch.Tensor:
         spec = get_method(self.method)
         device = ctx.device
-        n_in = len(self.inputs) + (self.base is not None)
+        n_in = len(self.loads())
         tensors = [v.to(device) for v in values[: len(self.inputs)]]
         base = values[n_in - 1].to(device) if self.base is not None else None
         kwargs = self.kwargs()
@@ -122,7 +126,7 @@ class MergeTensor:
             out = spec.fn(tensors, base, **kwargs)
         if ctx.check_finite and not all_finite(out):
             # inputs are checked only now, to name the culprit: a clean merge pays one pass
-            for node, value in zip(self.deps()[:n_in], values):
+            for node, value in zip(self.loads(), values):
                 if not all_finite(value):
                     raise NonFiniteError(f"tensor {node.name} of model {node.model} holds NaN or inf; "
                                          "the checkpoint is corrupt, fix or replace it")
@@ -316,8 +320,8 @@ class _Planner:
                            self.recipe.seed, out_dtype)
         if self.spec.draws is None:
             return node
-        shape = loads[0].crop or tuple(self.readers[loads[0].model].shape(loads[0].name))
-        draws = tuple(Draw(self.recipe.seed, out_name, i, tuple(shape), below)
+        shape, _ = output_shape_dtype(node, self.readers)
+        draws = tuple(Draw(self.recipe.seed, out_name, i, shape, below)
                       for i, below in self.spec.draws(node.kwargs()))
         return dataclasses.replace(node, draws=draws)
 
@@ -396,8 +400,7 @@ class _Planner:
                 config["dtype"] = out_dtype
         emb = next((t for t in targets if t is not None and self.layout.is_embedding(t.out_name)), None)
         if emb is not None and "vocab_size" in config:
-            loads = emb.inputs + ((emb.base,) if emb.base is not None else ())
-            crop = next((ld.crop for ld in loads if ld.crop), None)
+            crop = next((ld.crop for ld in emb.loads() if ld.crop), None)
             if crop:
                 config["vocab_size"] = crop[0]
         return config
