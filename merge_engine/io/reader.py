@@ -48,6 +48,17 @@ def _pread_tensor(fd: int, slot: _Slot) -> torch.Tensor:
     return buf.view(slot.dtype).reshape(slot.shape)
 
 
+def _populate(mapped: mmap.mmap) -> bool:
+    """Map every page of ``mapped`` now (MADV_POPULATE_READ); False where the kernel cannot."""
+    if _MADV_POPULATE_READ is None:
+        return False
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _map_tensor(fd: int, slot: _Slot) -> torch.Tensor:
     """One tensor as a private copy-on-write mapping of its file range.
 
@@ -61,11 +72,7 @@ def _map_tensor(fd: int, slot: _Slot) -> torch.Tensor:
     length = slot.offset + slot.nbytes - start
     mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                        offset=start)
-    try:
-        if _MADV_POPULATE_READ is None:
-            raise OSError("no MADV_POPULATE_READ here")
-        mapped.madvise(_MADV_POPULATE_READ)
-    except (OSError, ValueError):
+    if not _populate(mapped):
         pages = torch.frombuffer(mapped, dtype=torch.uint8)[::mmap.PAGESIZE]
         int(pages.sum())  # touch one byte per page
     flat = torch.frombuffer(mapped, dtype=torch.uint8, offset=slot.offset - start, count=slot.nbytes)
@@ -152,7 +159,7 @@ class CheckpointReader:
                 try:
                     tensor = _map_tensor(fd, slot)
                 except OSError:  # e.g. out of mappings (vm.max_map_count) with many tensors kept
-                    tensor = None
+                    pass
             if tensor is None:
                 tensor = _pread_tensor(fd, slot)
             return tensor.to(device=device, dtype=dtype)
