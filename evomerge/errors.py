@@ -1,7 +1,98 @@
-"""Errors of the search layer. Each message is one line naming the problem and the fix."""
+"""Errors of the search layer and the small helpers every command shares.
+
+Each message is one line naming the problem and the fix. A file, grid or config with several
+problems raises one :class:`ProblemsError` listing them all. Files a user keeps are written with
+:func:`atomic_write` (temporary file + rename, normal permissions): never half a file.
+"""
 
 from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class EvomergeError(Exception):
     """Anything the user can fix: a bad search space, task, storage URL or option."""
+
+
+class ProblemsError(EvomergeError):
+    """Something read from a file or the command line is invalid; ``problems`` lists every
+    problem found, one line each. The message is ``<source>: <problem>`` for one problem and
+    ``<source>: N problems: a; b`` for several (``source`` names the file or the kind of input)."""
+
+    def __init__(self, problems: list[str] | str, source: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        head = self.problems[0] if len(self.problems) == 1 else \
+            f"{len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(f"{source}: {head}" if source else head)
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """One line per problem of a pydantic error, ``location: message``; messages that hold
+    several lines (cross-field rules) give one line each; repeats are dropped."""
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {e['loc'][-1]!r}; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        for line in msg.split("\n"):
+            problems.append(f"{loc}: {line}" if loc else line)
+    return list(dict.fromkeys(problems))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new empty temporary file in ``path``'s folder (created if missing), with the
+    permissions a normal new file gets (the umask applied, unlike ``mkstemp``'s 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file renamed into place (flushed to disk
+    first): readers see the old file or the whole new one, a crash leaves no half-written file."""
+    path = Path(path)
+    tmp = temp_file_beside(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def parse_limit(text: str) -> int | float:
+    """``--limit``: a number of docs per task (``100``) or a fraction of each task (``0.1``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--limit takes a number of docs per task or a fraction below 1, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--limit must be a positive number, got {text!r}")
+    if value >= 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"--limit {text!r}: give a whole number of docs, or a fraction below 1")
+    return int(value) if value >= 1 else value

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from merge_engine.errors import NonFiniteError, RecipeError
-from merge_engine.io.layout import LayerLayout, detect_layout
+from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec

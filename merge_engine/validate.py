@@ -154,7 +154,7 @@ def check_models(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], report: R
     """Architectures, layer ranges and shapes across models (reads headers and configs only).
 
     Returns the plan that the check builds, or None when a problem was found."""
-    from merge_engine.io.layout import check_compatible
+    from merge_engine.layout import check_compatible
     from merge_engine.plan import build_plan
 
     for text in check_compatible({str(ref): (r.tensor_names, r.config, {n: tuple(r.shape(n))

@@ -18,7 +18,7 @@ from fixtures import load_state, make_sharded, make_tiny_gpt2, make_tiny_llama, 
 
 from merge_engine.errors import CheckpointError, MergeError, NonFiniteError, OutputExistsError
 from merge_engine.io import writer as writer_mod
-from merge_engine.io.layout import (
+from merge_engine.layout import (
     StaticInfo,
     check_compatible,
     detect_layout,
