@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.config import EvalConfig, load_preset
 from evomerge.evaluate.result import EvalResult, weighted_score
 from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
-from merge_engine.recipe import MergeRecipe, parse_recipe
+from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _VAR = VAR
@@ -68,11 +68,9 @@ class GridError(EvomergeError):
 
 
 # ---------------------------------------------------------------- the grid
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
 
-class Parent(_Frozen):
+class Parent(Frozen):
     """A parent model: its short name in recipes and the table, and where it lives.
 
     ``evaluate: false`` keeps it out of the table (e.g. a common base used only by TIES/DARE).
@@ -83,14 +81,14 @@ class Parent(_Frozen):
     evaluate: bool = True
 
 
-class EvalSet(_Frozen):
+class EvalSet(Frozen):
     """One group of table columns: an EvalConfig scored as one ``evomerge eval`` call would."""
 
     name: str
     config: EvalConfig
 
 
-class GridRecipe(_Frozen):
+class GridRecipe(Frozen):
     name: str
     recipe: MergeRecipe
     description: str | None = None
@@ -106,7 +104,7 @@ class Row:
     recipe: MergeRecipe | None = None
 
 
-class Grid(_Frozen):
+class Grid(Frozen):
     """A parsed, validated grid file. ``model_configs`` maps hub ids to bundled config folders."""
 
     name: str

@@ -31,14 +31,14 @@ from typing import Any, Literal, Union
 import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.config import EvalConfig
 from evomerge.space_rules import SCORE, method_spec as _spec, registry_range
 from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.methods.spec import MethodSpec, Param
-from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe, resolve
+from merge_engine.recipe import Frozen, MergeRecipe, evaluate_setting, parse_recipe, resolve
 
 GP_MAX_PARAMS = 16  # up to this many searched parameters the default single-objective sampler is GP
 SAMPLERS = ("cmaes", "tpe", "gp", "random", "nsga2")
@@ -59,11 +59,9 @@ class SpaceError(EvomergeError):
         super().__init__(msg)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class ModelEntry(_Frozen):
+class ModelEntry(Frozen):
     """An input model with a short readable name (used in parameter names)."""
 
     name: str
@@ -90,7 +88,7 @@ def _default_name(path: str) -> str:
     return tail if tail[:1].isalpha() else "m_" + tail
 
 
-class SearchParam(_Frozen):
+class SearchParam(Frozen):
     """How one method parameter is searched.
 
     Short forms: ``[low, high]``; ``true``/``default``/``{}`` for the registry's search range.
@@ -130,7 +128,7 @@ class SearchParam(_Frozen):
         return self
 
 
-class Budget(_Frozen):
+class Budget(Frozen):
     """When the search stops: ``trials`` finished trials (COMPLETE or PRUNED) or ``timeout`` s."""
 
     trials: int = Field(default=20, ge=1)
@@ -138,7 +136,7 @@ class Budget(_Frozen):
     max_failures: int | None = Field(default=None, ge=1)
 
 
-class Pruning(_Frozen):
+class Pruning(Frozen):
     """Cheap-first evaluation: score ``limit`` docs per task first; stop candidates below the
     ``percentile`` of earlier ones (after ``startup_trials``) before the full evaluation."""
 
@@ -147,7 +145,7 @@ class Pruning(_Frozen):
     startup_trials: int = Field(default=5, ge=0)
 
 
-class StartPoint(_Frozen):
+class StartPoint(Frozen):
     """A candidate evaluated first: ``equal`` weights, a known-good ``recipe`` file, or ``params``."""
 
     equal: bool = False
@@ -182,7 +180,7 @@ class Slot:
     distribution: BaseDistribution
 
 
-class SearchSpace(_Frozen):
+class SearchSpace(Frozen):
     """Which merges a search may propose, how candidates are scored, and the search settings.
 
     See the module docstring and ``search_spaces/*.yaml`` for the file format. ``num_layers`` is

@@ -45,11 +45,13 @@ Scalar = Union[bool, int, float, str]
 Gradient = list[Union[float, int, bool]]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class Frozen(BaseModel):
+    """Base of every config model (engine and search side): immutable, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
 
-class FilterEntry(_Frozen):
+class FilterEntry(Frozen):
     """One entry of a filtered setting: applies when ``filter`` is a substring of the tensor name."""
 
     filter: str | None = None
@@ -73,7 +75,7 @@ def _check_setting(name: str, value: Any) -> None:
         raise ValueError(f"parameter {name} is {value}; values must be finite")
 
 
-class _HasParameters(_Frozen):
+class _HasParameters(Frozen):
     parameters: Parameters | None = None
 
     @field_validator("parameters")
@@ -124,7 +126,7 @@ class Slice(_HasParameters):
         return end - start
 
 
-class TokenizerSettings(_Frozen):
+class TokenizerSettings(Frozen):
     source: Union[Literal["base", "union"], Ref] = "base"
     tokens: dict[str, Any] | None = None
     pad_to_multiple_of: int | None = None
