@@ -90,8 +90,7 @@ def run(args) -> list[dict]:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from evomerge.evaluate import TaskCatalog, make_evaluator
-    from evomerge.evaluate.config import EvalConfig
+    from evomerge.evaluate import EvalConfig, TaskCatalog, make_evaluator
     from evomerge.search import Workbench
     from evomerge.space import load_space
     from evomerge.zoo import build_zoo, default_zoo_dir

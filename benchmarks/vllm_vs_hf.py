@@ -45,12 +45,13 @@ def bench_size(name: str, candidates: int, new_tokens: int, work: Path,
     from fixtures import make_tiny_llama
 
     from evomerge.evaluate import EvalConfig
-    from evomerge.evaluate.hf import HFEvaluator, load_model_dir
-    from evomerge.evaluate.vllm_backend import VLLMEvaluator
+    from evomerge.candidate import load_causal_lm
+    from evomerge.evaluate.hf import HFEvaluator
+    from evomerge.evaluate.vllm import VLLMEvaluator
 
     if model_dir is None:
         model_dir = make_tiny_llama(work / name, seed=0, **SIZES[name])
-    model, tok = load_model_dir(model_dir, dtype="float32")
+    model, tok = load_causal_lm(model_dir, dtype="float32")
     n_params = sum(p.numel() for p in model.parameters())
     gen_kwargs = {"max_gen_toks": new_tokens, "until": ["<no-stop>"], "do_sample": False}
     cfg = EvalConfig(tasks="smoke_gen", batch_size=24, dtype="float32",

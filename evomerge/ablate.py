@@ -44,8 +44,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.config import EvalConfig, load_preset
-from evomerge.evaluate.result import EvalResult, weighted_score
+from evomerge.evaluate import EvalConfig, EvalResult, load_preset, weighted_score
 from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
@@ -329,7 +328,7 @@ def validate_grid(grid: Grid, *, config_only: bool = False, check_tasks: bool = 
         problems += [f"recipe {r.name}: {text}" for text in report.problems]
         warnings += [f"recipe {r.name}: {text}" for text in report.warnings]
     if check_tasks:
-        from evomerge.evaluate.validate import validate_eval_config
+        from evomerge.evaluate import validate_eval_config
 
         for e in grid.evals:
             problems += [f"eval set {e.name}: {text}" for text in validate_eval_config(e.config)]
@@ -422,7 +421,7 @@ class _Bench:
         if es.name in self._given:
             return self._given[es.name]
         if es.name not in self._built:
-            from evomerge.evaluate.base import make_evaluator
+            from evomerge.evaluate import make_evaluator
 
             self._built[es.name] = make_evaluator(es.config, device=self.device)
         return self._built[es.name]
@@ -477,14 +476,14 @@ class _Bench:
 
     def _resident_for(self, ref_dir: Path, config: Mapping[str, Any], dtype: str,
                       tok_dir: Path) -> tuple[Any, Any]:
-        from evomerge.evaluate.hf import load_model_dir
+        from evomerge.candidate import load_causal_lm
         from merge_engine.apply import InMemoryMerger
 
         # Keyed by network, not by folder: chat and Llama-2-7B load the same resident model.
         key = (_network_key(config), dtype)
         if self._resident is None or self._resident[0] != key:
             self._drop_resident()
-            model, _ = load_model_dir(ref_dir, dtype=dtype, device=self.device)
+            model, _ = load_causal_lm(ref_dir, dtype=dtype, device=self.device)
             # Sources are re-read per row rather than cached: a grid has a handful of recipes,
             # and caching three 7B parents would need ~40 GB of RAM.
             self._resident = (key, model, InMemoryMerger(model, device=self.device, cache_sources=False,

@@ -93,14 +93,14 @@ class Workbench:
 
     def __init__(self, space: SearchSpace, *, device: str = "cpu",
                  evaluators: dict[str, Any] | None = None) -> None:
-        from evomerge.evaluate.hf import load_model_dir
+        from evomerge.candidate import load_causal_lm
         from merge_engine.apply import InMemoryMerger
         from merge_engine.io.refs import ModelRef
         from merge_engine.io.resolve import resolve_model_dir
 
         resident = space.base_model or space.models[0]
         folder = resolve_model_dir(ModelRef.parse(resident.model))
-        self.model, self.tokenizer = load_model_dir(folder, dtype=space.dtype, device=device)
+        self.model, self.tokenizer = load_causal_lm(folder, dtype=space.dtype, device=device)
         self.merger = InMemoryMerger(self.model, device=device)
         self.evaluators = dict(evaluators) if evaluators is not None else _make_evaluators(space, device)
 

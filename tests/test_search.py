@@ -125,7 +125,7 @@ def test_failing_candidate_is_recorded_and_the_search_goes_on(zoo, tmp_path):
 def test_multi_objective_writes_the_pareto_front(zoo, tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    from evomerge.evaluate.config import REPO_EVAL_TASKS
+    from evomerge.evaluate.tasks.config import REPO_EVAL_TASKS
 
     data = REPO_EVAL_TASKS / "smoke" / "smoke_mc.jsonl"
     rows = data.read_text().splitlines()

@@ -131,12 +131,12 @@ def byte_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_recipes_reproduce(trials: list[FrozenTrial], space: SearchSpace, tmp: Path) -> None:
     """Each recorded recipe is the one its params give; merged on disk it equals, byte for byte,
     the recipe applied in memory (on a fresh model, and on one long-lived model as a worker does)."""
-    from evomerge.evaluate.hf import load_model_dir
+    from evomerge.candidate import load_causal_lm
     from merge_engine.apply import InMemoryMerger
     from merge_engine.merge import run_merge
 
     def resident() -> torch.nn.Module:
-        return load_model_dir(space.base_model.model, dtype=space.dtype)[0]
+        return load_causal_lm(space.base_model.model, dtype=space.dtype)[0]
 
     with InMemoryMerger(resident()) as long_lived:
         for t in trials:

@@ -1,24 +1,38 @@
 """Evaluation: the fitness signal of the search (lm-eval tasks on the resident model).
 
-Import cost is small: lm-eval, transformers and vllm are imported only when used.
+Import cost is small: lm-eval, transformers and vllm are imported only when used, and the names
+that reach lm-eval (the catalog, validation, the backends) are imported on first access.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from evomerge.evaluate.api import evaluate_model_dir
-from evomerge.evaluate.base import Evaluator, make_evaluator
-from evomerge.evaluate.catalog import TaskCatalog
-from evomerge.evaluate.config import (
+from evomerge.evaluate.backends import BACKENDS, Backend, backend, make_evaluator
+from evomerge.evaluate.base import Evaluator
+from evomerge.evaluate.result import EvalResult, TaskScore, format_table, weighted_score
+from evomerge.evaluate.tasks.config import (
     EvalConfig,
     EvalConfigError,
     TaskSpec,
     available_presets,
     load_preset,
 )
-from evomerge.evaluate.result import EvalResult, TaskScore, format_table, weighted_score
-from evomerge.evaluate.validate import check_eval_config, validate_eval_config
+
+# name -> module, imported on first access (they import the lm-eval adapter)
+_LAZY = {
+    "TaskCatalog": "evomerge.evaluate.tasks.catalog",
+    "check_eval_config": "evomerge.evaluate.tasks.validate",
+    "validate_eval_config": "evomerge.evaluate.tasks.validate",
+    "HFEvaluator": "evomerge.evaluate.hf",
+    "VLLMEvaluator": "evomerge.evaluate.vllm",
+}
 
 __all__ = [
+    "BACKENDS",
+    "Backend",
     "EvalConfig",
     "EvalConfigError",
     "EvalResult",
@@ -27,6 +41,7 @@ __all__ = [
     "TaskScore",
     "TaskSpec",
     "available_presets",
+    "backend",
     "check_eval_config",
     "evaluate_model_dir",
     "format_table",
@@ -37,13 +52,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # HFEvaluator / VLLMEvaluator without importing their backends eagerly
-    if name == "HFEvaluator":
-        from evomerge.evaluate.hf import HFEvaluator
-
-        return HFEvaluator
-    if name == "VLLMEvaluator":
-        from evomerge.evaluate.vllm_backend import VLLMEvaluator
-
-        return VLLMEvaluator
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'evomerge.evaluate' has no attribute {name!r}")

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evomerge.evaluate.base import make_evaluator
-from evomerge.evaluate.config import EvalConfig
-from evomerge.evaluate.result import EvalResult
+from typing import TYPE_CHECKING
+
+from evomerge.evaluate.backends import make_evaluator
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.result import EvalResult
+    from evomerge.evaluate.tasks.config import EvalConfig
 
 
 def evaluate_model_dir(

@@ -50,9 +50,9 @@ def register(subparsers: Any) -> dict[str, Any]:
 def run_eval_command(args: argparse.Namespace) -> int:
     """Run ``evomerge eval``; 0 on success, 2 on a config problem (message on stderr)."""
     from evomerge.evaluate.api import evaluate_model_dir
-    from evomerge.evaluate.config import EvalConfigError
+    from evomerge.evaluate import EvalConfigError
     from evomerge.evaluate.result import format_table
-    from evomerge.evaluate.validate import validate_eval_config
+    from evomerge.evaluate import validate_eval_config
 
     try:
         cfg = config_from_args(args)
@@ -76,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`EvalConfig` the flags describe (preset fields, then explicit flags)."""
     from pydantic import ValidationError
 
-    from evomerge.evaluate.config import EvalConfig, EvalConfigError, TaskSpec, load_preset
+    from evomerge.evaluate import EvalConfig, EvalConfigError, TaskSpec, load_preset
 
     overrides: dict[str, Any] = {
         key: value

