@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import ProblemsError
-from evomerge.evaluate.backends import backend
+from evomerge.evaluate.backends import backend as registered_backend
 
 #: ``eval_tasks/`` at the repository root: always searched for local task YAMLs.
 REPO_EVAL_TASKS = Path(__file__).resolve().parents[3] / "eval_tasks"
@@ -39,8 +39,8 @@ LM_EVAL_ARG_NAMES = frozenset(
 
 class EvalConfigError(ProblemsError, ValueError):
     """An evaluation config cannot run; ``problems`` lists every problem found, one line each
-    (the problem, then the fix). A ``ValueError`` too, so pydantic validators that load a preset
-    report it as a field problem."""
+    (the problem, then the fix). Also a ``ValueError``: callers and pydantic validators that
+    catch ``ValueError`` for bad input (e.g. ``load_preset`` inside a model validator) see it."""
 
 
 class TaskSpec(BaseModel):
@@ -130,7 +130,7 @@ class EvalConfig(BaseModel):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        return backend(name).name
+        return registered_backend(name).name
 
     @field_validator("include_paths", mode="before")
     @classmethod
