@@ -12,10 +12,6 @@ from pathlib import Path
 
 from evomerge.errors import parse_limit
 
-__all__ = ["add_command", "add_debug_option", "add_limit_option", "add_var_option", "built_zoo", "library_output_hidden", "parse_size",
-           "parse_var", "print_report", "ProgressLine", "quiet_libraries", "warn"]
-
-
 Handler = Callable[[argparse.Namespace], int]
 
 

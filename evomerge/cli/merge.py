@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="mergekit-compatible recipe YAML")
     p.add_argument("out", help="output model directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
-    p.add_argument("--shard-size", type=parse_size, default=5 * 2**30, help="max shard size, e.g. 5G (default)")
+    p.add_argument("--shard-size", type=parse_size, default=5 * 2**30,
+                   help="max shard size, e.g. 5G (default)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
