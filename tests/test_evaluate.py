@@ -285,7 +285,7 @@ def test_evaluate_model_dir_writes_json(model_dirs, tmp_path):
 def test_cli_eval_and_validate_only(model_dirs, tmp_path, capsys):
     import argparse
 
-    from evomerge.evaluate.cli import add_eval_parser, run_eval_command
+    from evomerge.cli.eval import cmd_eval as run_eval_command, register as add_eval_parser
 
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))

@@ -1,4 +1,4 @@
-"""``evomerge eval MODEL``: score a saved model on lm-eval tasks (a thin shell over the library).
+"""``evomerge eval MODEL``: score a saved model on lm-eval tasks.
 
     evomerge eval out/merged --tasks smoke_mc,smoke_gen:2 --limit 10 --out results.json
     evomerge eval out/merged --preset medical --backend vllm
@@ -11,21 +11,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evomerge.cli.common import add_command, add_limit_option
 
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` subcommand to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser(
-        "eval",
-        help="score a saved model on lm-eval tasks",
-        description="Score a local model directory on lm-eval tasks; prints a table.",
-    )
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to ``sub``; returns its parser."""
+    p = add_command(sub, "eval", cmd_eval, help="score a saved model on lm-eval tasks",
+                    description="Score a local model directory on lm-eval tasks; prints a table.")
     p.add_argument("model", help="local model directory (config.json, weights, tokenizer)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tasks", help="comma-separated tasks, each NAME or NAME:WEIGHT")
     src.add_argument("--preset", help="a preset under eval_tasks/presets/ (e.g. medical)")
     p.add_argument("--backend", choices=["hf", "vllm"], default=None, help="default: hf")
-    p.add_argument("--limit", type=_limit, default=None,
-                   help="docs per task: an int N (seeded random subset) or a fraction < 1")
+    add_limit_option(p, "docs per task: an int N (seeded random subset) or a fraction < 1")
     p.add_argument("--seed", type=int, default=None, help="seed of the doc subset (default 0)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
@@ -37,17 +35,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--validate-only", action="store_true",
                    help="check the tasks and metrics, load no model")
-    p.set_defaults(func=run_eval_command)
     return p
 
 
-def register(subparsers: Any) -> dict[str, Any]:
-    """Hook for ``evomerge.cli``: add the parser, return ``{command: handler}``."""
-    add_eval_parser(subparsers)
-    return {"eval": run_eval_command}
-
-
-def run_eval_command(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     """Run ``evomerge eval``; 0 on success, 2 on a config problem (message on stderr)."""
     from evomerge.evaluate.api import evaluate_model_dir
     from evomerge.evaluate import EvalConfigError
@@ -76,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`EvalConfig` the flags describe (preset fields, then explicit flags)."""
     from pydantic import ValidationError
 
+    from evomerge.errors import validation_problems
     from evomerge.evaluate import EvalConfig, EvalConfigError, TaskSpec, load_preset
 
     overrides: dict[str, Any] = {
@@ -105,14 +97,5 @@ def config_from_args(args: argparse.Namespace) -> Any:
             )
             cfg = EvalConfig.model_validate({**cfg.model_dump(), "tasks": tasks})
     except ValidationError as err:
-        problems = [f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()]
-        raise EvalConfigError(problems) from None
+        raise EvalConfigError(validation_problems(err)) from None
     return cfg
-
-
-def _limit(text: str) -> int | float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--limit {text!r}: give an int or a fraction") from None
-    return int(value) if value >= 1 and value.is_integer() else value

