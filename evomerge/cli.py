@@ -62,27 +62,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 @_command("validate")
 def cmd_validate(args: argparse.Namespace) -> int:
-    from merge_engine.recipe import load_recipe
-    from merge_engine.validate import Report, validate_recipe
+    from merge_engine.session import validate
 
+    configs = None
     if args.model_config:
-        from evomerge.model_configs import validate_with_configs
-
         configs = {}
         for item in args.model_config:
             ref, sep, folder = item.partition("=")
             if not sep or not ref or not folder:
                 raise EvomergeError(f"--model-config {item!r} must look like org/name=DIR")
             configs[ref] = folder
-        try:
-            recipe = load_recipe(args.recipe)
-        except RecipeError as err:
-            report = Report(problems=list(err.problems))
-        else:
-            report = validate_with_configs(recipe, configs, trust_remote_code=args.trust_remote_code)
-    else:
-        report = validate_recipe(args.recipe, with_models=not args.no_models,
-                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = validate(args.recipe, with_models=not args.no_models or configs is not None,
+                      model_configs=configs, allow_pickle=args.allow_pickle,
+                      trust_remote_code=args.trust_remote_code)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if report.ok:
@@ -95,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 from evomerge.errors import EvomergeError  # noqa: E402  (light: no heavy imports)
-from merge_engine.errors import RecipeError  # noqa: E402
+from merge_engine.io import DEFAULT_SHARD_SIZE  # noqa: E402  (light: a constant)
 
 
 def _add_engine_parsers(sub: argparse._SubParsersAction) -> None:
@@ -103,7 +95,7 @@ def _add_engine_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="mergekit-compatible recipe YAML")
     p.add_argument("out", help="output model directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
-    p.add_argument("--shard-size", type=_size, default=5 * 2**30, help="max shard size, e.g. 5G (default)")
+    p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE, help="max shard size, e.g. 5G (default)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -25,7 +25,7 @@ from merge_engine.layout import (
     is_embedding_name,
     num_layers_from_config,
 )
-from merge_engine.io.reader import CheckpointReader, check_finite
+from merge_engine.io.reader import CheckpointReader
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.resolve import resolve_model_dir
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
@@ -350,24 +350,13 @@ def test_reader_index_missing_shard_and_tensor(models: dict[str, Path], tmp_path
         CheckpointReader(model)
 
 
-def test_check_finite(models: dict[str, Path]) -> None:
-    check_finite("w", torch.ones(3), where="model m")
-    check_finite("ids", torch.arange(3), where="model m")
-    bad = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
-    with pytest.raises(NonFiniteError, match="tensor w of model m holds 1 NaN and 1 inf"):
-        check_finite("w", bad, where="model m")
-    with CheckpointReader(models["llama"], name="org/llama") as reader:
-        with pytest.raises(NonFiniteError, match="model.norm.weight of model org/llama"):
-            reader.check_finite("model.norm.weight", bad)
-
-
 # -- layout ----------------------------------------------------------------------------------------
 
 
 def test_layout_tiny_llama(models: dict[str, Path]) -> None:
     with CheckpointReader(models["llama"]) as reader:
         layout = detect_layout(reader.tensor_names, reader.config)
-    assert (layout.prefix, layout.num_layers, layout.tied_embeddings) == ("model.layers.", 2, False)
+    assert (layout.prefix, layout.num_layers) == ("model.layers.", 2)
     assert len(layout.suffixes) == 9 and "self_attn.q_proj.weight" in layout.suffixes
     assert layout.layer_of("model.layers.1.mlp.up_proj.weight") == 1
     assert layout.layer_of("model.norm.weight") is None
@@ -379,19 +368,17 @@ def test_layout_tiny_llama(models: dict[str, Path]) -> None:
         layout.rename("model.norm.weight", 0)
     assert layout.is_embedding("model.embed_tokens.weight") and layout.is_embedding("lm_head.weight")
     assert not layout.is_embedding("model.norm.weight")
-    with CheckpointReader(models["tied"]) as reader:
-        assert detect_layout(reader.tensor_names, reader.config).tied_embeddings
 
 
 def test_layout_tiny_gpt2_and_neox(models: dict[str, Path]) -> None:
     with CheckpointReader(models["gpt2"]) as reader:
         gpt2 = detect_layout(reader.tensor_names, reader.config)
-    assert (gpt2.prefix, gpt2.num_layers, gpt2.tied_embeddings) == ("transformer.h.", 2, True)
+    assert (gpt2.prefix, gpt2.num_layers) == ("transformer.h.", 2)
     assert gpt2.is_embedding("transformer.wte.weight") and not gpt2.is_embedding("transformer.wpe.weight")
     assert "attn.c_attn.weight" in gpt2.suffixes
     with CheckpointReader(models["neox"]) as reader:
         neox = detect_layout(reader.tensor_names, reader.config)
-    assert (neox.prefix, neox.num_layers, neox.tied_embeddings) == ("gpt_neox.layers.", 2, False)
+    assert (neox.prefix, neox.num_layers) == ("gpt_neox.layers.", 2)
     assert neox.is_embedding("gpt_neox.embed_in.weight") and neox.is_embedding("embed_out.weight")
     assert neox.rename("gpt_neox.layers.0.attention.dense.bias", 1) == "gpt_neox.layers.1.attention.dense.bias"
 
@@ -430,7 +417,7 @@ LLAMA_OUTER = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight
 )  # fmt: skip
 def test_layout_from_names(arch: str, tensor_names: list[str], config: dict, prefix: str, n: int, tied: bool) -> None:
     layout = detect_layout(reversed(tensor_names), config)
-    assert (layout.prefix, layout.num_layers, layout.tied_embeddings) == (prefix, n, tied), arch
+    assert (layout.prefix, layout.num_layers) == (prefix, n), arch
     assert layout.layer_of(f"{prefix}{n - 1}.self_attn.q_proj.weight") in (n - 1, None)
 
 

@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
+from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.stream import PlannedTensor, ShardStream
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DEFAULT_SHARD_SIZE = 5 * 2**30
 
 
 class OutputWriter:
