@@ -24,6 +24,7 @@ from merge_engine.layout import (
     detect_layout,
     is_embedding_name,
     num_layers_from_config,
+    with_num_layers,
 )
 from merge_engine.io.reader import CheckpointReader
 from merge_engine.io.refs import ModelRef
@@ -668,3 +669,14 @@ def test_check_compatible_accepts_plain_tuples(models: dict[str, Path]) -> None:
             key: (r.tensor_names, r.config, {n: r.shape(n) for n in r.tensor_names}) for key, r in (("a", a), ("b", b))
         }
         assert check_compatible(as_tuples) == check_compatible({"a": a, "b": b}) != []
+
+
+def test_with_num_layers_rewrites_every_layer_key() -> None:
+    gpt2 = {"n_layer": 12, "n_embd": 8}
+    assert with_num_layers(gpt2, 4) == {"n_layer": 4, "n_embd": 8} and gpt2["n_layer"] == 12
+    assert with_num_layers({"n_layers": 6, "dim": 8}, 2) == {"n_layers": 2, "dim": 8}
+    vlm = {"text_config": {"num_hidden_layers": 4, "hidden_size": 8}, "vision_config": {"num_hidden_layers": 3}}
+    out = with_num_layers(vlm, 2)
+    assert out["text_config"] == {"num_hidden_layers": 2, "hidden_size": 8}
+    assert out["vision_config"] == {"num_hidden_layers": 3} and vlm["text_config"]["num_hidden_layers"] == 4
+    assert num_layers_from_config(out) == 2

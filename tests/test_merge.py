@@ -442,3 +442,30 @@ def test_random_merge_equals_the_method_called_with_its_seeded_generator(zoo, tm
         want = spec.fn([s[name] for s in inputs], base[name], rng=TensorRandom(11, name), **kwargs)
         assert torch.equal(merged[name], want), name
         assert not torch.equal(merged[name], base[name])
+
+
+def test_output_config_declares_the_output_layer_count(tmp_path):
+    """The layer count is rewritten under whatever key the config uses (GPT-2: n_layer)."""
+    from contextlib import ExitStack
+
+    from fixtures import make_tiny_gpt2
+    from merge_engine.session import prepare
+
+    gpt2 = make_tiny_gpt2(tmp_path / "gpt2", num_layers=2)
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(gpt2), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(gpt2), "layer_range": [1, 2]}]}]})
+    with ExitStack() as stack:
+        plan = prepare(r, stack).plan
+    assert plan.num_layers == 3 and plan.config["n_layer"] == 3
+    assert "num_hidden_layers" not in plan.config
+
+
+def test_validate_counts_inputs_and_needs_a_base(zoo):
+    r = parse_recipe({"merge_method": "slerp", "base_model": str(zoo["base"]), "parameters": {"t": 0.5},
+                      "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}, {"model": str(zoo["base"])}]})
+    assert validate(r, with_models=False).problems == [
+        "slerp merges exactly 1 model(s) besides a base, got 2; adjust the models listed"]
+    r = parse_recipe({"merge_method": "task_arithmetic", "models": [{"model": str(zoo["a"])}]})
+    assert validate(r, with_models=False).problems == [
+        "task_arithmetic needs a base_model; add 'base_model: <model>' to the recipe"]
