@@ -16,7 +16,7 @@ import torch
 import yaml
 from fixtures import load_state, make_sharded, make_tiny_gpt2, make_tiny_llama, make_tiny_neox
 
-from merge_engine.errors import CheckpointError, MergeError, NonFiniteError, OutputExistsError
+from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
 from merge_engine.io import writer as writer_mod
 from merge_engine.layout import (
     StaticInfo,
@@ -29,6 +29,7 @@ from merge_engine.layout import (
 from merge_engine.io.reader import CheckpointReader
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.resolve import resolve_model_dir
+from merge_engine.io.stream import PlannedTensor
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 
 # -- shared tiny models (built once per session; tests that damage a model copy it first) ----------
@@ -493,6 +494,10 @@ def tensors(n: int, numel: int = 256) -> dict[str, torch.Tensor]:
     return {f"model.layers.{i}.w": torch.randn(numel, generator=gen) for i in range(n)}
 
 
+def planned(w: OutputWriter, data: dict[str, torch.Tensor]) -> None:
+    w.plan([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in data.items()])
+
+
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -501,6 +506,7 @@ def test_writer_sharded_publish_round_trips(tmp_path: Path) -> None:
     data = tensors(5)  # 1 KiB each
     out = tmp_path / "merged"
     with OutputWriter(out, shard_size=2048) as w:
+        planned(w, data)
         for name, t in data.items():
             w.add(name, t)
         w.write_json("config.json", {"num_hidden_layers": 5})
@@ -520,6 +526,7 @@ def test_writer_sharded_publish_round_trips(tmp_path: Path) -> None:
 def test_writer_single_shard_and_odd_tensors(tmp_path: Path) -> None:
     embed = torch.arange(12.0).reshape(3, 4)
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"embed": embed, "head": embed, "col": embed[:, 1], "half": embed.to(torch.bfloat16)})
         w.add("embed", embed)
         w.add("head", embed)  # tied: same storage twice
         w.add("col", embed[:, 1])  # non-contiguous view
@@ -540,6 +547,7 @@ def test_writer_refuses_existing_output_unless_forced(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match=f"output directory {out} exists; pass --force to replace it"):
         OutputWriter(out)
     with OutputWriter(out, force=True) as w:
+        planned(w, {"x": torch.ones(2)})
         w.add("x", torch.ones(2))
         w.write_text("README.md", "# hi\n")
         assert (out / "old.txt").exists()  # untouched until publish
@@ -551,11 +559,13 @@ def test_writer_refuses_existing_output_unless_forced(tmp_path: Path) -> None:
 def test_writer_aborts_on_exception_and_without_publish(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with OutputWriter(tmp_path / "out", shard_size=64) as w:
+            planned(w, tensors(4))
             for name, t in tensors(4).items():
                 w.add(name, t)
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"x": torch.ones(2)})
         w.add("x", torch.ones(2))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MergeError, match="already aborted"):
@@ -569,9 +579,10 @@ def test_writer_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer_mod, "save_file", full)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", full)
     out = tmp_path / "out"
     w = OutputWriter(out, shard_size=1024)
+    planned(w, tensors(20))
     with pytest.raises(MergeError, match=f"disk full while writing {out}; free space or choose another --out"):
         for name, t in tensors(20).items():
             w.add(name, t)
@@ -588,28 +599,30 @@ def test_writer_other_thread_errors_reach_the_caller(tmp_path: Path, monkeypatch
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("serialiser bug")
 
-    monkeypatch.setattr(writer_mod, "save_file", broken)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", broken)
     w = OutputWriter(tmp_path / "out", shard_size=1024)
+    planned(w, {"a": torch.ones(512)})
     w.add("a", torch.ones(512))
     with pytest.raises(ValueError, match="serialiser bug"):
         w.publish()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_writer_writes_in_background_with_bounded_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_streams_in_background_with_bounded_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     writer_threads: set[str] = set()
-    real_save = writer_mod.save_file
+    real_write = writer_mod.ShardStream.write
 
-    def slow_save(tensors: dict, path: str, metadata: dict) -> None:
+    def slow_write(self: object, name: str, tensor: torch.Tensor) -> None:
         writer_threads.add(threading.current_thread().name)
         release.wait(10)
-        real_save(tensors, path, metadata=metadata)
+        real_write(self, name, tensor)
 
-    monkeypatch.setattr(writer_mod, "save_file", slow_save)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", slow_write)
     data = tensors(8)
     added: list[str] = []
-    w = OutputWriter(tmp_path / "out", shard_size=1024, max_pending=2)  # one tensor per shard
+    w = OutputWriter(tmp_path / "out", shard_size=1024)
+    w.plan([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in data.items()], max_pending_tensors=2)
 
     def produce() -> None:
         for name, t in data.items():
@@ -619,11 +632,11 @@ def test_writer_writes_in_background_with_bounded_queue(tmp_path: Path, monkeypa
     producer = threading.Thread(target=produce)
     producer.start()
     deadline = time.monotonic() + 5
-    while len(added) < 3 and time.monotonic() < deadline:
+    while len(added) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    # 2 shards handed off (1 being saved, 1 queued) + 1 collecting: the 4th add waits for room.
-    assert len(added) == 3
+    # 2 tensors handed off (1 being written, 1 queued): the 3rd add waits for room.
+    assert len(added) == 2
     release.set()
     producer.join(10)
     w.publish()
@@ -645,6 +658,7 @@ def test_tokenizer_files_and_copy(models: dict[str, Path], tmp_path: Path) -> No
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= set(names_)
     assert "config.json" not in names_ and "model.safetensors" not in names_
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"x": torch.ones(1)})
         w.add("x", torch.ones(1))
         w.copy_files(models["llama"], names_)
         w.publish()
