@@ -50,13 +50,13 @@ def prepare(recipe: MergeRecipe, stack: ExitStack, *, opened: Readers | None = N
     those passed that comparison when they joined.
     """
     report = Report()
-    result = _run(recipe, stack, report, opened=opened, model_configs=model_configs,
-                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=False)
-    if result is None:
+    readers, plan = _run(recipe, stack, report, opened=opened, model_configs=model_configs,
+                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=False)
+    if plan is None:
         raise RecipeError(report.problems)
     if opened is not None:
-        opened.update(result.readers)
-    return result
+        opened.update(readers)
+    return Prepared(plan, readers)
 
 
 def validate(recipe: MergeRecipe | str | Path, *, with_models: bool = True, opened: Readers | None = None,
@@ -82,42 +82,42 @@ def validate(recipe: MergeRecipe | str | Path, *, with_models: bool = True, open
         check_recipe(recipe, report)
         return report
     with ExitStack() as stack:
-        result = _run(recipe, stack, report, opened=opened, model_configs=model_configs,
-                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=True)
-        if opened is not None and result is not None:
+        readers, _ = _run(recipe, stack, report, opened=opened, model_configs=model_configs,
+                          allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=True)
+        if opened is not None:
             from merge_engine.io.config_only import ConfigOnlyReader
 
-            opened.update({r: v for r, v in result.readers.items() if isinstance(v, ConfigOnlyReader)})
+            opened.update({r: v for r, v in readers.items() if isinstance(v, ConfigOnlyReader)})
     return report
 
 
 def _run(recipe: MergeRecipe, stack: ExitStack, report: Report, *, opened: Readers | None,
          model_configs: Mapping[str, str | Path] | None, allow_pickle: bool, trust_remote_code: bool,
-         compare_cached: bool) -> Prepared | None:
-    """The pipeline; problems go to ``report``, and None means there was at least one."""
+         compare_cached: bool) -> tuple[dict[ModelRef, Any], MergePlan | None]:
+    """The pipeline: the readers it opened or reused, and the plan (None when ``report`` has problems)."""
     from merge_engine.layout import check_compatible
     from merge_engine.plan import build_plan
 
     check_recipe(recipe, report)
     if report.problems:
-        return None
+        return {}, None
     cached = opened if opened is not None else {}
     readers = _open_readers(recipe, stack, report, cached, model_configs, allow_pickle, trust_remote_code)
     if report.problems:
-        return None
+        return readers, None
     if compare_cached or any(ref not in cached for ref in readers):
         for text in check_compatible({str(ref): r for ref, r in readers.items()}):
             report.add(text)
         if report.problems:
-            return None
+            return readers, None
     try:
         plan = build_plan(recipe, readers)
     except RecipeError as err:
         for text in err.problems:
             report.add(text)
-        return None
+        return readers, None
     report.warnings.extend(plan.warnings)
-    return Prepared(plan, readers)
+    return readers, plan
 
 
 def _open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, cached: Mapping[ModelRef, Any],
