@@ -52,27 +52,17 @@ class InMemoryMerger:
         self._applied: dict[str, MergeTensor] = {}
 
     def plan(self, recipe: MergeRecipe):
-        """Validate and plan ``recipe`` against this model (raises RecipeError).
+        """Check and plan ``recipe`` against this model (raises RecipeError listing every problem).
 
-        Models seen for the first time are opened into this merger's own stack (headers are
-        parsed once per model for the whole search) and fully checked; later recipes over the
-        same models are only planned.
+        One pass of :func:`merge_engine.session.prepare`: the recipe is checked once and planned
+        once. Models seen for the first time are opened into this merger's own stack (headers
+        are parsed once per model for the whole search) and compared with the others; later
+        recipes over the same models reuse those readers.
         """
-        from merge_engine.plan import build_plan
-        from merge_engine.validate import Report, check_models, check_recipe, open_readers
+        from merge_engine.session import prepare
 
-        report = check_recipe(recipe, Report())
-        if report.problems:
-            raise RecipeError(report.problems)
-        if any(r not in self._readers for r in recipe.referenced_models()):
-            readers = open_readers(recipe, self._stack, report, allow_pickle=self.allow_pickle,
-                                   trust_remote_code=self.trust_remote_code, opened=self._readers)
-            plan = check_models(recipe, readers, report) if not report.problems else None
-            if plan is None:
-                raise RecipeError(report.problems)
-            self._readers.update(readers)
-        else:
-            plan = build_plan(recipe, self._readers)
+        plan = prepare(recipe, self._stack, opened=self._readers, allow_pickle=self.allow_pickle,
+                       trust_remote_code=self.trust_remote_code).plan
         problems = []
         for node in plan.targets:
             target = self.targets.get(node.out_name)

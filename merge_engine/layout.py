@@ -30,10 +30,21 @@ def num_layers_from_config(config: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _config_value(config: Mapping[str, Any], key: str) -> Any:
-    if key in config:
-        return config[key]
-    return (config.get("text_config") or {}).get(key)
+def with_num_layers(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """A copy of ``config`` declaring ``num_layers`` layers: every layer-count key present is
+    rewritten, at the top level and in ``text_config`` (nested dicts are copied, not shared)."""
+    out = dict(config)
+    for key in LAYER_COUNT_KEYS:
+        if key in out:
+            out[key] = num_layers
+    if isinstance(out.get("text_config"), Mapping):
+        out["text_config"] = with_num_layers(out["text_config"], num_layers)
+    return out
+
+
+def is_output_head(name: str) -> bool:
+    """True for output-head tensors (``lm_head``, ``embed_out``), which come after the layer stack."""
+    return any(marker in part for part in name.split(".") for marker in OUTPUT_HEAD_MARKERS)
 
 
 def is_embedding_name(name: str) -> bool:
@@ -48,15 +59,12 @@ class LayerLayout:
 
     Names are parsed by pattern, so indices past ``num_layers`` are read too (a layer-stacking
     merge outputs more layers than its inputs have). ``suffixes`` is the sorted union of per-layer
-    suffixes. ``tied_embeddings`` means the output
-    head shares the input embedding (config ``tie_word_embeddings`` or no head tensor present).
-    A checkpoint without a stack has ``prefix == ""`` and ``num_layers == 0``.
+    suffixes. A checkpoint without a stack has ``prefix == ""`` and ``num_layers == 0``.
     """
 
     prefix: str
     num_layers: int
     suffixes: tuple[str, ...]
-    tied_embeddings: bool
 
     def layer_of(self, name: str) -> int | None:
         """The layer index of ``name``, or None for tensors outside the stack."""
@@ -108,7 +116,6 @@ def detect_layout(tensor_names: Iterable[str], config: Mapping[str, Any]) -> Lay
     dense = {p: len(ix) for p, ix in indices.items() if ix == set(range(len(ix)))}
     expected = num_layers_from_config(config)
     pool = [p for p in dense if expected is None or dense[p] == expected]
-    tied = _tied(names, config)
     if not pool:
         if expected:
             found = ", ".join(f"{p}<i> x{n}" for p, n in sorted(dense.items())) or "no numbered tensors"
@@ -116,18 +123,11 @@ def detect_layout(tensor_names: Iterable[str], config: Mapping[str, Any]) -> Lay
                 f"config.json declares {expected} layers but the tensor names show {found}; "
                 "the config does not match the weights: re-download or fix config.json"
             )
-        return LayerLayout(prefix="", num_layers=0, suffixes=(), tied_embeddings=tied)
+        return LayerLayout(prefix="", num_layers=0, suffixes=())
     prefix = max(pool, key=lambda p: (counts[p], -len(p)))
-    layout = LayerLayout(prefix=prefix, num_layers=dense[prefix], suffixes=(), tied_embeddings=tied)
+    layout = LayerLayout(prefix=prefix, num_layers=dense[prefix], suffixes=())
     suffixes = {s for s in map(layout.suffix_of, names) if s is not None}
-    return LayerLayout(prefix, layout.num_layers, tuple(sorted(suffixes)), tied)
-
-
-def _tied(names: list[str], config: Mapping[str, Any]) -> bool:
-    if _config_value(config, "tie_word_embeddings") is True:
-        return True
-    has_head = any(m in part for n in names for part in n.split(".") for m in OUTPUT_HEAD_MARKERS)
-    return not has_head and "output.weight" not in names
+    return LayerLayout(prefix, layout.num_layers, tuple(sorted(suffixes)))
 
 
 # -- compatibility between models ------------------------------------------------------------------

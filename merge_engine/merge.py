@@ -15,15 +15,11 @@ from merge_engine.errors import RecipeError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
+from merge_engine.io import DEFAULT_SHARD_SIZE
+from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 from merge_engine.plan import MergeContext, MergePlan, output_shape_dtype
-from merge_engine.recipe import MergeRecipe
-from merge_engine.validate import Report, check_models, check_recipe, open_readers
-
-DEFAULT_SHARD_SIZE = 5 * 2**30
-
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-          " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from merge_engine.recipe import CHAT_TEMPLATES, MergeRecipe
+from merge_engine.session import prepare
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -45,23 +41,8 @@ class MergeResult:
     peak_live_tensors: int = 0
 
 
-def prepare(recipe: MergeRecipe, stack: ExitStack, *, allow_pickle: bool = False,
-            trust_remote_code: bool = False) -> tuple[MergePlan, dict[ModelRef, object]]:
-    """Validate everything and plan; raises RecipeError listing every problem."""
-    report = check_recipe(recipe, Report())
-    if report.problems:
-        raise RecipeError(report.problems)
-    readers = open_readers(recipe, stack, report, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
-    plan = check_models(recipe, readers, report) if not report.problems else None
-    if plan is None:
-        raise RecipeError(report.problems)
-    return plan, readers
-
-
 def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None:
     from merge_engine.io.resolve import resolve_model_dir
-    from merge_engine.io.writer import model_card, tokenizer_files
 
     writer.write_json("config.json", plan.config)
     tok_ref = recipe.tokenizer_model()
@@ -69,8 +50,9 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None
         tok_dir = resolve_model_dir(tok_ref)
         writer.copy_files(tok_dir, tokenizer_files(tok_dir))
     template = recipe.chat_template
-    if template and template != "auto":
-        writer.write_text("chat_template.jinja", CHATML if template == "chatml" else template)
+    jinja = CHAT_TEMPLATES.get(template, template) if template else None
+    if jinja:
+        writer.write_text("chat_template.jinja", jinja)
     text = recipe.to_yaml()
     writer.write_text("evomerge_recipe.yaml", text)
     writer.write_text("README.md", model_card(text, [str(r) for r in recipe.referenced_models()],
@@ -86,8 +68,6 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
     Output goes to a temporary sibling directory that is renamed into place at
     the end, so an interrupted or failed merge leaves nothing at ``out_dir``.
     """
-    from merge_engine.io.writer import OutputWriter
-
     start = time.perf_counter()
     out_dir = Path(out_dir)
     with ExitStack() as stack:

@@ -14,17 +14,15 @@ from typing import Any, ClassVar
 
 import torch
 
+from merge_engine.dtypes import dtype_name, torch_dtype
 from merge_engine.errors import NonFiniteError, RecipeError
-from merge_engine.layout import LayerLayout, detect_layout
+from merge_engine.layout import LayerLayout, detect_layout, is_output_head, with_num_layers
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.randomness import TensorRandom
 from merge_engine.recipe import MISSING, MergeRecipe, resolve
 
-DTYPE_OF = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-            "float64": torch.float64}
-NAME_OF = {v: k for k, v in DTYPE_OF.items()}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -54,7 +52,7 @@ class LoadTensor:
         if self.crop is not None:
             tensor = tensor[tuple(slice(0, n) for n in self.crop)]
         if self.dtype is not None:
-            tensor = tensor.to(DTYPE_OF[self.dtype])
+            tensor = tensor.to(torch_dtype(self.dtype))
         return tensor
 
 
@@ -133,7 +131,7 @@ class MergeTensor:
             raise NonFiniteError(f"the {self.method} merge produced NaN or inf in tensor "
                                  f"{self.out_name}; check the recipe's weights for that tensor")
         if self.out_dtype is not None:
-            out = out.to(DTYPE_OF[self.out_dtype])
+            out = out.to(torch_dtype(self.out_dtype))
         return out
 
 
@@ -142,7 +140,7 @@ def output_shape_dtype(node: MergeTensor, readers: Mapping[ModelRef, Any]) -> tu
     first = node.deps()[0]
     shape = first.crop or tuple(readers[first.model].shape(first.name))
     name = node.out_dtype or first.dtype
-    dtype = DTYPE_OF[name] if name else readers[first.model].dtype(first.name)
+    dtype = torch_dtype(name) if name else readers[first.model].dtype(first.name)
     return tuple(shape), dtype
 
 
@@ -190,12 +188,12 @@ def _out_slices(recipe: MergeRecipe, num_layers: int) -> list[_OutSlice]:
                       sl.num_layers, sl.parameters) for sl in recipe.slices or ()]
 
 
-def _split_base(spec: MethodSpec, recipe: MergeRecipe, sources: list[_Source],
-                problems: list[str]) -> tuple[list[_Source], _Source | None]:
-    """Separate the base model from the other inputs, as the method's ``base`` rule says."""
+def _split_base(spec: MethodSpec, recipe: MergeRecipe,
+                sources: list[_Source]) -> tuple[list[_Source], _Source | None]:
+    """Separate the base model from the other inputs, as the method's ``base`` rule says.
+
+    Counts and a missing required base were checked by ``validate.check_recipe``."""
     if spec.base == "unused" or recipe.base_model is None:
-        if spec.base == "required":
-            problems.append(f"{spec.name} needs a base_model; add 'base_model: <model>' to the recipe")
         return sources, None
     others = [s for s in sources if s.model != recipe.base_model]
     base = next((s for s in sources if s.model == recipe.base_model), None)
@@ -306,7 +304,7 @@ class _Planner:
 
     def tensor_node(self, out_name: str, sl: _OutSlice, out_layer: int | None, slice_start: int,
                     t: float) -> MergeTensor | None:
-        inputs, base = _split_base(self.spec, self.recipe, sl.sources, [])
+        inputs, base = _split_base(self.spec, self.recipe, sl.sources)
         named = [(s, self.source_name(out_name, out_layer, s, slice_start)) for s in inputs]
         if base is not None:
             named.append((base, self.source_name(out_name, out_layer, base, slice_start)))
@@ -325,27 +323,12 @@ class _Planner:
                       for i, below in self.spec.draws(node.kwargs()))
         return dataclasses.replace(node, draws=draws)
 
-    def check_counts(self, sl: _OutSlice) -> None:
-        found: list[str] = []
-        others, _ = _split_base(self.spec, self.recipe, sl.sources, found)
-        for text in found:
-            self.problem(text)
-        n, spec = len(others), self.spec
-        if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-            want = (f"exactly {spec.min_models}" if spec.max_models == spec.min_models
-                    else f"at least {spec.min_models}" if spec.max_models is None
-                    else f"{spec.min_models} to {spec.max_models}")
-            base_note = " besides the base model" if spec.base != "unused" and self.recipe.base_model else ""
-            self.problem(f"{spec.name} merges {want} model(s){base_note}, got {n}; "
-                         "adjust the models listed")
-
     # -- whole plan ----------------------------------------------------------
     def build(self) -> MergePlan:
         layout = self.layout
         names = self.readers[self.reference].tensor_names
         slices = _out_slices(self.recipe, layout.num_layers)
         for sl in slices:
-            self.check_counts(sl)
             for src in sl.sources:
                 n_src = self.layouts[src.model].num_layers
                 if src.first_layer + sl.num_layers > n_src:
@@ -358,7 +341,7 @@ class _Planner:
                            key=lambda n: names.index(n) if n in names else 0)
         # each template's suffix, ordered as in layer 0 of the reference
         targets: list[MergeTensor] = []
-        pre = [n for n in non_layer if layout.is_embedding(n) and "lm_head" not in n and "embed_out" not in n]
+        pre = [n for n in non_layer if layout.is_embedding(n) and not is_output_head(n)]
         post = [n for n in non_layer if n not in pre]
         for name in pre:
             targets.append(self.tensor_node(name, slices[0], None, 0, 0.0))
@@ -381,10 +364,7 @@ class _Planner:
                          out_layer, self.warnings)
 
     def _config(self, num_layers: int, slices: list[_OutSlice], targets: list) -> dict[str, Any]:
-        config = copy.deepcopy(self.readers[self.reference].config)
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if key in config:
-                config[key] = num_layers
+        config = with_num_layers(copy.deepcopy(self.readers[self.reference].config), num_layers)
         # per-layer lists (e.g. layer_types) follow the layers they came from
         for key, value in list(config.items()):
             if isinstance(value, list) and len(value) == self.layout.num_layers and num_layers != len(value) \
@@ -393,7 +373,7 @@ class _Planner:
                                for s in slices for i in range(s.num_layers)]
         reader = self.readers[self.reference]
         out_dtype = (self.recipe.out_dtype or self.recipe.dtype
-                     or NAME_OF.get(reader.dtype(reader.tensor_names[0])))
+                     or dtype_name(reader.dtype(reader.tensor_names[0])))
         if out_dtype:
             config["torch_dtype"] = out_dtype
             if "dtype" in config:

@@ -16,12 +16,20 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
                       ValidationError, field_validator, model_validator)
 
+from merge_engine.dtypes import canonical_dtype_name
 from merge_engine.errors import RecipeError
 from merge_engine.io.refs import ModelRef
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
-                  "float": "float32", "single": "float32"}
+
+
+# chat_template values that name a template; any other value must be a Jinja string.
+# "auto" (None here) keeps the template the tokenizer source ships.
+CHAT_TEMPLATES: dict[str, str | None] = {
+    "auto": None,
+    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+               " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+}
 
 
 def _parse_ref(value: Any) -> Any:
@@ -153,10 +161,7 @@ class MergeRecipe(_HasParameters):
     def _dtype(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        value = _DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"dtype {value!r} is not one of {', '.join(DTYPES)}")
-        return value
+        return canonical_dtype_name(value)
 
     @model_validator(mode="after")
     def _one_layout(self) -> MergeRecipe:

@@ -1,27 +1,21 @@
-"""Validate a recipe before touching a tensor: schema, method, parameters, models, shapes.
+"""The checks of a recipe that need no model files: method, parameters, inputs, settings.
 
-Every problem is collected and reported at once (``evomerge validate``).
+Every problem is collected into a :class:`Report` at once. The checks that open models
+(architectures, shapes, layer ranges, the plan) run in :mod:`merge_engine.session`.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from merge_engine.errors import MergeError, RecipeError, UnknownMethodError
+from merge_engine.errors import UnknownMethodError
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec
-from merge_engine.recipe import FilterEntry, MergeRecipe, load_recipe
-
-if TYPE_CHECKING:
-    from merge_engine.plan import MergePlan
-
-CHAT_TEMPLATE_NAMES = ("auto", "chatml")
+from merge_engine.recipe import CHAT_TEMPLATES, FilterEntry, MergeRecipe
 
 
 @dataclass
@@ -84,6 +78,26 @@ def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> N
                     report.add(f"{where}: {issue}")
 
 
+def _input_groups(recipe: MergeRecipe) -> Iterator[list[ModelRef]]:
+    """The models merged together: the ``models`` list, or each slice's sources."""
+    if recipe.models is not None:
+        yield [m.model for m in recipe.models]
+    for sl in recipe.slices or ():
+        yield [s.model for s in sl.sources]
+
+
+def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
+    """A base where the method needs one; as many models per merge as it takes."""
+    base = recipe.base_model
+    for refs in _input_groups(recipe):
+        # a base the method uses is split off the inputs (as plan._split_base does)
+        n = len([r for r in refs if spec.base == "unused" or base is None or r != base])
+        for text in spec.input_problems(n, base is not None):
+            fix = ("add 'base_model: <model>' to the recipe" if text.endswith("needs a base_model")
+                   else "adjust the models listed")
+            report.add(f"{text}; {fix}")
+
+
 def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
     """Checks that need no model files."""
     report = report or Report()
@@ -93,8 +107,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         report.add(str(err))
         return report
     check_parameters(recipe, spec, report)
-    if spec.base == "required" and recipe.base_model is None:
-        report.add(f"{spec.name} needs a base_model; add 'base_model: <model>' to the recipe")
+    check_inputs(recipe, spec, report)
     if spec.name != "passthrough" and recipe.slices is not None:
         for i, sl in enumerate(recipe.slices):
             refs = [s.model for s in sl.sources]
@@ -116,78 +129,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
     if recipe.tokenizer is not None and recipe.tokenizer.tokens:
         report.add("tokenizer.tokens is not supported yet; remove it or use tokenizer_source")
     ct = recipe.chat_template
-    if ct is not None and ct not in CHAT_TEMPLATE_NAMES and "{" not in ct:
-        report.add(f"chat_template {ct!r} is not a known template ({', '.join(CHAT_TEMPLATE_NAMES)}) "
+    if ct is not None and ct not in CHAT_TEMPLATES and "{" not in ct:
+        report.add(f"chat_template {ct!r} is not a known template ({', '.join(CHAT_TEMPLATES)}) "
                    "nor a Jinja string; use one of those")
-    return report
-
-
-def open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, *, allow_pickle: bool = False,
-                 trust_remote_code: bool = False,
-                 opened: Mapping[ModelRef, Any] | None = None) -> dict[ModelRef, Any]:
-    """Resolve and open every referenced model (reusing readers in ``opened``); problems go to
-    ``report``."""
-    from merge_engine.io.reader import CheckpointReader
-    from merge_engine.io.resolve import resolve_model_dir
-
-    readers: dict[ModelRef, Any] = {}
-    for ref in recipe.referenced_models():
-        if opened is not None and ref in opened:
-            readers[ref] = opened[ref]
-            continue
-        try:
-            path = resolve_model_dir(ref, allow_pickle=allow_pickle)
-            readers[ref] = stack.enter_context(CheckpointReader(
-                path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
-        except MergeError as err:
-            report.add(str(err))
-    tok = recipe.tokenizer_model()
-    if isinstance(tok, ModelRef) and tok not in readers:
-        try:
-            resolve_model_dir(tok)
-        except MergeError as err:
-            report.add(f"tokenizer source: {err}")
-    return readers
-
-
-def check_models(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], report: Report) -> MergePlan | None:
-    """Architectures, layer ranges and shapes across models (reads headers and configs only).
-
-    Returns the plan that the check builds, or None when a problem was found."""
-    from merge_engine.layout import check_compatible
-    from merge_engine.plan import build_plan
-
-    for text in check_compatible({str(ref): (r.tensor_names, r.config, {n: tuple(r.shape(n))
-                                  for n in r.tensor_names}) for ref, r in readers.items()}):
-        report.add(text)
-    if report.problems:
-        return None
-    try:
-        plan = build_plan(recipe, readers)
-    except RecipeError as err:
-        for text in err.problems:
-            report.add(text)
-        return None
-    report.warnings.extend(plan.warnings)
-    return plan
-
-
-def validate_recipe(recipe: MergeRecipe | str | Path, *, with_models: bool = True,
-                    allow_pickle: bool = False, trust_remote_code: bool = False) -> Report:
-    """Everything that can be checked before a merge runs, all problems at once."""
-    report = Report()
-    if not isinstance(recipe, MergeRecipe):
-        try:
-            recipe = load_recipe(recipe)
-        except RecipeError as err:
-            report.problems.extend(err.problems)
-            return report
-    check_recipe(recipe, report)
-    if not with_models or report.problems:
-        return report
-    with ExitStack() as stack:
-        readers = open_readers(recipe, stack, report, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code)
-        if not report.problems:
-            check_models(recipe, readers, report)
     return report

@@ -243,7 +243,7 @@ def test_grid_problems_are_reported_together(models, tmp_path):
 
 
 def test_config_only_reader_matches_checkpoint(models, tmp_path):
-    from evomerge.model_configs import ConfigOnlyReader
+    from merge_engine.io.config_only import ConfigOnlyReader
     from merge_engine.io.reader import CheckpointReader
 
     tied = make_tiny_llama(tmp_path / "tied", seed=3, tie=True, dtype=__import__("torch").bfloat16)
@@ -272,7 +272,7 @@ def test_medical_grid_validates_from_bundled_configs(capsys):
 
 
 def test_config_only_validation_finds_shape_problems(tmp_path):
-    from evomerge.model_configs import validate_with_configs
+    from merge_engine.session import validate
     from merge_engine.recipe import parse_recipe
 
     cfg = json.loads((MEDICAL.parent / "configs/meta-llama/Llama-2-7b-hf/config.json").read_text())
@@ -283,13 +283,13 @@ def test_config_only_validation_finds_shape_problems(tmp_path):
                                       {"model": "org/missing", "parameters": {"weight": 1.0}}]})
     configs = {"meta-llama/Llama-2-7b-hf": MEDICAL.parent / "configs/meta-llama/Llama-2-7b-hf",
                "org/wide": tmp_path / "wide"}
-    report = validate_with_configs(recipe, configs)
+    report = validate(recipe, model_configs=configs)
     assert any("org/missing" in p and "model_configs" in p for p in report.problems)
     del configs  # the missing model stops before shapes; check shapes on their own
-    report = validate_with_configs(parse_recipe({
+    report = validate(parse_recipe({
         "merge_method": "ties", "base_model": "meta-llama/Llama-2-7b-hf",
         "models": [{"model": "org/wide", "parameters": {"weight": 1.0}}]}),
-        {"meta-llama/Llama-2-7b-hf": MEDICAL.parent / "configs/meta-llama/Llama-2-7b-hf",
+        model_configs={"meta-llama/Llama-2-7b-hf": MEDICAL.parent / "configs/meta-llama/Llama-2-7b-hf",
          "org/wide": tmp_path / "wide"})
     assert any("mlp" in p and "12000" in p for p in report.problems), report.problems
 
@@ -307,7 +307,7 @@ def test_medical_search_space_makes_valid_recipes():
     from optuna.trial import FixedTrial
 
     from evomerge.ablate import load_grid
-    from evomerge.model_configs import validate_with_configs
+    from merge_engine.session import validate
     from evomerge.space import load_space
     from merge_engine.recipe import load_recipe
 
@@ -324,7 +324,7 @@ def test_medical_search_space_makes_valid_recipes():
     readers: dict = {}
     for trial in trials:
         recipe = space.recipe(trial)
-        report = validate_with_configs(recipe, grid.model_configs, readers=readers)
+        report = validate(recipe, model_configs=grid.model_configs, opened=readers)
         assert report.problems == [], report.problems
     assert isinstance(recipe.models[1].parameters["density"], list)  # per-layer values
 

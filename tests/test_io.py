@@ -16,7 +16,7 @@ import torch
 import yaml
 from fixtures import load_state, make_sharded, make_tiny_gpt2, make_tiny_llama, make_tiny_neox
 
-from merge_engine.errors import CheckpointError, MergeError, NonFiniteError, OutputExistsError
+from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
 from merge_engine.io import writer as writer_mod
 from merge_engine.layout import (
     StaticInfo,
@@ -24,10 +24,12 @@ from merge_engine.layout import (
     detect_layout,
     is_embedding_name,
     num_layers_from_config,
+    with_num_layers,
 )
-from merge_engine.io.reader import CheckpointReader, check_finite
+from merge_engine.io.reader import CheckpointReader
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.resolve import resolve_model_dir
+from merge_engine.io.stream import PlannedTensor
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 
 # -- shared tiny models (built once per session; tests that damage a model copy it first) ----------
@@ -350,24 +352,13 @@ def test_reader_index_missing_shard_and_tensor(models: dict[str, Path], tmp_path
         CheckpointReader(model)
 
 
-def test_check_finite(models: dict[str, Path]) -> None:
-    check_finite("w", torch.ones(3), where="model m")
-    check_finite("ids", torch.arange(3), where="model m")
-    bad = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
-    with pytest.raises(NonFiniteError, match="tensor w of model m holds 1 NaN and 1 inf"):
-        check_finite("w", bad, where="model m")
-    with CheckpointReader(models["llama"], name="org/llama") as reader:
-        with pytest.raises(NonFiniteError, match="model.norm.weight of model org/llama"):
-            reader.check_finite("model.norm.weight", bad)
-
-
 # -- layout ----------------------------------------------------------------------------------------
 
 
 def test_layout_tiny_llama(models: dict[str, Path]) -> None:
     with CheckpointReader(models["llama"]) as reader:
         layout = detect_layout(reader.tensor_names, reader.config)
-    assert (layout.prefix, layout.num_layers, layout.tied_embeddings) == ("model.layers.", 2, False)
+    assert (layout.prefix, layout.num_layers) == ("model.layers.", 2)
     assert len(layout.suffixes) == 9 and "self_attn.q_proj.weight" in layout.suffixes
     assert layout.layer_of("model.layers.1.mlp.up_proj.weight") == 1
     assert layout.layer_of("model.norm.weight") is None
@@ -379,19 +370,17 @@ def test_layout_tiny_llama(models: dict[str, Path]) -> None:
         layout.rename("model.norm.weight", 0)
     assert layout.is_embedding("model.embed_tokens.weight") and layout.is_embedding("lm_head.weight")
     assert not layout.is_embedding("model.norm.weight")
-    with CheckpointReader(models["tied"]) as reader:
-        assert detect_layout(reader.tensor_names, reader.config).tied_embeddings
 
 
 def test_layout_tiny_gpt2_and_neox(models: dict[str, Path]) -> None:
     with CheckpointReader(models["gpt2"]) as reader:
         gpt2 = detect_layout(reader.tensor_names, reader.config)
-    assert (gpt2.prefix, gpt2.num_layers, gpt2.tied_embeddings) == ("transformer.h.", 2, True)
+    assert (gpt2.prefix, gpt2.num_layers) == ("transformer.h.", 2)
     assert gpt2.is_embedding("transformer.wte.weight") and not gpt2.is_embedding("transformer.wpe.weight")
     assert "attn.c_attn.weight" in gpt2.suffixes
     with CheckpointReader(models["neox"]) as reader:
         neox = detect_layout(reader.tensor_names, reader.config)
-    assert (neox.prefix, neox.num_layers, neox.tied_embeddings) == ("gpt_neox.layers.", 2, False)
+    assert (neox.prefix, neox.num_layers) == ("gpt_neox.layers.", 2)
     assert neox.is_embedding("gpt_neox.embed_in.weight") and neox.is_embedding("embed_out.weight")
     assert neox.rename("gpt_neox.layers.0.attention.dense.bias", 1) == "gpt_neox.layers.1.attention.dense.bias"
 
@@ -430,7 +419,7 @@ LLAMA_OUTER = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight
 )  # fmt: skip
 def test_layout_from_names(arch: str, tensor_names: list[str], config: dict, prefix: str, n: int, tied: bool) -> None:
     layout = detect_layout(reversed(tensor_names), config)
-    assert (layout.prefix, layout.num_layers, layout.tied_embeddings) == (prefix, n, tied), arch
+    assert (layout.prefix, layout.num_layers) == (prefix, n), arch
     assert layout.layer_of(f"{prefix}{n - 1}.self_attn.q_proj.weight") in (n - 1, None)
 
 
@@ -505,6 +494,10 @@ def tensors(n: int, numel: int = 256) -> dict[str, torch.Tensor]:
     return {f"model.layers.{i}.w": torch.randn(numel, generator=gen) for i in range(n)}
 
 
+def planned(w: OutputWriter, data: dict[str, torch.Tensor]) -> None:
+    w.plan([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in data.items()])
+
+
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -513,6 +506,7 @@ def test_writer_sharded_publish_round_trips(tmp_path: Path) -> None:
     data = tensors(5)  # 1 KiB each
     out = tmp_path / "merged"
     with OutputWriter(out, shard_size=2048) as w:
+        planned(w, data)
         for name, t in data.items():
             w.add(name, t)
         w.write_json("config.json", {"num_hidden_layers": 5})
@@ -532,6 +526,7 @@ def test_writer_sharded_publish_round_trips(tmp_path: Path) -> None:
 def test_writer_single_shard_and_odd_tensors(tmp_path: Path) -> None:
     embed = torch.arange(12.0).reshape(3, 4)
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"embed": embed, "head": embed, "col": embed[:, 1], "half": embed.to(torch.bfloat16)})
         w.add("embed", embed)
         w.add("head", embed)  # tied: same storage twice
         w.add("col", embed[:, 1])  # non-contiguous view
@@ -552,6 +547,7 @@ def test_writer_refuses_existing_output_unless_forced(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match=f"output directory {out} exists; pass --force to replace it"):
         OutputWriter(out)
     with OutputWriter(out, force=True) as w:
+        planned(w, {"x": torch.ones(2)})
         w.add("x", torch.ones(2))
         w.write_text("README.md", "# hi\n")
         assert (out / "old.txt").exists()  # untouched until publish
@@ -563,11 +559,13 @@ def test_writer_refuses_existing_output_unless_forced(tmp_path: Path) -> None:
 def test_writer_aborts_on_exception_and_without_publish(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with OutputWriter(tmp_path / "out", shard_size=64) as w:
+            planned(w, tensors(4))
             for name, t in tensors(4).items():
                 w.add(name, t)
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"x": torch.ones(2)})
         w.add("x", torch.ones(2))
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(MergeError, match="already aborted"):
@@ -581,9 +579,10 @@ def test_writer_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer_mod, "save_file", full)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", full)
     out = tmp_path / "out"
     w = OutputWriter(out, shard_size=1024)
+    planned(w, tensors(20))
     with pytest.raises(MergeError, match=f"disk full while writing {out}; free space or choose another --out"):
         for name, t in tensors(20).items():
             w.add(name, t)
@@ -600,28 +599,30 @@ def test_writer_other_thread_errors_reach_the_caller(tmp_path: Path, monkeypatch
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("serialiser bug")
 
-    monkeypatch.setattr(writer_mod, "save_file", broken)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", broken)
     w = OutputWriter(tmp_path / "out", shard_size=1024)
+    planned(w, {"a": torch.ones(512)})
     w.add("a", torch.ones(512))
     with pytest.raises(ValueError, match="serialiser bug"):
         w.publish()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_writer_writes_in_background_with_bounded_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_writer_streams_in_background_with_bounded_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     release = threading.Event()
     writer_threads: set[str] = set()
-    real_save = writer_mod.save_file
+    real_write = writer_mod.ShardStream.write
 
-    def slow_save(tensors: dict, path: str, metadata: dict) -> None:
+    def slow_write(self: object, name: str, tensor: torch.Tensor) -> None:
         writer_threads.add(threading.current_thread().name)
         release.wait(10)
-        real_save(tensors, path, metadata=metadata)
+        real_write(self, name, tensor)
 
-    monkeypatch.setattr(writer_mod, "save_file", slow_save)
+    monkeypatch.setattr(writer_mod.ShardStream, "write", slow_write)
     data = tensors(8)
     added: list[str] = []
-    w = OutputWriter(tmp_path / "out", shard_size=1024, max_pending=2)  # one tensor per shard
+    w = OutputWriter(tmp_path / "out", shard_size=1024)
+    w.plan([PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in data.items()], max_pending_tensors=2)
 
     def produce() -> None:
         for name, t in data.items():
@@ -631,11 +632,11 @@ def test_writer_writes_in_background_with_bounded_queue(tmp_path: Path, monkeypa
     producer = threading.Thread(target=produce)
     producer.start()
     deadline = time.monotonic() + 5
-    while len(added) < 3 and time.monotonic() < deadline:
+    while len(added) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    # 2 shards handed off (1 being saved, 1 queued) + 1 collecting: the 4th add waits for room.
-    assert len(added) == 3
+    # 2 tensors handed off (1 being written, 1 queued): the 3rd add waits for room.
+    assert len(added) == 2
     release.set()
     producer.join(10)
     w.publish()
@@ -657,6 +658,7 @@ def test_tokenizer_files_and_copy(models: dict[str, Path], tmp_path: Path) -> No
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"} <= set(names_)
     assert "config.json" not in names_ and "model.safetensors" not in names_
     with OutputWriter(tmp_path / "out") as w:
+        planned(w, {"x": torch.ones(1)})
         w.add("x", torch.ones(1))
         w.copy_files(models["llama"], names_)
         w.publish()
@@ -681,3 +683,14 @@ def test_check_compatible_accepts_plain_tuples(models: dict[str, Path]) -> None:
             key: (r.tensor_names, r.config, {n: r.shape(n) for n in r.tensor_names}) for key, r in (("a", a), ("b", b))
         }
         assert check_compatible(as_tuples) == check_compatible({"a": a, "b": b}) != []
+
+
+def test_with_num_layers_rewrites_every_layer_key() -> None:
+    gpt2 = {"n_layer": 12, "n_embd": 8}
+    assert with_num_layers(gpt2, 4) == {"n_layer": 4, "n_embd": 8} and gpt2["n_layer"] == 12
+    assert with_num_layers({"n_layers": 6, "dim": 8}, 2) == {"n_layers": 2, "dim": 8}
+    vlm = {"text_config": {"num_hidden_layers": 4, "hidden_size": 8}, "vision_config": {"num_hidden_layers": 3}}
+    out = with_num_layers(vlm, 2)
+    assert out["text_config"] == {"num_hidden_layers": 2, "hidden_size": 8}
+    assert out["vision_config"] == {"num_hidden_layers": 3} and vlm["text_config"]["num_hidden_layers"] == 4
+    assert num_layers_from_config(out) == 2

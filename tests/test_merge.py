@@ -16,7 +16,7 @@ from merge_engine.apply import InMemoryMerger
 from merge_engine.errors import MergeError, NonFiniteError, OutputExistsError, RecipeError
 from merge_engine.merge import run_merge
 from merge_engine.recipe import parse_recipe
-from merge_engine.validate import validate_recipe
+from merge_engine.session import validate
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_validate_reports_every_problem(zoo, tmp_path):
     r = parse_recipe({"merge_method": "ties", "models": [
         {"model": str(zoo["a"]), "parameters": {"weight": 0.5, "densty": 0.5}},
         {"model": str(tmp_path / "nope"), "parameters": {"weight": 2.0, "density": 1.5}}]})
-    report = validate_recipe(r)
+    report = validate(r)
     text = "\n".join(report.problems)
     assert "densty" in text and "density" in text  # suggestion
     assert "base_model" in text
@@ -265,14 +265,14 @@ def test_validate_reports_every_problem(zoo, tmp_path):
 
 
 def test_validate_unknown_method_suggests(zoo):
-    report = validate_recipe(parse_recipe({"merge_method": "tie", "models": [{"model": str(zoo["a"])}]}))
+    report = validate(parse_recipe({"merge_method": "tie", "models": [{"model": str(zoo["a"])}]}))
     assert not report.ok and "ties" in report.problems[0]
 
 
 def test_validate_layer_range_out_of_bounds(zoo):
     r = parse_recipe({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(zoo["a"]), "layer_range": [2, 9]}]}]})
-    report = validate_recipe(r)
+    report = validate(r)
     assert any("out of bounds" in p for p in report.problems)
 
 
@@ -281,7 +281,7 @@ def test_validate_shape_mismatch(zoo, tmp_path):
     r = parse_recipe({"merge_method": "linear", "models": [
         {"model": str(zoo["a"]), "parameters": {"weight": 1.0}},
         {"model": str(other), "parameters": {"weight": 1.0}}]})
-    report = validate_recipe(r)
+    report = validate(r)
     assert not report.ok
 
 
@@ -393,7 +393,7 @@ def test_random_draws_are_made_ahead_on_the_io_thread(zoo, tmp_path, monkeypatch
     import threading
     from contextlib import ExitStack
 
-    from merge_engine.merge import prepare
+    from merge_engine.session import prepare
     from merge_engine.randomness import TensorRandom
 
     r = parse_recipe({"merge_method": "dare_ties", "base_model": str(zoo["base"]), "seed": 3,
@@ -442,3 +442,30 @@ def test_random_merge_equals_the_method_called_with_its_seeded_generator(zoo, tm
         want = spec.fn([s[name] for s in inputs], base[name], rng=TensorRandom(11, name), **kwargs)
         assert torch.equal(merged[name], want), name
         assert not torch.equal(merged[name], base[name])
+
+
+def test_output_config_declares_the_output_layer_count(tmp_path):
+    """The layer count is rewritten under whatever key the config uses (GPT-2: n_layer)."""
+    from contextlib import ExitStack
+
+    from fixtures import make_tiny_gpt2
+    from merge_engine.session import prepare
+
+    gpt2 = make_tiny_gpt2(tmp_path / "gpt2", num_layers=2)
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(gpt2), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(gpt2), "layer_range": [1, 2]}]}]})
+    with ExitStack() as stack:
+        plan = prepare(r, stack).plan
+    assert plan.num_layers == 3 and plan.config["n_layer"] == 3
+    assert "num_hidden_layers" not in plan.config
+
+
+def test_validate_counts_inputs_and_needs_a_base(zoo):
+    r = parse_recipe({"merge_method": "slerp", "base_model": str(zoo["base"]), "parameters": {"t": 0.5},
+                      "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}, {"model": str(zoo["base"])}]})
+    assert validate(r, with_models=False).problems == [
+        "slerp merges exactly 1 model(s) besides a base, got 2; adjust the models listed"]
+    r = parse_recipe({"merge_method": "task_arithmetic", "models": [{"model": str(zoo["a"])}]})
+    assert validate(r, with_models=False).problems == [
+        "task_arithmetic needs a base_model; add 'base_model: <model>' to the recipe"]

@@ -279,12 +279,12 @@ def validate_grid(grid: Grid, *, config_only: bool = False, check_tasks: bool = 
     ``check_tasks`` also checks each eval set against the lm-eval task index; ``allow_pickle``
     accepts models that ship only pickle (``.bin``) weights.
     """
-    from evomerge.model_configs import validate_with_configs
-    from merge_engine.validate import Report, validate_recipe
+    from merge_engine.session import validate
+    from merge_engine.validate import Report
 
     problems: list[str] = []
     warnings: list[str] = []
-    readers: dict[str, Any] = {}
+    readers: dict[Any, Any] = {}  # ModelRef -> config-only reader, shared across recipes
     for p in grid.parents:
         if config_only:
             if p.model not in grid.model_configs and not Path(p.model).expanduser().is_dir():
@@ -293,8 +293,8 @@ def validate_grid(grid: Grid, *, config_only: bool = False, check_tasks: bool = 
         else:
             problems += [f"parent {p.name}: {e}" for e in _resolve_problems(p.model, allow_pickle)]
     for r in grid.recipes:
-        report = (validate_with_configs(r.recipe, grid.model_configs, readers=readers) if config_only
-                  else validate_recipe(r.recipe, allow_pickle=allow_pickle))
+        report = (validate(r.recipe, model_configs=grid.model_configs, opened=readers) if config_only
+                  else validate(r.recipe, allow_pickle=allow_pickle))
         problems += [f"recipe {r.name}: {text}" for text in report.problems]
         warnings += [f"recipe {r.name}: {text}" for text in report.warnings]
     if check_tasks:

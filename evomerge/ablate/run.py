@@ -135,7 +135,7 @@ class _Bench:
     # -- merges: in memory when the resident model can hold the output, else through disk
     def merge(self, row: Row) -> tuple[dict[str, EvalResult], str]:
         from merge_engine.io.resolve import resolve_model_dir
-        from merge_engine.merge import prepare
+        from merge_engine.session import prepare
 
         recipe = row.recipe
         with ExitStack() as stack:

@@ -8,6 +8,7 @@ import sys
 
 from evomerge.cli.common import add_command, parse_size, print_report, warn
 from evomerge.errors import EvomergeError
+from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -39,36 +40,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from merge_engine.validate import validate_recipe
+    from merge_engine.session import validate
 
-    if args.model_config:
-        report = _validate_with_configs(args)
-    else:
-        report = validate_recipe(args.recipe, with_models=not args.no_models,
-                                 allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    configs = _model_configs(args.model_config) if args.model_config else None
+    report = validate(args.recipe, with_models=not args.no_models or configs is not None,
+                      model_configs=configs, allow_pickle=args.allow_pickle,
+                      trust_remote_code=args.trust_remote_code)
     code = print_report(args.recipe, report)
     if code == 0:
         print(f"{args.recipe}: ok")
     return code
 
 
-def _validate_with_configs(args: argparse.Namespace):  # -> Report
-    from evomerge.model_configs import validate_with_configs
-    from merge_engine.errors import RecipeError
-    from merge_engine.recipe import load_recipe
-    from merge_engine.validate import Report
-
+def _model_configs(items: list[str]) -> dict[str, str]:
+    """``--model-config org/name=DIR`` options as ``{org/name: DIR}``."""
     configs = {}
-    for item in args.model_config:
+    for item in items:
         ref, sep, folder = item.partition("=")
         if not sep or not ref or not folder:
             raise EvomergeError(f"--model-config {item!r} must look like org/name=DIR")
         configs[ref] = folder
-    try:
-        recipe = load_recipe(args.recipe)
-    except RecipeError as err:
-        return Report(problems=list(err.problems))
-    return validate_with_configs(recipe, configs, trust_remote_code=args.trust_remote_code)
+    return configs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", help="mergekit-compatible recipe YAML")
     p.add_argument("out", help="output model directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
-    p.add_argument("--shard-size", type=parse_size, default=5 * 2**30,
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
                    help="max shard size, e.g. 5G (default)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")

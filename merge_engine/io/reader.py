@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from merge_engine.errors import CheckpointError, NonFiniteError
+from merge_engine.errors import CheckpointError
 from merge_engine.io.st_header import read_header
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -168,10 +168,6 @@ class CheckpointReader:
         # mmap'd pickles hand out views of shared storage: copy if `to` did not.
         return out.clone() if out.data_ptr() == raw.data_ptr() else out
 
-    def check_finite(self, name: str, tensor: torch.Tensor) -> None:
-        """Raise NonFiniteError if ``tensor`` (read from this model as ``name``) holds NaN or inf."""
-        check_finite(name, tensor, where=f"model {self.name}")
-
     def close(self) -> None:
         """Release file handles and mappings. Safe to call twice."""
         with self._lock:
@@ -306,21 +302,6 @@ class CheckpointReader:
             value = state[tensor]
             self._pickled[tensor] = value
             self._slots[tensor] = _Slot(path, tuple(value.shape), value.dtype, value.nbytes)
-
-
-def check_finite(name: str, tensor: torch.Tensor, *, where: str) -> None:
-    """Raise NonFiniteError if ``tensor`` holds NaN or inf. ``where`` names its origin ("model X")."""
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        return
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
-        return
-    n_nan = int(torch.isnan(tensor).sum())
-    n_inf = int((~finite).sum()) - n_nan
-    raise NonFiniteError(
-        f"tensor {name} of {where} holds {n_nan} NaN and {n_inf} inf values; "
-        "re-download or re-export that checkpoint (or merge in a wider dtype)"
-    )
 
 
 def read_config(model_dir: Path, name: str, trust_remote_code: bool) -> dict[str, Any]:

@@ -18,7 +18,8 @@ import torch
 
 from merge_engine.errors import CheckpointError
 
-# safetensors dtype codes -> torch dtypes (the ones this torch build knows).
+# safetensors dtype codes -> torch dtypes (the ones this torch build knows). The file format's
+# own table: it spans integer and fp8 codes too; the dtypes a merge computes in are merge_engine.dtypes.
 _DTYPE_NAMES = {
     "F64": "float64",
     "F32": "float32",

@@ -15,44 +15,35 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
+from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.stream import PlannedTensor, ShardStream
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-DEFAULT_SHARD_SIZE = 5 * 2**30
 
 
 class OutputWriter:
-    """Collect tensors into shards written by a background thread; publish them as one directory.
+    """Stream planned tensors into shards from a background thread; publish them as one directory.
 
     Lifecycle: construct (refuses an existing ``out_dir`` unless ``force``; creates a hidden temp
-    directory ``.<name>.tmp-<random>`` next to it) -> ``add`` tensors in any order, plus
-    ``write_json`` / ``write_text`` / ``copy_files`` -> ``publish()``, which writes
-    ``model.safetensors`` (one shard) or ``model-0000i-of-0000N.safetensors`` and
-    ``model.safetensors.index.json``, then renames the temp directory to ``out_dir`` (with
-    ``force``, the old directory is moved aside first and deleted last). ``abort()`` deletes the
-    temp directory; as a context manager, leaving the block without ``publish()`` (or with an
-    exception) aborts, so a failed merge leaves nothing behind.
+    directory ``.<name>.tmp-<random>`` next to it) -> :meth:`plan` every tensor (name, shape,
+    dtype) -> ``add`` them in any order, plus ``write_json`` / ``write_text`` / ``copy_files`` ->
+    ``publish()``, which checks every planned tensor arrived, writes
+    ``model.safetensors.index.json`` when there are several shards, then renames the temp
+    directory to ``out_dir`` (with ``force``, the old directory is moved aside first and deleted
+    last). ``abort()`` deletes the temp directory; as a context manager, leaving the block without
+    ``publish()`` (or with an exception) aborts, so a failed merge leaves nothing behind.
 
-    A shard is handed to the writer thread once adding the next tensor would take it past
-    ``shard_size`` bytes (a larger tensor gets a shard of its own). At most ``max_pending`` shards
-    are handed off and not yet on disk; handing off one more blocks the caller, so peak memory is
-    about ``(max_pending + 1) * shard_size`` while the caller computes the next tensors. ``add`` keeps a reference
-    to the tensor: do not modify it afterwards. A failure in the thread (disk full: MergeError)
-    is raised by the next call, after the temp directory is removed. Not thread-safe: one caller.
+    Shards hold at most ``shard_size`` bytes (a larger tensor gets a shard of its own); their
+    headers are written by :meth:`plan`, and each added tensor's bytes go straight to its place
+    from the writer thread, so only a few tensors wait in memory. ``add`` keeps a reference to
+    the tensor: do not modify it afterwards. A failure in the thread (disk full: MergeError) is
+    raised by the next call, after the temp directory is removed. Not thread-safe: one caller.
     """
 
-    def __init__(
-        self,
-        out_dir: Path | str,
-        *,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        force: bool = False,
-        max_pending: int = 2,
-    ) -> None:
+    def __init__(self, out_dir: Path | str, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                 force: bool = False) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.out_dir = Path(out_dir).expanduser().absolute()
@@ -68,28 +59,21 @@ class OutputWriter:
         self._state = "open"  # open -> published | aborted
         self._stream: ShardStream | None = None
         self._names: set[str] = set()
-        self._shard: dict[str, torch.Tensor] = {}
-        self._shard_bytes = 0
-        self._shard_storages: set[int] = set()
-        self._shards: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
-        self._total_bytes = 0
         self._error: BaseException | None = None
         self._cancel = False
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
-        self._slots = threading.Semaphore(max_pending)  # shards handed off and not yet written
-        self._queue: queue.Queue[tuple[Path, dict[str, torch.Tensor]] | None] = queue.Queue()
+        self._slots = threading.Semaphore(1)  # tensors handed off and not yet written (set by plan)
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=f"OutputWriter({self.out_dir.name})", daemon=True)
         self._thread.start()
 
     # -- caller API ---------------------------------------------------------------------------
 
     def plan(self, entries: list[PlannedTensor], max_pending_tensors: int = 4) -> None:
-        """Declare every tensor (name, shape, dtype) up front to stream them to disk.
+        """Declare every tensor (name, shape, dtype) up front; required before the first add().
 
-        Shard files and headers are laid out now; each :meth:`add` then writes the
-        tensor's bytes in place from the background thread, so at most
-        ``max_pending_tensors`` tensors wait in memory instead of whole shards.
+        Shard files and headers are laid out now; each :meth:`add` then writes the tensor's
+        bytes in place from the background thread, so at most ``max_pending_tensors`` tensors
+        wait in memory.
         """
         self._check_open()
         if self._names or self._stream is not None:
@@ -102,30 +86,15 @@ class OutputWriter:
         self._slots = threading.Semaphore(max_pending_tensors)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` to be saved as ``name`` (moved to CPU, made contiguous)."""
+        """Queue ``tensor`` to be written as ``name`` (planned by :meth:`plan`; moved to CPU)."""
         self._check_open()
-        if self._stream is not None:
-            if name in self._names:
-                raise ValueError(f"tensor {name} was already added to {self.out_dir}")
-            self._names.add(name)
-            self._slots.acquire()
-            self._queue.put((name, tensor.detach().to("cpu")))
-            return
+        if self._stream is None:
+            raise MergeError("plan() must come before the first add(); this is a bug")
         if name in self._names:
             raise ValueError(f"tensor {name} was already added to {self.out_dir}")
-        t = tensor.detach().to("cpu").contiguous()
-        storage = t.untyped_storage()
-        # safetensors refuses tensors sharing memory (tied weights) or views of a larger buffer.
-        if storage.data_ptr() in self._shard_storages or storage.nbytes() != t.nbytes:
-            t = t.clone()
-            storage = t.untyped_storage()
-        if self._shard and self._shard_bytes + t.nbytes > self.shard_size:
-            self._flush()
-        self._shard[name] = t
-        self._shard_bytes += t.nbytes
-        self._shard_storages.add(storage.data_ptr())
         self._names.add(name)
-        self._total_bytes += t.nbytes
+        self._slots.acquire()
+        self._queue.put((name, tensor.detach().to("cpu")))
 
     def write_json(self, name: str, obj: Any) -> None:
         """Write ``obj`` as indented JSON to ``name`` inside the output."""
@@ -149,30 +118,11 @@ class OutputWriter:
             self._guard(lambda: shutil.copyfile(src, dst), dst)
 
     def publish(self) -> Path:
-        """Finish writing, name the shards, write the index, and move the result to ``out_dir``."""
+        """Finish writing, write the index, and move the result to ``out_dir``."""
         self._check_open()
-        try:
-            if self._stream is not None:
-                self._publish_stream()
-                self._state = "published"
-                return self.out_dir
-            if self._shard:
-                self._flush()
-            if not self._shards:
-                raise MergeError(f"nothing to write to {self.out_dir}: no tensors were added; check the recipe")
-            self._stop_thread()
-            self._raise_thread_error()
-            self._name_shards()
-            self._swap_in()
-        except BaseException as exc:
+        if self._stream is None:
             self.abort()
-            if isinstance(exc, OSError):
-                raise _os_error(exc, self.out_dir) from None
-            raise
-        self._state = "published"
-        return self.out_dir
-
-    def _publish_stream(self) -> None:
+            raise MergeError(f"nothing to write to {self.out_dir}: no tensors were added; check the recipe")
         try:
             self._stop_thread()
             self._raise_thread_error()
@@ -187,6 +137,8 @@ class OutputWriter:
             if isinstance(exc, OSError):
                 raise _os_error(exc, self.out_dir) from None
             raise
+        self._state = "published"
+        return self.out_dir
 
     def abort(self) -> None:
         """Stop writing and delete the temp directory. Does nothing after publish or a prior abort."""
@@ -195,7 +147,6 @@ class OutputWriter:
         self._state = "aborted"
         self._cancel = True
         self._stop_thread()
-        self._shard.clear()
         if self._stream is not None:
             stream, self._stream = self._stream, None
             for fd in stream.fds:
@@ -222,49 +173,26 @@ class OutputWriter:
             self.abort()
             raise error
 
-    def _flush(self) -> None:
-        fname = f"shard-{len(self._shards) + 1:05d}.safetensors"
-        self._shards.append((fname, list(self._shard)))
-        self._slots.acquire()  # blocks while max_pending shards are still being written
-        self._queue.put((self.tmp_dir / fname, self._shard))
-        self._shard, self._shard_bytes, self._shard_storages = {}, 0, set()
-
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            path, tensors = item
+            name, tensor = item
             if self._error is None and not self._cancel:
                 try:
-                    if self._stream is not None:  # (name, tensor) streamed into its slot
-                        self._stream.write(path, tensors)
-                    else:
-                        save_file(tensors, str(path), metadata={"format": "pt"})
+                    self._stream.write(name, tensor)
                 except OSError as exc:
                     self._error = _os_error(exc, self.out_dir)
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
-            del item, tensors  # free the shard's memory before making room for the next one
+            del item, tensor  # free the tensor's memory before making room for the next one
             self._slots.release()
 
     def _stop_thread(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
-
-    def _name_shards(self) -> None:
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self.tmp_dir / self._shards[0][0], self.tmp_dir / SINGLE_NAME)
-            return
-        weight_map: dict[str, str] = {}
-        for i, (fname, names) in enumerate(self._shards, start=1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.tmp_dir / fname, self.tmp_dir / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def _swap_in(self) -> None:
         if not _exists(self.out_dir):

@@ -1,31 +1,23 @@
-"""Validate recipes against models you do not have: tensor names and shapes from ``config.json``.
+"""A reader for models you do not have: tensor names and shapes from ``config.json`` alone.
 
 A 7B checkpoint is 13 GB; its ``config.json`` is 600 bytes and says everything validation needs.
 :class:`ConfigOnlyReader` builds the architecture on PyTorch's ``meta`` device (no memory, no
 weights) and offers the read-only part of :class:`merge_engine.io.reader.CheckpointReader`:
-``config``, ``tensor_names``, ``shape``, ``dtype``, ``nbytes``. :func:`validate_with_configs`
-runs the engine's own checks (schema, method, parameters, architectures, shapes, layer ranges,
-plan) with such readers standing in for some or all models.
-
-    report = validate_with_configs(recipe, {"epfl-llm/meditron-7b": "configs/epfl-llm/meditron-7b"})
+``config``, ``tensor_names``, ``shape``, ``dtype``, ``nbytes``. ``merge_engine.session`` uses it
+for the models a caller lists in ``model_configs``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merge_engine.errors import CheckpointError, MergeError
+from merge_engine.dtypes import torch_dtype
+from merge_engine.errors import CheckpointError
 from merge_engine.io.reader import read_config
-from merge_engine.io.refs import ModelRef
-from merge_engine.plan import DTYPE_OF
-from merge_engine.recipe import MergeRecipe
-from merge_engine.validate import Report, check_models, check_recipe
 
 
 class ConfigOnlyReader:
@@ -47,8 +39,7 @@ class ConfigOnlyReader:
             raise CheckpointError(f"model {self.name}: no config.json in {self.model_dir}; "
                                   "bundle the model's config.json there")
         self._config = read_config(self.model_dir, self.name, trust_remote_code)
-        self._dtype = DTYPE_OF.get(str(self._config.get("dtype") or self._config.get("torch_dtype")),
-                                   torch.float32)
+        self._dtype = _config_dtype(self._config)
         self._shapes = _meta_shapes(self.model_dir, self.name, trust_remote_code)
         self._names = tuple(sorted(self._shapes))
 
@@ -115,42 +106,9 @@ def _meta_shapes(config_dir: Path, name: str, trust_remote_code: bool) -> dict[s
     return shapes
 
 
-def validate_with_configs(recipe: MergeRecipe, model_configs: Mapping[str, str | Path], *,
-                          readers: dict[str, Any] | None = None,
-                          trust_remote_code: bool = False) -> Report:
-    """Every problem of ``recipe`` the engine can find, with config-only stand-ins for models.
-
-    ``model_configs`` maps a model reference's path (``org/name``, as written in the recipe) to a
-    folder holding its ``config.json``. A model not listed there must be a local model directory
-    (read by its headers, as ``evomerge validate`` does). ``readers`` caches readers by path
-    across calls (building a 7B architecture on ``meta`` takes a few seconds).
-    """
-    from merge_engine.io.reader import CheckpointReader
-    from merge_engine.io.resolve import looks_local
-
-    report = check_recipe(recipe, Report())
-    if report.problems:
-        return report
-    cache = readers if readers is not None else {}
-    with ExitStack() as stack:
-        opened: dict[ModelRef, Any] = {}
-        for ref in recipe.referenced_models():
-            key = ref.path
-            try:
-                if key in cache:
-                    opened[ref] = cache[key]
-                elif key in model_configs:
-                    opened[ref] = cache[key] = ConfigOnlyReader(
-                        model_configs[key], name=str(ref), trust_remote_code=trust_remote_code)
-                elif Path(key).expanduser().is_dir():
-                    opened[ref] = stack.enter_context(CheckpointReader(
-                        Path(key).expanduser(), trust_remote_code=trust_remote_code))
-                else:
-                    where = "directory does not exist" if looks_local(key) else "is not downloaded"
-                    report.add(f"model {ref}: {where} and no config is bundled for it; "
-                               f"add '{key}: DIR' (a folder with its config.json) to model_configs")
-            except MergeError as err:
-                report.add(str(err))
-        if not report.problems:
-            check_models(recipe, opened, report)
-    return report
+def _config_dtype(config: dict[str, Any]) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype")
+    try:
+        return torch_dtype(str(name))
+    except ValueError:  # absent, "auto" or not a float type
+        return torch.float32
