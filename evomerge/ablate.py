@@ -46,7 +46,7 @@ from pydantic import Field, ValidationError
 from evomerge.errors import EvomergeError
 from evomerge.evaluate.config import EvalConfig, load_preset
 from evomerge.evaluate.result import EvalResult, weighted_score
-from evomerge.variables import VAR, expand_vars as _expand
+from evomerge.space.load import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
 

@@ -15,12 +15,14 @@ DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
 
 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:
+    from evomerge.search.samplers import GP_MAX_PARAMS, SAMPLERS
+
     p = sub.add_parser("search", help="search merge recipes with Optuna (resumes an existing study)")
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     _add_run_options(p)
     p.add_argument("--study", help="study name (default: the space's name)")
-    p.add_argument("--sampler", choices=["cmaes", "tpe", "gp", "random", "nsga2"],
-                   help="default: gp for one objective over <= 16 parameters, cmaes over more, "
+    p.add_argument("--sampler", choices=list(SAMPLERS),
+                   help=f"default: gp for one objective over <= {GP_MAX_PARAMS} parameters, cmaes over more, "
                         "nsga2 for several objectives")
     p.add_argument("--timeout", type=float, help="stop asking for new trials after S seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output dir)")
@@ -56,7 +58,7 @@ def _add_run_options(p: argparse.ArgumentParser, default_out: str | None = None)
 # ---------------------------------------------------------------- commands
 def cmd_search(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from evomerge.search import RunOptions, run_search
+    from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
     space = load_space(args.space, variables=_vars(args.var))
@@ -76,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from evomerge.search import quiet_optuna, run_worker
+    from evomerge.search.run import quiet_optuna, run_worker
 
     line = ProgressLine(sys.stderr)
     with quiet_optuna(), _library_output_hidden(args.verbose):
@@ -90,7 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from evomerge.search import RunOptions
+    from evomerge.search.run import RunOptions
     from evomerge.space import load_space
     from evomerge.zoo import build_zoo, default_zoo_dir
 
@@ -142,12 +144,15 @@ def _library_output_hidden(verbose: bool):
 
 def _run(space, options, verbose: bool = False) -> int:
     _quiet_libraries()
-    from evomerge.results import redact, report_table
-    from evomerge.search import quiet_optuna, run_search
+    from evomerge.results import report_table
+    from evomerge.search.run import quiet_optuna, run_search
+    from evomerge.search.samplers import default_sampler
+    from evomerge.search.study import redact
+    from evomerge.space import distributions
 
     line = ProgressLine(sys.stderr)
-    print(f"search {space.name}: {len(space.distributions())} parameters, sampler "
-          f"{options.sampler or space.default_sampler}, output {options.out_dir}", file=sys.stderr)
+    print(f"search {space.name}: {len(distributions(space))} parameters, sampler "
+          f"{options.sampler or default_sampler(space)}, output {options.out_dir}", file=sys.stderr)
     with quiet_optuna(), _library_output_hidden(verbose):
         summary = run_search(space, options, progress=line)
     line.finish()

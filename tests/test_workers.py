@@ -28,9 +28,8 @@ from pg import postgres_url  # noqa: F401  (the fixture)
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.search import enqueue_start_points, open_study
-from evomerge.space import SearchSpace, parse_space
-from evomerge.storage import CONNECT_TIMEOUT, Heartbeat, open_storage, redact
+from evomerge.search.study import CONNECT_TIMEOUT, Heartbeat, enqueue_start_points, open_storage, open_study, redact
+from evomerge.space import SearchSpace, parse_space, trial_recipe
 from merge_engine.recipe import MergeRecipe, load_recipe, parse_recipe
 
 # Short heartbeats so a dead worker's trial is retried within seconds, not a minute.
@@ -141,7 +140,7 @@ def assert_recipes_reproduce(trials: list[FrozenTrial], space: SearchSpace, tmp:
     with InMemoryMerger(resident()) as long_lived:
         for t in trials:
             recipe: MergeRecipe = parse_recipe(yaml.safe_load(t.user_attrs["recipe"]))
-            assert recipe.to_yaml() == space.recipe(FixedTrial(t.params)).to_yaml(), t.number
+            assert recipe.to_yaml() == trial_recipe(space, FixedTrial(t.params)).to_yaml(), t.number
             on_disk = load_state(run_merge(recipe, tmp / f"trial{t.number}", device="cpu").out_dir)
             with InMemoryMerger(resident()) as fresh:
                 fresh.apply(recipe)
@@ -332,3 +331,37 @@ def test_heartbeat_settings_from_the_environment():
         Heartbeat.from_env({"EVOMERGE_GRACE_PERIOD": "soon"})
     with pytest.raises(EvomergeError, match="grace period > interval"):
         Heartbeat(interval=10, grace_period=10)
+
+
+def test_a_candidate_that_keeps_killing_its_worker_stops_after_max_retry(tmp_path):
+    """Same host, dead pid: the trial is failed and retried (``retry_of``), until the candidate
+    has been retried ``max_retry`` times; then it stays FAIL and is not enqueued again."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.search.workers import retry_dead_trials
+
+    beat = Heartbeat(interval=1, grace_period=2, max_retry=2)
+    study = optuna.create_study(storage=open_storage(None, tmp_path / "study.db", heartbeat=beat))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"start_point": "equal"})
+    numbers = []
+    for _ in range(4):
+        trial = study.ask({"x": FloatDistribution(0, 1)})
+        assert trial.params == {"x": 0.25}
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": _dead_pid()})
+        numbers.append(trial.number)
+        assert retry_dead_trials(study, beat) == [trial.number]
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
+    trials = study.get_trials()
+    assert numbers == [0, 1, 2] and all(t.state == TrialState.FAIL for t in trials)
+    assert [t.user_attrs.get("retry_of") for t in trials] == [None, 0, 1]
+    assert all(t.user_attrs["start_point"] == "equal" for t in trials)
+    assert "interrupted" in trials[0].user_attrs["error"]
+    assert "not retried again" in trials[2].user_attrs["error"]
+    assert retry_dead_trials(study, beat) == []  # nothing is failed or retried twice
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
