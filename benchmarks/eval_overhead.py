@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/eval_overhead.py [--candidates 6] [--out results/benchmarks/eval_overhead.md]
 
 The loop measured is the search's own: the demo space (``search_spaces/zoo_demo.yaml``) on the
-demo zoo (built if missing), one resident model, ``Workbench.apply`` (in-memory merge) then the
+demo zoo (built if missing), one resident model, ``Candidate.apply`` (in-memory merge) then the
 search evaluator, for a stream of seeded random candidates. A trial = apply + evaluation.
 Forward time is measured with hooks on the model's top-level ``forward`` (which every lm-eval
 call and every generation step goes through); evaluation overhead = evaluation wall - forward.

@@ -205,9 +205,8 @@ def test_workers_share_a_study_and_retry_a_killed_workers_trial(zoo, tmp_path, p
     # If it is still RUNNING, the survivors finished the budget within the grace period and
     # nobody asked for a trial after it: raise the budget.
     assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["pid"] == victim.pid
-    # Optuna's heartbeat retry marks the retry (RetryHeartbeatStaleTrialCallback.retried_trial_number);
-    # recover_stale_trials would not.
-    # (a late-joining worker may instead find it through recover_stale_trials: same host, dead pid)
+    # evomerge.search.workers.retry_dead_trials marks the retry with retry_of, whether it found the
+    # trial by its heartbeat or (a late-joining worker on this host) by its dead pid.
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number
                or t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1, f"trial {killed.number} of the killed worker was not retried: {dead.state}"

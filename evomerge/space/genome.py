@@ -253,13 +253,17 @@ def params_from_recipe(space: SearchSpace, recipe: MergeRecipe) -> dict[str, Any
 
 class _Probe:
     """A tensor name of a given layer that a given filter takes first (or, for the remainder,
-    that no filter takes), from the base model's own layer stack (read once, from its headers)."""
+    that no filter takes), from the base model's own layer stack (read once, from its headers).
+    A space whose models are not at hand (``num_layers`` given) gets names made of the filter
+    alone: filter entries match by substring and gradients by layer position, not by name."""
 
     def __init__(self, space: SearchSpace) -> None:
         self.filters = space.filters
         self.layout = base_layout(space)
 
     def tensor(self, filt: str | None, layer: int) -> str:
+        if self.layout is None:
+            return filt if filt is not None else "~"  # "~" is in no filter (filters are names)
         prefix = self.layout.prefix
         for suffix in self.layout.suffixes:
             name = f"{prefix}{layer}.{suffix}"
@@ -268,19 +272,20 @@ class _Probe:
         return f"{prefix}{layer}.{filt}.weight" if filt is not None else f"{prefix}{layer}.~"
 
 
-def base_layout(space: SearchSpace) -> LayerLayout:
-    """The layer stack of the space's base (else first) model, from its config and tensor names."""
+def base_layout(space: SearchSpace) -> LayerLayout | None:
+    """The layer stack of the space's base (else first) model, from its config and tensor names;
+    None when that model cannot be read here."""
     from merge_engine.errors import MergeError
     from merge_engine.io.reader import CheckpointReader
     from merge_engine.io.refs import ModelRef
     from merge_engine.io.resolve import resolve_model_dir
 
-    path = (space.base_model or space.models[0]).model
     try:
-        with CheckpointReader(resolve_model_dir(ModelRef.parse(path))) as reader:
+        path = resolve_model_dir(ModelRef.parse((space.base_model or space.models[0]).model))
+        with CheckpointReader(path) as reader:
             return detect_layout(reader.tensor_names, reader.config)
-    except (MergeError, ValueError) as err:
-        raise SpaceError(f"model {path}: {err}", "search space") from None
+    except (MergeError, ValueError, OSError):
+        return None
 
 
 # ---------------------------------------------------------------- helpers
