@@ -36,24 +36,22 @@ SAMPLERS = ("default", "cmaes+pruning", "cmaes", "tpe", "gp", "random")
 
 def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Path) -> list[dict]:
     """One search; returns per finished trial: state, value (COMPLETE only), samples spent so far."""
-    from evomerge.search import open_study, search_loop
+    from dataclasses import replace
+
+    from evomerge.search.loop import search_loop
+    from evomerge.search.samplers import default_sampler
+    from evomerge.search.study import open_study
 
     pruning = space.pruning if sampler in ("default", "cmaes+pruning") else None
     variant = space.model_copy(update={"seed": seed, "pruning": pruning, "start": ()})
-    # bench.evaluators["cheap"] exists only for the default; the loop reads bench.cheap.
-    evaluators = dict(bench.evaluators)
-    cheap = evaluators.pop("cheap", None)
-    if pruning is not None:
-        evaluators["cheap"] = cheap
-    saved, bench.evaluators = bench.evaluators, evaluators
-    try:
-        study = open_study(variant, storage=f"sqlite:///{storage_dir / f'{sampler}-{seed}.db'}",
-                           study_name=f"{sampler}-{seed}",
-                           sampler={"default": space.default_sampler,
-                                    "cmaes+pruning": "cmaes"}.get(sampler, sampler))
-        search_loop(study, variant, bench, trials=trials, timeout=None)
-    finally:
-        bench.evaluators = saved
+    candidate, evaluators = bench
+    # the cheap-first evaluator is used only by the variants with pruning
+    evaluators = evaluators if pruning is not None else replace(evaluators, cheap=None)
+    study = open_study(variant, storage=f"sqlite:///{storage_dir / f'{sampler}-{seed}.db'}",
+                       study_name=f"{sampler}-{seed}",
+                       sampler={"default": default_sampler(space),
+                                "cmaes+pruning": "cmaes"}.get(sampler, sampler))
+    search_loop(study, variant, candidate, evaluators, trials=trials, timeout=None)
     out, spent = [], 0
     for t in study.get_trials(deepcopy=False):
         spent += t.user_attrs.get("cheap_samples", 0) + t.user_attrs.get("search_samples", 0)
@@ -72,12 +70,13 @@ def reach(trace: list[dict], bar: float) -> tuple[int, int, bool]:
 
 
 def best_input_score(space, bench) -> float:
-    from evomerge.search import one_model_recipe
+    from evomerge.search.held_out import one_model_recipe
 
+    candidate, evaluators = bench
     scores = []
-    for m in ([space.base_model] if space.base_model else []) + list(space.models):
-        bench.apply(one_model_recipe(m.model, space.dtype))
-        scores.append(bench.search.evaluate(bench.model, bench.tokenizer).score)
+    for m in space.all_models():
+        candidate.apply(one_model_recipe(m.model, space.dtype))
+        scores.append(evaluators.search.evaluate(candidate.model, candidate.tokenizer).score)
     return max(scores)
 
 
@@ -105,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import optuna
 
-    from evomerge.search import Workbench
+    from evomerge.search.loop import Evaluators
+    from evomerge.search.run import resident_candidate
+    from evomerge.search.samplers import default_sampler
     from evomerge.space import load_space
     from evomerge.zoo import build_zoo, default_zoo_dir
 
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     runs: dict[str, list[list[dict]]] = {}
     earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else None
-    with tempfile.TemporaryDirectory() as tmp, Workbench(space) as bench:
+    with tempfile.TemporaryDirectory() as tmp, resident_candidate(space) as candidate, \
+            Evaluators.for_space(space) as evaluators:
+        bench = (candidate, evaluators)
         baseline = best_input_score(space, bench)
         print(f"best input model scores {baseline:.4f}", file=sys.stderr)
         if earlier:
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         f"runs); best input model {baseline:.4f}. Cells: median [min-max] over seeds; '>' = some seed "
         f"never reached the bar within the budget (counted as the budget). Samples = evaluated docs "
         f"(cheap-first + full). `default` = what `evomerge search` uses on this space: "
-        f"{space.default_sampler} with cheap-first pruning "
+        f"{default_sampler(space)} with cheap-first pruning "
         f"({space.pruning.limit if space.pruning else '-'} docs/task first); `cmaes+pruning` = "
         "CMA-ES with the same pruning.",
         "",

@@ -307,23 +307,23 @@ def test_medical_search_space_makes_valid_recipes():
     from optuna.trial import FixedTrial
 
     from evomerge.ablate import load_grid
+    from evomerge.space import distributions, load_space, start_points, trial_recipe
     from merge_engine.session import validate
-    from evomerge.space import load_space
     from merge_engine.recipe import load_recipe
 
     grid = load_grid(MEDICAL)
     space = load_space(MEDICAL.parent / "search_space.yaml")
-    assert len(space.distributions()) == 32 and "layer_31.meditron.density" in space.distributions()
+    assert len(distributions(space)) == 32 and "layer_31.meditron.density" in distributions(space)
     # The search starts from the grid's dare_ties row, kept in one file and inline in the grid.
     start_file = load_recipe(MEDICAL.parent / "recipes" / "dare_ties.yaml")
     assert start_file.to_dict() == next(r.recipe for r in grid.recipes if r.name == "dare_ties").to_dict()
-    trials = [FixedTrial(params) for _, params in space.start_points()]
+    trials = [FixedTrial(params) for _, params in start_points(space)]
     sampler = optuna.samplers.RandomSampler(seed=0)
     study = optuna.create_study(sampler=sampler)
-    trials.append(study.ask(space.distributions()))
+    trials.append(study.ask(distributions(space)))
     readers: dict = {}
     for trial in trials:
-        recipe = space.recipe(trial)
+        recipe = trial_recipe(space, trial)
         report = validate(recipe, model_configs=grid.model_configs, opened=readers)
         assert report.problems == [], report.problems
     assert isinstance(recipe.models[1].parameters["density"], list)  # per-layer values

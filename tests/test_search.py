@@ -15,8 +15,10 @@ from optuna.trial import TrialState
 
 from evomerge.cli import main
 from evomerge.results import export_study
-from evomerge.search import RunOptions, default_storage, open_study, run_search
-from evomerge.space import parse_space
+from evomerge.search.run import RunOptions, run_search
+from evomerge.search.samplers import default_sampler
+from evomerge.search.study import default_storage, open_study
+from evomerge.space import distributions, parse_space
 from merge_engine.recipe import load_recipe
 
 
@@ -66,7 +68,7 @@ def test_resume_keeps_finished_trials_and_retries_interrupted_ones(zoo, tmp_path
     assert first[0].user_attrs["start_point"] == "equal"
 
     study = optuna.load_study(study_name="t", storage=default_storage(out))
-    stale = study.ask(fixed_distributions=space.distributions())
+    stale = study.ask(fixed_distributions=distributions(space))
     stale.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead_pid()})
 
     (tmp_path / "space.yaml").write_text("# evomerge search space.yaml\n" + yaml.safe_dump(space_data))
@@ -139,7 +141,7 @@ def test_multi_objective_writes_the_pareto_front(zoo, tmp_path):
     space = parse_space(space_dict(
         zoo, objectives=["part_a", "part_b"], top_k=10,
         eval={"tasks": ["part_a", "part_b"], "limit": 6, "include_paths": [str(tasks)], "batch_size": 32}))
-    assert space.default_sampler == "nsga2"
+    assert default_sampler(space) == "nsga2"
     out = tmp_path / "run"
     run_search(space, RunOptions(out_dir=out, trials=3))
     study = optuna.load_study(study_name="t", storage=default_storage(out))
@@ -183,7 +185,8 @@ def test_gp_with_pruning_learns_from_pruned_trials():
     trial stays PRUNED); sampling keeps working on such a study."""
     from optuna.trial import TrialState
 
-    from evomerge.samplers import PrunedAwareGPSampler, _PrunedAsComplete, make_sampler
+    from evomerge.adapters.optuna import PrunedAsComplete as _PrunedAsComplete
+    from evomerge.search.samplers import PrunedAwareGPSampler, make_sampler
 
     assert isinstance(make_sampler("gp", seed=0, pruning=True), PrunedAwareGPSampler)
     assert not isinstance(make_sampler("gp", seed=0, pruning=False), PrunedAwareGPSampler)
@@ -203,3 +206,16 @@ def test_gp_with_pruning_learns_from_pruned_trials():
     assert {t.number: t.value for t in view if t.number % 2} == {
         t.number: t.intermediate_values[0] for t in pruned}
     assert 0 <= study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params["x"] <= 1
+
+
+def test_optuna_version_outside_the_tested_range_is_refused():
+    from evomerge.adapters.optuna import PIN, check_version
+    from evomerge.errors import EvomergeError
+
+    check_version(optuna.__version__)  # the installed one is supported
+    with pytest.raises(EvomergeError) as err:
+        check_version("4.2.1")
+    assert "optuna 4.2.1 is installed" in str(err.value) and PIN in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(EvomergeError, match="pip install"):
+        check_version("6.0.0.dev0")

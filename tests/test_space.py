@@ -5,9 +5,11 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
-from fixtures import make_tiny_llama
+from fixtures import make_tiny_gpt2, make_tiny_llama
 
-from evomerge.space import SpaceError, load_space, parse_space
+from evomerge.search.samplers import default_sampler
+from evomerge.space import (SpaceError, distributions, equal_params, load_space, parse_space,
+                            start_points, trial_recipe)
 from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe
 from merge_engine.validate import check_recipe
 
@@ -36,7 +38,7 @@ def space_dict(zoo, **overrides):
 
 
 def recipe_of(space, params=None) -> MergeRecipe:
-    recipe = space.recipe(optuna.trial.FixedTrial(params or space.equal_params()))
+    recipe = trial_recipe(space, optuna.trial.FixedTrial(params or equal_params(space)))
     assert not check_recipe(recipe).problems, check_recipe(recipe).problems
     # What we hand to mergekit must survive a YAML round trip unchanged.
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe
@@ -83,7 +85,7 @@ def test_negative_weights_need_opt_in(zoo):
     with pytest.raises(SpaceError, match="allow_negative_weights"):
         parse_space(space_dict(zoo, search={"weight": [-0.5, 1.0]}))
     space = parse_space(space_dict(zoo, search={"weight": [-0.5, 1.0]}, allow_negative_weights=True))
-    assert space.distributions()["math.weight"].low == -0.5
+    assert distributions(space)["math.weight"].low == -0.5
 
 
 def test_load_space_expands_vars_and_reads_layers(zoo, tmp_path):
@@ -101,8 +103,8 @@ def test_load_space_expands_vars_and_reads_layers(zoo, tmp_path):
 # ---------------------------------------------------------------- shapes
 def test_single_method_scalars(zoo):
     space = parse_space(space_dict(zoo))
-    assert set(space.distributions()) == {"math.weight", "code.weight", "lambda"}
-    lam = space.distributions()["lambda"]
+    assert set(distributions(space)) == {"math.weight", "code.weight", "lambda"}
+    lam = distributions(space)["lambda"]
     assert (lam.low, lam.high) == (0.2, 1.2)  # the registry's search range, not a second table
     recipe = recipe_of(space, {"math.weight": 0.3, "code.weight": 0.7, "lambda": 0.5})
     assert recipe.merge_method == "task_arithmetic"
@@ -114,21 +116,21 @@ def test_single_method_scalars(zoo):
 
 def test_method_choice(zoo):
     space = parse_space(space_dict(zoo, method=["task_arithmetic", "ties", "linear"]))
-    dists = space.distributions()
+    dists = distributions(space)
     assert dists["method"].choices == ("task_arithmetic", "ties", "linear")
     assert "math.density" in dists and "base.weight" in dists  # linear merges the base too
-    ties = recipe_of(space, {**space.equal_params("ties"), "math.density": 0.4})
+    ties = recipe_of(space, {**equal_params(space, "ties"), "math.density": 0.4})
     assert ties.merge_method == "ties" and ties.models[0].parameters["density"] == 0.4
-    linear = recipe_of(space, space.equal_params("linear"))
+    linear = recipe_of(space, equal_params(space, "linear"))
     assert linear.base_model is None and len(linear.models) == 3
 
 
 def test_layer_groups_and_filters_give_exact_per_layer_values(zoo):
     space = parse_space(space_dict(zoo, layer_granularity=2, filters=["self_attn", "mlp"]))
-    names = set(space.distributions())
+    names = set(distributions(space))
     assert "layers_00_01.mlp.math.weight" in names and "layers_02_03.rest.code.weight" in names
     assert "lambda" in names  # global parameters stay one number unless asked
-    params = space.equal_params()
+    params = equal_params(space)
     params.update({"layers_00_01.mlp.math.weight": 0.1, "layers_02_03.mlp.math.weight": 0.9,
                    "layers_02_03.self_attn.math.weight": 0.6, "layers_00_01.rest.math.weight": 0.2})
     weight = recipe_of(space, params).models[0].parameters["weight"]
@@ -141,8 +143,8 @@ def test_layer_groups_and_filters_give_exact_per_layer_values(zoo):
 
 def test_smooth_control_points(zoo):
     space = parse_space(space_dict(zoo, layer_granularity=2, smooth=True))
-    assert {"layer_00.math.weight", "layer_03.math.weight"} <= set(space.distributions())
-    params = {**space.equal_params(), "layer_00.math.weight": 0.0, "layer_03.math.weight": 0.9}
+    assert {"layer_00.math.weight", "layer_03.math.weight"} <= set(distributions(space))
+    params = {**equal_params(space), "layer_00.math.weight": 0.0, "layer_03.math.weight": 0.9}
     weight = recipe_of(space, params).models[0].parameters["weight"]
     assert weight == [0.0, 0.9]
     assert per_layer(weight, "x") == pytest.approx([0.0, 0.3, 0.6, 0.9])
@@ -150,17 +152,17 @@ def test_smooth_control_points(zoo):
 
 def test_negative_weights_on_reach_the_recipe(zoo):
     space = parse_space(space_dict(zoo, allow_negative_weights=True))
-    assert space.distributions()["math.weight"].low == -1.0
+    assert distributions(space)["math.weight"].low == -1.0
     recipe = recipe_of(space, {"math.weight": -0.4, "code.weight": 0.8, "lambda": 1.0})
     assert recipe.models[0].parameters["weight"] == -0.4
     off = parse_space(space_dict(zoo))
-    assert off.distributions()["math.weight"].low == 0.0
+    assert distributions(off)["math.weight"].low == 0.0
 
 
 def test_fixed_parameters_normalize_and_dtype(zoo):
     space = parse_space(space_dict(zoo, method="ties", search={"weight": [0.1, 0.9]},
                                    parameters={"density": 0.5}, normalize="search", dtype="bfloat16"))
-    assert set(space.distributions()) == {"math.weight", "code.weight", "normalize"}
+    assert set(distributions(space)) == {"math.weight", "code.weight", "normalize"}
     recipe = recipe_of(space, {"math.weight": 0.5, "code.weight": 0.5, "normalize": False})
     assert recipe.parameters == {"density": 0.5, "normalize": False}
     assert recipe.dtype == "bfloat16"
@@ -168,12 +170,12 @@ def test_fixed_parameters_normalize_and_dtype(zoo):
 
 def test_start_recipe_maps_back_to_params(zoo, tmp_path):
     space = parse_space(space_dict(zoo, layer_granularity=2, filters=["mlp"]))
-    params = {name: round(0.1 + 0.03 * i, 4) for i, name in enumerate(space.distributions())}
+    params = {name: round(0.1 + 0.03 * i, 4) for i, name in enumerate(distributions(space))}
     recipe = recipe_of(space, params)
     (tmp_path / "known.yaml").write_text(recipe.to_yaml())
     again = parse_space(space_dict(zoo, layer_granularity=2, filters=["mlp"],
                                    start=["equal", str(tmp_path / "known.yaml")]))
-    (_, equal), (label, back) = again.start_points()
+    (_, equal), (label, back) = start_points(again)
     assert back == pytest.approx(params) and label.startswith("recipe:")
     assert equal["layers_00_01.mlp.math.weight"] == 0.5
 
@@ -192,14 +194,33 @@ def test_every_example_space_loads(tmp_path):
     for path in spaces:
         assert path.read_text().startswith("# evomerge "), f"{path.name} must start with its command"
         space = load_space(path, variables={"ZOO": str(tmp_path)})
-        assert space.recipe(optuna.trial.FixedTrial(space.equal_params())).models
+        assert trial_recipe(space, optuna.trial.FixedTrial(equal_params(space))).models
 
 
 def test_default_sampler_follows_the_space_size(zoo):
-    from evomerge.space import GP_MAX_PARAMS
+    from evomerge.search.samplers import GP_MAX_PARAMS
 
     small = parse_space(space_dict(zoo))
-    assert len(small.distributions()) <= GP_MAX_PARAMS and small.default_sampler == "gp"
+    assert len(distributions(small)) <= GP_MAX_PARAMS and default_sampler(small) == "gp"
     big = parse_space(space_dict(zoo, layer_granularity=1, filters=["self_attn", "mlp"]))
-    assert len(big.distributions()) > GP_MAX_PARAMS and big.default_sampler == "cmaes"
-    assert parse_space(space_dict(zoo, sampler="tpe")).default_sampler == "tpe"
+    assert len(distributions(big)) > GP_MAX_PARAMS and default_sampler(big) == "cmaes"
+    assert default_sampler(parse_space(space_dict(zoo, sampler="tpe"))) == "tpe"
+
+
+def test_gpt2_style_space_reads_n_layer_and_maps_recipes_back(tmp_path):
+    """A GPT-2 config declares ``n_layer`` and its stack is ``transformer.h.N.``: the space reads
+    the layer count and places start-recipe values on the model's own tensor names."""
+    for name, seed in (("a", 1), ("b", 2)):
+        make_tiny_gpt2(tmp_path / name, seed, num_layers=3)
+    data = {"name": "g", "models": [str(tmp_path / "a"), str(tmp_path / "b")], "method": "linear",
+            "layer_granularity": 1, "filters": ["attn"], "eval": {"tasks": ["smoke_mc"], "limit": 8}}
+    space = parse_space(data)
+    assert space.num_layers == 3
+    params = {name: round(0.1 + 0.02 * i, 4) for i, name in enumerate(distributions(space))}
+    recipe = trial_recipe(space, optuna.trial.FixedTrial(params))
+    weight = recipe.models[0].parameters["weight"]
+    assert evaluate_setting(weight, "transformer.h.2.attn.c_attn.weight", 1.0) == params["layers_02_02.attn.a.weight"]
+    assert evaluate_setting(weight, "transformer.h.1.ln_1.weight", 0.5) == params["layers_01_01.rest.a.weight"]
+    (tmp_path / "known.yaml").write_text(recipe.to_yaml())
+    (_, back), = start_points(parse_space({**data, "start": str(tmp_path / "known.yaml")}))
+    assert back == pytest.approx(params)

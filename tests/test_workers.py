@@ -28,9 +28,8 @@ from pg import postgres_url  # noqa: F401  (the fixture)
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
-from evomerge.search import enqueue_start_points, open_study
-from evomerge.space import SearchSpace, parse_space
-from evomerge.storage import CONNECT_TIMEOUT, Heartbeat, open_storage, redact
+from evomerge.search.study import CONNECT_TIMEOUT, Heartbeat, enqueue_start_points, open_storage, open_study, redact
+from evomerge.space import SearchSpace, parse_space, trial_recipe
 from merge_engine.recipe import MergeRecipe, load_recipe, parse_recipe
 
 # Short heartbeats so a dead worker's trial is retried within seconds, not a minute.
@@ -90,8 +89,11 @@ class TrialWatch:
                 self.storage = optuna.storages.RDBStorage(self.url)
             study_id = self.storage.get_study_id_from_name(self.study)
             return self.storage.get_all_trials(study_id, deepcopy=False)
-        except (KeyError, sqlalchemy.exc.OperationalError, optuna.exceptions.StorageInternalError):
-            return []  # no study yet, or SQLite locked by the (maybe stopped) writer
+        except (KeyError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError,
+                optuna.exceptions.StorageInternalError):
+            # no study yet, SQLite locked by the (maybe stopped) writer, or both processes creating
+            # the schema at once (the child wins; the next call looks again)
+            return []
 
 
 def running_trial_of(trials: list[FrozenTrial], pid: int) -> FrozenTrial | None:
@@ -141,7 +143,7 @@ def assert_recipes_reproduce(trials: list[FrozenTrial], space: SearchSpace, tmp:
     with InMemoryMerger(resident()) as long_lived:
         for t in trials:
             recipe: MergeRecipe = parse_recipe(yaml.safe_load(t.user_attrs["recipe"]))
-            assert recipe.to_yaml() == space.recipe(FixedTrial(t.params)).to_yaml(), t.number
+            assert recipe.to_yaml() == trial_recipe(space, FixedTrial(t.params)).to_yaml(), t.number
             on_disk = load_state(run_merge(recipe, tmp / f"trial{t.number}", device="cpu").out_dir)
             with InMemoryMerger(resident()) as fresh:
                 fresh.apply(recipe)
@@ -206,9 +208,8 @@ def test_workers_share_a_study_and_retry_a_killed_workers_trial(zoo, tmp_path, p
     # If it is still RUNNING, the survivors finished the budget within the grace period and
     # nobody asked for a trial after it: raise the budget.
     assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["pid"] == victim.pid
-    # Optuna's heartbeat retry marks the retry (RetryHeartbeatStaleTrialCallback.retried_trial_number);
-    # recover_stale_trials would not.
-    # (a late-joining worker may instead find it through recover_stale_trials: same host, dead pid)
+    # evomerge.search.workers.retry_dead_trials marks the retry with retry_of, whether it found the
+    # trial by its heartbeat or (a late-joining worker on this host) by its dead pid.
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number
                or t.user_attrs.get("retry_of") == killed.number]
     assert len(retries) == 1, f"trial {killed.number} of the killed worker was not retried: {dead.state}"
@@ -332,3 +333,37 @@ def test_heartbeat_settings_from_the_environment():
         Heartbeat.from_env({"EVOMERGE_GRACE_PERIOD": "soon"})
     with pytest.raises(EvomergeError, match="grace period > interval"):
         Heartbeat(interval=10, grace_period=10)
+
+
+def test_a_candidate_that_keeps_killing_its_worker_stops_after_max_retry(tmp_path):
+    """Same host, dead pid: the trial is failed and retried (``retry_of``), until the candidate
+    has been retried ``max_retry`` times; then it stays FAIL and is not enqueued again."""
+    from optuna.distributions import FloatDistribution
+
+    from evomerge.search.workers import retry_dead_trials
+
+    beat = Heartbeat(interval=1, grace_period=2, max_retry=2)
+    study = optuna.create_study(storage=open_storage(None, tmp_path / "study.db", heartbeat=beat))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"start_point": "equal"})
+    numbers = []
+    for _ in range(4):
+        trial = study.ask({"x": FloatDistribution(0, 1)})
+        assert trial.params == {"x": 0.25}
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": _dead_pid()})
+        numbers.append(trial.number)
+        assert retry_dead_trials(study, beat) == [trial.number]
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            break
+    trials = study.get_trials()
+    assert numbers == [0, 1, 2] and all(t.state == TrialState.FAIL for t in trials)
+    assert [t.user_attrs.get("retry_of") for t in trials] == [None, 0, 1]
+    assert all(t.user_attrs["start_point"] == "equal" for t in trials)
+    assert "interrupted" in trials[0].user_attrs["error"]
+    assert "not retried again" in trials[2].user_attrs["error"]
+    assert retry_dead_trials(study, beat) == []  # nothing is failed or retried twice
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

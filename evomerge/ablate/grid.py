@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError
 
 from evomerge.errors import EvomergeError, ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
-from evomerge.variables import VAR, expand_vars as _expand
+from evomerge.space.load import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
 

@@ -22,7 +22,7 @@ DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
 
 def cmd_search(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from evomerge.search import RunOptions
+    from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
     space = load_space(args.space, variables=dict(args.var))
@@ -42,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from evomerge.search import quiet_optuna, run_worker
+    from evomerge.search.run import quiet_optuna, run_worker
 
     line = ProgressLine(sys.stderr)
     with quiet_optuna(), library_output_hidden(args.verbose):
@@ -56,7 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from evomerge.search import RunOptions
+    from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
     start = time.monotonic()
@@ -75,12 +75,15 @@ def _run(space, options, verbose: bool = False) -> int:
     quiet_libraries()
     import optuna
 
-    from evomerge.results import redact, report_table
-    from evomerge.search import quiet_optuna, run_search
+    from evomerge.results import report_table
+    from evomerge.search.run import quiet_optuna, run_search
+    from evomerge.search.samplers import default_sampler
+    from evomerge.search.study import redact
+    from evomerge.space import distributions
 
     line = ProgressLine(sys.stderr)
-    print(f"search {space.name}: {len(space.distributions())} parameters, sampler "
-          f"{options.sampler or space.default_sampler}, output {options.out_dir}", file=sys.stderr)
+    print(f"search {space.name}: {len(distributions(space))} parameters, sampler "
+          f"{options.sampler or default_sampler(space)}, output {options.out_dir}", file=sys.stderr)
     with quiet_optuna(), library_output_hidden(verbose):
         summary = run_search(space, options, progress=line)
     line.finish()
@@ -110,9 +113,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("space", help="search space YAML (see search_spaces/)")
     _add_run_options(p)
     p.add_argument("--study", help="study name (default: the space's name)")
-    p.add_argument("--sampler", choices=["cmaes", "tpe", "gp", "random", "nsga2"],
-                   help="default: gp for one objective over <= 16 parameters, cmaes over more, "
-                        "nsga2 for several objectives")
+    p.add_argument("--sampler", metavar="NAME",
+                   help="an Optuna sampler by name (an unknown name lists the known ones); default: "
+                        "gp for one objective over few parameters, cmaes over many, nsga2 for several "
+                        "objectives")
     p.add_argument("--timeout", type=float, help="stop asking for new trials after S seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output dir)")
     add_var_option(p, "space file")

@@ -1,47 +1,40 @@
-"""Where a study lives: an Optuna storage that survives dead workers, and its user-facing errors.
+"""Where a study lives and what it holds: the storage, the stored space, the start points.
 
     storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per process
-    study = optuna.create_study(storage=storage, ...)                  # optuna takes the object
-    trial = ask(study)                       # fails trials of dead workers first, then asks
-    with heartbeat(study, trial):            # "this worker is alive" every interval
-        ...evaluate, study.tell(...)
+    study = open_study(space, storage=storage, study_name=name)        # creates or resumes
+    enqueue_start_points(study, space)                                 # once, when new
 
-A worker killed mid-trial (SIGKILL, OOM, preemption, a lost machine) stops sending heartbeats.
-After the grace period the next worker that asks for a trial marks it FAIL and enqueues its
-parameters again as a WAITING trial (user attr ``retry_of``, Optuna's system attrs
-``failed_trial``/``retry_history``), which the next ``ask`` picks up. Optuna records heartbeats
-only inside ``Study.optimize``; our loop is ask/tell, hence :func:`ask` and :func:`heartbeat`.
-
-Heartbeat settings come from :class:`Heartbeat` (defaults suit trials of seconds to hours:
-the heartbeat runs in its own thread, so the trial's length does not matter) or from the
-environment of a worker: ``EVOMERGE_HEARTBEAT_INTERVAL``, ``EVOMERGE_GRACE_PERIOD`` (seconds)
-and ``EVOMERGE_MAX_RETRY``.
+Everything a worker needs to join a study lives in the study itself: the search space (with its
+eval settings) is stored in the study's user attrs (:func:`space_from_study`). Storages record
+heartbeats; how trials of dead workers are found and retried is :mod:`evomerge.search.workers`.
+Heartbeat settings come from :class:`Heartbeat` (defaults suit trials of seconds to hours: the
+heartbeat runs in its own thread, so the trial's length does not matter) or from the environment
+of a worker: ``EVOMERGE_HEARTBEAT_INTERVAL``, ``EVOMERGE_GRACE_PERIOD`` (seconds) and
+``EVOMERGE_MAX_RETRY``.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
-from optuna.trial import FrozenTrial
+from optuna.storages import BaseStorage, RDBStorage
 
+from evomerge.adapters.optuna import storage_url
 from evomerge.errors import EvomergeError
+from evomerge.results.store import checkpoint_fingerprints, evomerge_version
+from evomerge.search.samplers import default_sampler, make_pruner, make_sampler
+from evomerge.space import SearchSpace, start_points
 
 CONNECT_TIMEOUT = 5      # seconds to reach a database server before giving up
 SQLITE_BUSY_TIMEOUT = 60  # seconds a SQLite write waits for another process's lock
-# User attrs a retried trial keeps from the trial it retries (the rest belong to that attempt).
-_CARRIED_ATTRS = ("start_point",)
 
 
 @dataclass(frozen=True)
@@ -79,18 +72,6 @@ class Heartbeat:
         return cls(**values)
 
 
-class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry of a heartbeat-stale trial, with our ``retry_of`` user attr on the retry
-    (as :func:`evomerge.search.recover_stale_trials` writes it) and without the dead attempt's
-    worker, recipe and scores."""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial = copy.copy(trial)
-        trial.user_attrs = {**{k: trial.user_attrs[k] for k in _CARRIED_ATTRS if k in trial.user_attrs},
-                            "retry_of": trial.number}
-        super().__call__(study, trial)
-
-
 def open_storage(url: str | None, default_sqlite: Path | None = None, *,
                  heartbeat: Heartbeat | None = None) -> RDBStorage:
     """The storage at ``url`` (default: SQLite at ``default_sqlite``), with heartbeats on.
@@ -114,8 +95,7 @@ def open_storage(url: str | None, default_sqlite: Path | None = None, *,
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat args are "experimental"
         try:
             return RDBStorage(url, engine_kwargs=_engine_kwargs(url),
-                              heartbeat_interval=beat.interval, grace_period=beat.grace_period,
-                              heartbeat_stale_trial_callback=RetryStaleTrial(max_retry=beat.max_retry))
+                              heartbeat_interval=beat.interval, grace_period=beat.grace_period)
         except ImportError as err:
             raise EvomergeError(f"storage {redact(url)}: its database driver is not installed "
                                 f"({_first_line(err.__cause__ or err)}); install it (PostgreSQL: "
@@ -152,32 +132,68 @@ def _first_line(err: BaseException) -> str:
 def redact(url: str | BaseStorage) -> str:
     """A storage URL (or a storage's URL) fit to print: the password replaced by ``***``."""
     if isinstance(url, BaseStorage):
-        backend = getattr(url, "_backend", url)  # optuna wraps RDBStorage in a cache
-        url = getattr(backend, "url", type(backend).__name__)
+        url = storage_url(url)
     return re.sub(r"(://[^:/@\s]+):\S*@", r"\1:***@", str(url))  # to the last @: passwords may hold one
 
 
-# ---------------------------------------------------------------- the ask/tell loop
-def ask(study: optuna.Study) -> optuna.Trial:
-    """``study.ask()`` after failing the trials whose worker stopped sending heartbeats (their
-    parameters are enqueued again, so this ask may be the retry)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        # optuna warns that heartbeats are meant for optimize(): heartbeat() below does its part.
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-        optuna.storages.fail_stale_trials(study)
-        return study.ask()
+# ---------------------------------------------------------------- the study
+# Fields of a space that may change between runs of one study (a resume with a larger budget).
+_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start")
 
 
-@contextmanager
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record ``trial``'s heartbeat now and every interval until the block ends (nothing on
-    storages without heartbeats). The first one is written before the block starts, so a worker
-    killed inside the block always leaves a trial that will be found stale."""
-    storage = study._storage
-    if not is_heartbeat_enabled(storage):
-        yield
-        return
-    storage.record_heartbeat(trial._trial_id)
-    with get_heartbeat_thread(trial._trial_id, storage):
-        yield
+def default_storage(out_dir: Path) -> str:
+    return f"sqlite:///{(Path(out_dir) / 'study.db').resolve()}"
+
+
+def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: str,
+               sampler: str | None = None) -> optuna.Study:
+    """Create the study, or load it when it exists (its space must match this one)."""
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, load_if_exists=True,
+        directions=space.directions,
+        sampler=make_sampler(sampler or default_sampler(space), seed=space.seed,
+                             n_objectives=len(space.objectives), pruning=space.pruning is not None,
+                             budget=space.budget.trials),
+        pruner=make_pruner(space.pruning))
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        study.set_user_attr("space", space.model_dump(mode="json"))
+        study.set_user_attr("objectives", list(space.objectives))
+        study.set_user_attr("evomerge_version", evomerge_version())
+        study.set_user_attr("checkpoints", checkpoint_fingerprints(space))
+    elif _comparable(stored) != _comparable(space.model_dump(mode="json")):
+        raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
+                            "different search space; use the same space file or a new --study name")
+    return study
+
+
+def _comparable(dump: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dump.items() if k not in _RESUMABLE_FIELDS}
+
+
+def space_from_study(study: optuna.Study) -> SearchSpace:
+    """The search space a study was created with (a worker needs nothing else to join)."""
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        raise EvomergeError(f"study {study.study_name!r} holds no evomerge search space; "
+                            "was it created by `evomerge search`?")
+    return SearchSpace.model_validate(stored)
+
+
+def load_stored_study(storage: str | BaseStorage, study_name: str) -> optuna.Study:
+    """An existing study by name; a missing one names the studies the storage holds."""
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise EvomergeError(f"no study {study_name!r} in {redact(storage)}; "
+                            f"studies there: {optuna.get_all_study_names(storage)}") from None
+
+
+def enqueue_start_points(study: optuna.Study, space: SearchSpace) -> int:
+    """Enqueue the space's start points once, when the study is new."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    points = start_points(space)
+    for label, params in points:
+        study.enqueue_trial(params, user_attrs={"start_point": label})
+    return len(points)

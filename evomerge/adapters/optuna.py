@@ -1,0 +1,125 @@
+"""The only code that touches optuna's private internals, each behind one small named function.
+
+Tested on :data:`SUPPORTED` (pinned in pyproject.toml); importing this module with another optuna
+installed raises one line naming the installed and the supported versions and the fix.
+Internals used: the heartbeat helpers of ``optuna.storages._heartbeat``, a study's ``_storage``
+and ``_study_id``, a trial's ``_trial_id``, a storage's ``_get_stale_trial_ids`` and the cache
+wrapper's ``_backend``, and ``Study._get_trials`` (what samplers read trials through).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import EvomergeError
+
+SUPPORTED = ((5, 0), (5, 1))  # optuna >=5.0,<5.1 (lower bound included, upper excluded)
+PIN = "optuna>=5.0,<5.1"
+
+
+def check_version(installed: str) -> None:
+    """Raise :class:`EvomergeError` unless ``installed`` is in :data:`SUPPORTED`."""
+    match = re.match(r"(\d+)\.(\d+)", installed)
+    version = (int(match.group(1)), int(match.group(2))) if match else None
+    if version is None or not SUPPORTED[0] <= version < SUPPORTED[1]:
+        raise EvomergeError(f"optuna {installed} is installed but evomerge supports {PIN} (it relies on "
+                            f"optuna internals that change between versions); run: pip install '{PIN}'")
+
+
+check_version(optuna.__version__)
+
+
+# ---------------------------------------------------------------- storage
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage object a study reads and writes through."""
+    return study._storage
+
+
+def storage_url(storage: BaseStorage) -> str:
+    """The database URL of a storage (through optuna's cache wrapper), or its class name."""
+    backend = getattr(storage, "_backend", storage)
+    return getattr(backend, "url", type(backend).__name__)
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (not its number within the study)."""
+    return trial._trial_id
+
+
+# ---------------------------------------------------------------- heartbeats and dead trials
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record ``trial``'s heartbeat now and every interval until the block ends (nothing on
+    storages without heartbeats). The first one is written before the block starts, so a worker
+    killed inside the block always leaves a trial that will be found stale."""
+    storage = storage_of(study)
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    storage.record_heartbeat(trial_id(trial))
+    with get_heartbeat_thread(trial_id(trial), storage):
+        yield
+
+
+def heartbeat_stale_trial_ids(study: optuna.Study) -> set[int]:
+    """Ids of RUNNING trials without a heartbeat for the storage's grace period (none on
+    storages without heartbeats)."""
+    storage = storage_of(study)
+    if not is_heartbeat_enabled(storage):
+        return set()
+    return set(storage._get_stale_trial_ids(study._study_id))
+
+
+def set_running_trial_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> bool:
+    """Set a user attr of a trial that may belong to another process; False once it finished."""
+    try:
+        storage_of(study).set_trial_user_attr(trial_id(trial), key, value)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
+
+
+def fail_if_running(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Mark ``trial`` FAIL unless it already finished. True for exactly one caller: of several
+    workers that find the same dead trial, only the one whose update lands retries it."""
+    try:
+        return storage_of(study).set_trial_state_values(trial_id(trial), state=TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+# ---------------------------------------------------------------- samplers
+class PrunedAsComplete:
+    """A read-only view of a study in which each pruned trial with a reported value looks
+    complete, valued at its last report (the cheap-first score). Samplers read trials through
+    ``Study._get_trials``, so that is the method this view answers."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states: object = None,
+                    use_cache: bool = False) -> list[FrozenTrial]:
+        wanted = None if states is None else tuple(states)
+        ask = None if wanted is None else tuple(set(wanted) | {TrialState.PRUNED})
+        out = []
+        for t in self._study._get_trials(deepcopy=False, states=ask, use_cache=use_cache):
+            if t.state == TrialState.PRUNED:
+                if not t.intermediate_values or (wanted is not None and TrialState.COMPLETE not in wanted):
+                    continue
+                t = copy.deepcopy(t)
+                t.state = TrialState.COMPLETE
+                t.values = [t.intermediate_values[max(t.intermediate_values)]]
+            out.append(t)
+        return out

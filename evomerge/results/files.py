@@ -1,0 +1,101 @@
+"""The result files of a search, rebuilt from the study alone (so any storage can be exported).
+
+Layout of ``out_dir``::
+
+    trials.csv                  one row per trial: state, values, per-task scores, params, error
+    best/01_trial0007.yaml      top-k recipes (mergekit YAML, original model paths), comment header
+    best/01_trial0007.json      provenance: scores on the search and held-out splits, seeds,
+                                versions, sha256 of the input checkpoints' headers
+    plots/*.png                 optimization history, Pareto front, parameter importances
+    report.txt                  held-out scores of the top-k next to every input model's
+    summary.json, space.yaml    the run at a glance; the space the study was created with
+
+Every file is written to a temporary name and renamed into place (best/ as a whole directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import optuna
+import yaml
+
+from evomerge.errors import EvomergeError, atomic_write
+from evomerge.results.plots import write_plots
+from evomerge.results.report import report_table, summary, trials_frame
+from evomerge.results.store import provenance, top_trials, trial_recipe_of
+
+
+def write_results(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
+    """Write trials.csv, best/, plots/, summary.json and space.yaml for ``study``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"trials": atomic_write(out_dir / "trials.csv", trials_frame(study).to_csv(index=False)),
+             "best": write_best(study, out_dir / "best")}
+    if "space" in study.user_attrs:
+        files["space"] = atomic_write(out_dir / "space.yaml", yaml.safe_dump(
+            study.user_attrs["space"], sort_keys=False))
+    files.update(write_plots(study, out_dir / "plots"))
+    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
+    files["report"] = atomic_write(out_dir / "report.txt", report_table(study, k) + "\n")
+    files["summary"] = atomic_write(out_dir / "summary.json", json.dumps(summary(study), indent=2))
+    return files
+
+
+def write_best(study: optuna.Study, best_dir: Path) -> Path:
+    """best/NN_trialNNNN.yaml (recipe with a provenance header) + .json for the top-k trials."""
+    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
+    best_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
+    os.chmod(build, 0o777 & ~_umask())
+    for rank, t in enumerate(top_trials(study, k), 1):
+        stem = f"{rank:02d}_trial{t.number:04d}"
+        recipe = trial_recipe_of(t)
+        prov = provenance(study, t, rank)
+        header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
+                  f"# objectives: {json.dumps(prov['values'])}",
+                  f"# search split: {json.dumps(prov['search_scores'])}",
+                  f"# held-out report split: {json.dumps(prov['report_scores'])}",
+                  f"# provenance (seeds, versions, checkpoint sha256): {stem}.json",
+                  f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR"]
+        (build / f"{stem}.yaml").write_text("\n".join(header) + "\n" + recipe.to_yaml())
+        (build / f"{stem}.json").write_text(json.dumps(prov, indent=2, default=str))
+    _replace_dir(build, best_dir)
+    return best_dir
+
+
+def _replace_dir(build: Path, target: Path) -> None:
+    """Swap a fully written directory into place (the old one is removed after the rename)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(build, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:
+    """Rebuild a run's result files from any Optuna storage URL."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise EvomergeError(f"no study {study_name!r} in {_redact(storage)}; studies there: {names}") from None
+    return write_results(study, out_dir)
+
+
+def _redact(storage: str) -> str:
+    from evomerge.search.study import redact  # the one rule for printing a storage URL
+
+    return redact(storage)

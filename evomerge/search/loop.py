@@ -1,0 +1,174 @@
+"""The search loop on Optuna's ask/tell: ask → recipe → apply in place → evaluate → tell.
+
+One recipe object per trial: :func:`~evomerge.space.genome.trial_recipe` builds (and validates)
+it once, it is stored in the trial (user attr ``recipe``) and written into the resident model.
+A candidate that fails is told FAIL with its cause in the trial's user attrs; the search goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.candidate import Candidate
+from evomerge.results.store import best_values
+from evomerge.search.study import Heartbeat
+from evomerge.search.workers import ask, heartbeat, worker_id
+from evomerge.space import SCORE, SearchSpace, trial_recipe
+from merge_engine.errors import NonFiniteError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class Evaluators:
+    """The evaluators of one run: ``search`` scores every candidate, ``cheap`` scores it first on
+    fewer docs (cheap-first pruning, or None), ``report`` scores the best ones on the held-out
+    split (or None). The loop only calls ``evaluate(model, tokenizer) -> EvalResult``.
+
+    Lifecycle: :meth:`for_space` once per run (builds the lm-eval tasks once); :meth:`close` at
+    the end (also via ``with``).
+    """
+
+    search: Any
+    cheap: Any | None = None
+    report: Any | None = None
+
+    @classmethod
+    def for_space(cls, space: SearchSpace, device: str = "cpu") -> Evaluators:
+        from evomerge.evaluate import TaskCatalog, make_evaluator
+
+        catalog = TaskCatalog.for_config(space.eval)
+        cheap = report = None
+        if space.pruning is not None:
+            cheap_cfg = space.eval.model_copy(update={"limit": space.pruning.limit})
+            cheap = make_evaluator(cheap_cfg, device=device, catalog=catalog)
+        if space.report_eval is not None:
+            same = space.report_eval.include_paths == space.eval.include_paths
+            report = make_evaluator(space.report_eval, device=device, catalog=catalog if same else None)
+        return cls(make_evaluator(space.eval, device=device, catalog=catalog), cheap, report)
+
+    def close(self) -> None:
+        for ev in {id(e): e for e in (self.search, self.cheap, self.report) if e is not None}.values():
+            ev.close()
+
+    def __enter__(self) -> Evaluators:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One line of progress, sent after every trial."""
+
+    done: int
+    total: int
+    trial: int
+    state: str
+    values: list[float] | None
+    best: list[float] | None
+    seconds: float
+    eta: float | None
+
+
+# ---------------------------------------------------------------- one candidate
+def objective_values(space: SearchSpace, result: Any) -> list[float]:
+    """The values told to Optuna: the weighted score and/or per-task metrics."""
+    values = [result.score if o == SCORE else result.metric(o) for o in space.objectives]
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteError(f"the evaluation returned a non-finite objective {values}")
+    return values
+
+
+def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
+    trial.set_user_attr(f"{stage}_scores", {t.task: t.value for t in result.tasks})
+    trial.set_user_attr(f"{stage}_samples", result.n_samples)
+    trial.set_user_attr(f"{stage}_seconds", round(result.wall_time_s, 3))
+
+
+def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
+              evaluators: Evaluators) -> list[float]:
+    """Score one candidate; raises ``optuna.TrialPruned`` when the cheap-first check stops it."""
+    recipe = trial_recipe(space, trial)
+    trial.set_user_attr("recipe", recipe.to_yaml())
+    trial.set_user_attr("seed", {"merge": recipe.seed, "eval": space.eval.seed})
+    candidate.apply(recipe)
+    if evaluators.cheap is not None:
+        cheap = evaluators.cheap.evaluate(candidate.model, candidate.tokenizer)
+        _record(trial, "cheap", cheap)
+        trial.report(cheap.score, step=0)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"cheap-first score {cheap.score:.4f} below the pruning bar")
+    result = evaluators.search.evaluate(candidate.model, candidate.tokenizer)
+    _record(trial, "search", result)
+    return objective_values(space, result)
+
+
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
+                 evaluators: Evaluators) -> TrialState:
+    """Run the candidate and tell Optuna how it ended; only KeyboardInterrupt propagates."""
+    try:
+        values = run_trial(trial, space, candidate, evaluators)
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    except KeyboardInterrupt:
+        trial.set_user_attr("error", "interrupted by the user; its params were enqueued again")
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        raise
+    except Exception as err:  # a bad candidate must not end the search
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL
+    study.tell(trial, values)
+    return TrialState.COMPLETE
+
+
+# ---------------------------------------------------------------- the loop
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, evaluators: Evaluators,
+                *, trials: int, timeout: float | None, progress: Callable[[Progress], None] | None = None,
+                beat: Heartbeat | None = None) -> str | None:
+    """Evaluate candidates until ``trials`` finished trials exist; returns why it stopped early.
+    ``beat`` (default: from the environment) says when a trial's worker counts as dead."""
+    beat = beat or Heartbeat.from_env()
+    start, failures = time.monotonic(), 0
+    max_failures = space.budget.max_failures or max(10, trials)
+    done_at_start = count_finished(study)
+    while (done := count_finished(study)) < trials:
+        if timeout is not None and time.monotonic() - start > timeout:
+            return f"timeout of {timeout:g}s reached"
+        if failures >= max_failures:
+            return f"{failures} candidates failed in this run; see the error column of trials.csv"
+        t0 = time.monotonic()
+        trial = ask(study, beat)  # first fails the trials of dead workers and retries them
+        with heartbeat(study, trial):
+            trial.set_user_attr("worker", worker_id())
+            state = tell_outcome(study, trial, space, candidate, evaluators)
+        failures += state == TrialState.FAIL
+        if progress is not None:
+            progress(_progress(study, trial.number, state, trials, done_at_start, start, t0))
+    return None
+
+
+def _progress(study: optuna.Study, number: int, state: TrialState, total: int, done_at_start: int,
+              start: float, t0: float) -> Progress:
+    now = time.monotonic()
+    done = count_finished(study)
+    frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    rate = (now - start) / max(done - done_at_start, 1)
+    eta = rate * (total - done) if done > done_at_start else None
+    return Progress(done, total, number, state.name, frozen.values if frozen else None,
+                    best_values(study), now - t0, eta)

@@ -1,0 +1,148 @@
+"""One run of a search: open (or resume) the study, evaluate candidates until the budget of
+finished trials is reached, score the best ones on the held-out report split, write the results.
+
+    summary = run_search(space, RunOptions(out_dir=Path("runs/x")))     # starts or resumes
+    summary = run_worker(storage_url, study_name)                       # joins from anywhere
+
+Lifecycle of one run: one storage, one study, one resident :class:`~evomerge.candidate.Candidate`
+(the base model, merged into in place per trial) and one set of evaluators, closed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.candidate import Candidate
+from evomerge.errors import EvomergeError
+from evomerge.results.files import write_results
+from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
+from evomerge.search.held_out import evaluate_held_out
+from evomerge.search.loop import Evaluators, Progress, count_finished, search_loop
+from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
+                                   open_storage, open_study, space_from_study)
+from evomerge.search.workers import retry_dead_trials
+from evomerge.space import SearchSpace
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line overrides of a space's settings, and where the run writes."""
+
+    out_dir: Path
+    storage: str | None = None       # default: sqlite:///<out_dir>/study.db
+    study_name: str | None = None    # default: the space's name
+    sampler: str | None = None
+    trials: int | None = None
+    timeout: float | None = None
+    materialize: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from evomerge.search.samplers import SAMPLERS
+
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise EvomergeError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+
+
+@dataclass
+class SearchSummary:
+    study_name: str
+    storage: str
+    out_dir: Path
+    finished: int
+    failed_this_run: int
+    samples: int
+    samples_without_pruning: int
+    stopped: str | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
+    """The resident model of a search: the base model (else the first model) in the space's dtype."""
+    from merge_engine.io.refs import ModelRef
+    from merge_engine.io.resolve import resolve_model_dir
+
+    resident = space.base_model or space.models[0]
+    return Candidate.load(resolve_model_dir(ModelRef.parse(resident.model)), dtype=space.dtype, device=device)
+
+
+def run_search(space: SearchSpace, options: RunOptions, *,
+               progress: Callable[[Progress], None] | None = None,
+               evaluators: dict[str, Any] | None = None) -> SearchSummary:
+    """Run (or resume) a search and write its results to ``options.out_dir``. ``evaluators``
+    (keys ``search``, ``cheap``, ``report``) replaces the real ones."""
+    out_dir = Path(options.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = options.storage or default_storage(out_dir)
+    study_name = options.study_name or space.name
+    trials = options.trials or space.budget.trials
+    timeout = options.timeout if options.timeout is not None else space.budget.timeout
+
+    beat = Heartbeat.from_env()
+    study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
+                       sampler=options.sampler)
+    retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
+    enqueue_start_points(study, space)
+    evals = Evaluators(**evaluators) if evaluators is not None else Evaluators.for_space(space, options.device)
+    with resident_candidate(space, options.device) as candidate, evals:
+        stopped = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
+                              progress=progress, beat=beat)
+        evaluate_held_out(study, space, candidate, evals)
+    files = write_results(study, out_dir)
+    if options.materialize:
+        files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)
+    return summarize(study, storage, out_dir, stopped, files)
+
+
+def run_worker(storage: str, study_name: str, *, trials: int | None = None, device: str = "cpu",
+               progress: Callable[[Progress], None] | None = None) -> SearchSummary:
+    """Join an existing study: evaluate candidates until it has ``trials`` finished trials
+    (default: its space's budget). Needs nothing but the storage URL and the study name; results
+    are written by ``evomerge export`` (or the process that started the search)."""
+    beat = Heartbeat.from_env()
+    opened = open_storage(storage, heartbeat=beat)
+    space = space_from_study(load_stored_study(opened, study_name))
+    study = open_study(space, storage=opened, study_name=study_name)
+    with resident_candidate(space, device) as candidate, Evaluators.for_space(space, device) as evals:
+        stopped = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
+                              timeout=space.budget.timeout, progress=progress, beat=beat)
+    return summarize(study, storage, Path("."), stopped, {})
+
+
+def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu") -> Path:
+    """Write the best trial's merge as a model directory (replacing an older one)."""
+    from merge_engine.merge import run_merge
+
+    best = top_trials(study, 1)
+    if not best:
+        raise EvomergeError("no completed trial to materialize; run more trials")
+    run_merge(trial_recipe_of(best[0]), out_dir, device=device, force=True)
+    return out_dir
+
+
+def summarize(study: optuna.Study, storage: str, out_dir: Path, stopped: str | None,
+              files: dict[str, Path]) -> SearchSummary:
+    stats = sample_stats(study)
+    failed = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                 if (t.user_attrs.get("worker") or {}).get("pid") == os.getpid())
+    return SearchSummary(study.study_name, storage, out_dir, count_finished(study), failed,
+                         stats["samples"], stats["samples_without_pruning"], stopped, files)
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs one INFO line per trial; the CLI prints its own progress line instead."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)

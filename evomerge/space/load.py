@@ -1,0 +1,154 @@
+"""Reading a search space: YAML, ``${VAR}`` expansion, paths relative to the file, layer count.
+
+    space = load_space("search_spaces/zoo_demo.yaml", variables={"ZOO": "zoo"})
+
+:func:`parse_space` builds a space from parsed YAML: it fills ``num_layers`` from the models'
+``config.json`` (any layer-count key the engine knows; no tensors are read) and reports every
+problem at once in one :class:`~evomerge.space.schema.SpaceError`. :func:`expand_vars` is also
+what ablation grids use for their ``${VAR}`` placeholders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.errors import validation_problems
+from evomerge.space.schema import SearchSpace, SpaceError
+from merge_engine.layout import LAYER_COUNT_KEYS, num_layers_from_config
+
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(value: Any, variables: Mapping[str, str], missing: Callable[[str], Exception]) -> Any:
+    """Replace ``${NAME}`` in every string, from ``variables`` then the environment;
+    an unset name raises ``missing(name)``."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            key = m.group(1)
+            if key in variables:
+                return str(variables[key])
+            if key in os.environ:
+                return os.environ[key]
+            raise missing(key)
+        return VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [expand_vars(v, variables, missing) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_vars(v, variables, missing) for k, v in value.items()}
+    return value
+
+
+def _unset(key: str) -> SpaceError:
+    return SpaceError(f"${{{key}}} is not set; pass it (e.g. export {key}=...) or edit the space",
+                      "search space")
+
+
+def _local_paths(data: dict[str, Any], base_dir: Path) -> None:
+    """Model paths written as ./x or ../x are relative to the space file, not the working dir."""
+    def fix(entry: Any) -> Any:
+        path = entry.get("model") if isinstance(entry, dict) else entry
+        if isinstance(path, str) and path.startswith(("./", "../", "~")):
+            path = str((base_dir / Path(path).expanduser()).resolve())
+            return {**entry, "model": path} if isinstance(entry, dict) else path
+        return entry
+
+    if isinstance(data.get("models"), list):
+        data["models"] = [fix(m) for m in data["models"]]
+    if data.get("base_model") is not None:
+        data["base_model"] = fix(data["base_model"])
+    starts = data.get("start")
+    starts = [starts] if isinstance(starts, (str, dict)) else starts
+    if isinstance(starts, list):
+        data["start"] = [{**s, "recipe": str(base_dir / s["recipe"])}
+                         if isinstance(s, dict) and isinstance(s.get("recipe"), str) else s
+                         for s in ({"recipe": s} if isinstance(s, str) and s != "equal" else s
+                                   for s in starts)]
+    for key in ("eval", "report_eval"):
+        block = data.get(key)
+        if isinstance(block, dict) and isinstance(block.get("include_paths"), list):
+            block["include_paths"] = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
+                                      for p in block["include_paths"]]
+
+
+def model_num_layers(path: str) -> int:
+    """The layer count a model's config.json declares (no tensors are read)."""
+    from merge_engine.errors import MergeError
+    from merge_engine.io.refs import ModelRef
+    from merge_engine.io.resolve import resolve_model_dir
+
+    try:
+        folder = resolve_model_dir(ModelRef.parse(path))
+    except (MergeError, ValueError) as err:
+        raise SpaceError(f"model {path}: {err}") from None
+    config = folder / "config.json"
+    if not config.is_file():
+        raise SpaceError(f"model {path} has no config.json; give a transformers model directory")
+    layers = num_layers_from_config(json.loads(config.read_text()))
+    if layers is None:
+        raise SpaceError(f"model {path}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)})")
+    return layers
+
+
+def _num_layers(data: Mapping[str, Any], problems: list[str]) -> int | None:
+    counts: dict[str, int] = {}
+    for entry in [data.get("base_model"), *(data.get("models") or [])]:
+        path = entry.get("model") if isinstance(entry, Mapping) else entry
+        if isinstance(path, str):
+            try:
+                counts[path] = model_num_layers(path)
+            except SpaceError as err:
+                problems.append(err.problems[0])
+    if len(set(counts.values())) > 1:
+        problems.append(f"models have different numbers of layers {counts}; "
+                        "this search merges models of one architecture")
+    return next(iter(counts.values()), None)
+
+
+def parse_space(data: Any, *, source: str = "search space", base_dir: Path | None = None,
+                variables: Mapping[str, str] | None = None) -> SearchSpace:
+    """Build a space from parsed YAML; every problem is reported in one :class:`SpaceError`."""
+    if not isinstance(data, Mapping):
+        raise SpaceError(f"expected a mapping with 'models' and 'method', got {type(data).__name__}",
+                         source)
+    data = expand_vars(dict(data), variables or {}, _unset)
+    if base_dir is not None:
+        _local_paths(data, base_dir)
+    problems: list[str] = []
+    if "num_layers" not in data and (layers := _num_layers(data, problems)) is not None:
+        data["num_layers"] = layers
+    layer_problems = bool(problems)
+    objectives = data.get("objectives")
+    n_objectives = len(objectives) if isinstance(objectives, (list, tuple)) and objectives else 1
+    # The sampler registry belongs to the search (which imports spaces): read at call time.
+    from evomerge.search.samplers import sampler_problems
+
+    problems += sampler_problems(data.get("sampler"), n_objectives)
+    try:
+        space = SearchSpace.model_validate(data)
+    except ValidationError as err:
+        problems += [p for p in validation_problems(err)
+                     if not (layer_problems and p.startswith("num_layers:"))]
+        raise SpaceError(problems, source) from None
+    if problems:
+        raise SpaceError(problems, source)
+    return space
+
+
+def load_space(path: str | Path, variables: Mapping[str, str] | None = None) -> SearchSpace:
+    """Read a search space YAML (``${VAR}`` expanded from ``variables`` or the environment)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"search space file {path} does not exist; check the path", "search space")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpaceError(f"not valid YAML: {str(err).splitlines()[0]}; fix the syntax", str(path)) from None
+    return parse_space(data, source=str(path), base_dir=path.parent.resolve(), variables=variables)

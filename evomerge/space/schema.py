@@ -1,0 +1,392 @@
+"""The search-space file format: frozen pydantic models and their cross-field rules.
+
+A :class:`SearchSpace` is pure configuration: which models, which method(s), which method
+parameters are searched (and how), how candidates are scored, and the search settings. Every
+rule adds one line to the list of problems (the rule and the offending value), so a space
+reports all its problems at once. Turning a space into searched numbers and recipes is
+:mod:`evomerge.space.genome`; reading one from YAML is :mod:`evomerge.space.load`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from evomerge.errors import ProblemsError
+from evomerge.evaluate import EvalConfig
+from merge_engine.methods.spec import MethodSpec
+from merge_engine.recipe import Frozen
+
+SCORE = "score"  # the objective name of the weighted eval score
+REST = "rest"    # the name of the filter entry that matches every tensor no filter took
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class SpaceError(ProblemsError):
+    """A search space is invalid. ``problems`` lists every problem found, one line each."""
+
+
+# ---------------------------------------------------------------- parameters with space-level rules
+@dataclass(frozen=True)
+class GeneRule:
+    """How a space treats one method parameter beyond the registry's declaration of it.
+
+    ``switch``: a top-level space field (e.g. ``normalize``) that fixes the parameter for every
+    method taking it (``true``/``false``) or searches it as one categorical gene of the same name
+    (``"search"``); such a parameter is never searched by default. ``signed_by``: a boolean space
+    field that lets the parameter's range go below 0 (the default range is then mirrored to
+    ``[-high, high]``). ``equal_share``: the ``equal`` start point gives it 1/N per model.
+    """
+
+    param: str
+    switch: str | None = None
+    signed_by: str | None = None
+    equal_share: bool = False
+
+
+# Adding a search parameter kind: a row here (+ its space field below when it has a switch or flag).
+GENE_RULES: dict[str, GeneRule] = {
+    "weight": GeneRule("weight", signed_by="allow_negative_weights", equal_share=True),
+    "normalize": GeneRule("normalize", switch="normalize"),
+}
+SWITCH_CHOICES = (False, True)  # the categorical gene of a switch set to "search"
+
+
+def switches(space: SearchSpace) -> dict[str, bool | str]:
+    """``{param: True/False/"search"}`` for every switch the space sets."""
+    return {r.param: v for r in GENE_RULES.values() if r.switch and (v := getattr(space, r.switch)) is not None}
+
+
+def signed(space: SearchSpace, param: str) -> bool:
+    """Whether the space lets ``param`` go below 0."""
+    rule = GENE_RULES.get(param)
+    return rule is None or rule.signed_by is None or bool(getattr(space, rule.signed_by))
+
+
+# ---------------------------------------------------------------- models
+class ModelEntry(Frozen):
+    """An input model with a short readable name (used in parameter names)."""
+
+    name: str
+    model: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "path" → name from the last path component
+            return {"name": _default_name(value), "model": value}
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _readable(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(f"model name {name!r} must start with a letter and hold only letters, "
+                             "digits, '_' or '-' (it becomes part of parameter names)")
+        return name
+
+
+def _default_name(path: str) -> str:
+    tail = re.sub(r"[^A-Za-z0-9_-]", "_", path.rstrip("/").split("/")[-1].split("@")[0])
+    return tail if tail[:1].isalpha() else "m_" + tail
+
+
+class SearchParam(Frozen):
+    """How one method parameter is searched.
+
+    Short forms: ``[low, high]``; ``true``/``default``/``{}`` for the registry's search range.
+    ``layered`` gives the parameter its own value per layer group and filter (default: yes for
+    per-model parameters, no for global ones). ``choices`` searches a categorical (bool params).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    layered: bool | None = None
+    choices: tuple[Union[bool, int, float], ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if value is None or value is True or value == "default":
+            return {}
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          for v in value):
+                raise ValueError(f"a range is [low, high] with two numbers, got {list(value)!r}")
+            return {"low": value[0], "high": value[1]}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchParam:
+        if self.low is not None and self.high is not None:
+            if not (math.isfinite(self.low) and math.isfinite(self.high)):
+                raise ValueError(f"range [{self.low}, {self.high}] must be finite")
+            if self.low > self.high:
+                raise ValueError(f"range [{self.low}, {self.high}] has low > high; swap them")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0, got {self.low}")
+        if (self.low is None) != (self.high is None):
+            raise ValueError("give both low and high, or neither (registry default)")
+        return self
+
+
+class Budget(Frozen):
+    """When the search stops: ``trials`` finished trials (COMPLETE or PRUNED) or ``timeout`` s."""
+
+    trials: int = Field(default=20, ge=1)
+    timeout: float | None = Field(default=None, gt=0)
+    max_failures: int | None = Field(default=None, ge=1)
+
+
+class Pruning(Frozen):
+    """Cheap-first evaluation: score ``limit`` docs per task first; stop candidates below the
+    ``percentile`` of earlier ones (after ``startup_trials``) before the full evaluation."""
+
+    limit: int = Field(ge=1)
+    percentile: float = Field(default=50.0, gt=0, lt=100)
+    startup_trials: int = Field(default=5, ge=0)
+
+
+class StartPoint(Frozen):
+    """A candidate evaluated first: ``equal`` weights, a known-good ``recipe`` file, or ``params``."""
+
+    equal: bool = False
+    recipe: str | None = None
+    params: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if value == "equal":
+            return {"equal": True}
+        if isinstance(value, str):
+            return {"recipe": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> StartPoint:
+        if sum([self.equal, self.recipe is not None, self.params is not None]) != 1:
+            raise ValueError("a start point is 'equal', {recipe: PATH} or {params: {...}}")
+        return self
+
+
+class SearchSpace(Frozen):
+    """Which merges a search may propose, how candidates are scored, and the search settings.
+
+    See ``search_spaces/*.yaml`` for the file format. ``num_layers`` is filled in by
+    :func:`evomerge.space.load_space` from the base model's ``config.json``. ``sampler`` is a
+    name of :data:`evomerge.search.samplers.SAMPLERS` (checked by ``parse_space``).
+    """
+
+    name: str = "search"
+    models: tuple[ModelEntry, ...] = Field(min_length=1)
+    base_model: ModelEntry | None = None
+    method: Union[str, tuple[str, ...]]
+    search: dict[str, SearchParam] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    normalize: Union[bool, Literal["search"], None] = None
+    allow_negative_weights: bool = False
+    layer_granularity: int | None = Field(default=None, ge=1)
+    filters: tuple[str, ...] = ()
+    smooth: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_layers: int = Field(ge=1)
+    eval: EvalConfig
+    report_eval: EvalConfig | None = None
+    objectives: tuple[str, ...] = (SCORE,)
+    sampler: str | None = None
+    budget: Budget = Budget()
+    pruning: Pruning | None = None
+    start: tuple[StartPoint, ...] = (StartPoint(equal=True),)
+    seed: int = 0
+    top_k: int = Field(default=3, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        if isinstance(data.get("base_model"), str):
+            data["base_model"] = {"name": "base", "model": data["base_model"]}
+        if isinstance(data.get("method"), list):
+            data["method"] = tuple(data["method"])
+        if isinstance(data.get("objectives"), str):
+            data["objectives"] = (data["objectives"],)
+        if isinstance(data.get("filters"), str):
+            data["filters"] = (data["filters"],)
+        if isinstance(data.get("start"), (str, Mapping)):
+            data["start"] = (data["start"],)
+        # report_eval lists only what differs from eval (typically the held-out task names).
+        rep, ev = data.get("report_eval"), data.get("eval")
+        if isinstance(rep, Mapping) and isinstance(ev, Mapping):
+            data["report_eval"] = {**ev, **rep}
+        return data
+
+    @field_validator("filters")
+    @classmethod
+    def _filters(cls, filters: tuple[str, ...]) -> tuple[str, ...]:
+        for f in filters:
+            if not f or not re.match(r"^[A-Za-z0-9_.-]+$", f) or f == REST:
+                raise ValueError(f"filter {f!r} must be a non-empty tensor-name substring of letters, "
+                                 f"digits, '_', '-', '.' and not {REST!r} (the remainder is implied)")
+        if len(set(filters)) != len(filters):
+            raise ValueError(f"filters {list(filters)} repeat a name; list each once")
+        return filters
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> SearchSpace:
+        problems = space_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # ------------------------------------------------------------ simple views
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (self.method,) if isinstance(self.method, str) else tuple(self.method)
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions, one per objective (a negative task weight means minimize)."""
+        weights = {t.name: t.weight for t in self.eval.tasks}
+        return ["maximize" if o == SCORE or weights[o] > 0 else "minimize" for o in self.objectives]
+
+    def all_models(self) -> list[ModelEntry]:
+        """The base model (if any) then the other models."""
+        return ([self.base_model] if self.base_model else []) + list(self.models)
+
+    def inputs(self, method: str) -> tuple[ModelEntry, ...]:
+        """Models that get per-model parameters: with a base-less method the base is one of them."""
+        if method_spec(method).base == "unused" and self.base_model is not None:
+            return (self.base_model, *self.models)
+        return self.models
+
+    def layer_groups(self) -> list[tuple[int, int]]:
+        """Inclusive (first, last) layer of each group; one group when no granularity is set."""
+        g = self.layer_granularity or self.num_layers
+        return [(a, min(a + g, self.num_layers) - 1) for a in range(0, self.num_layers, g)]
+
+
+# ---------------------------------------------------------------- rules
+def method_spec(method: str) -> MethodSpec:
+    from merge_engine.methods.registry import get_method
+
+    return get_method(method)
+
+
+def registry_range(methods: Sequence[str], name: str) -> tuple[float, float]:
+    """The union of the methods' default search ranges of parameter ``name``."""
+    ranges = [p.search for m in methods if (p := method_spec(m).param(name)) is not None and p.search]
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+
+def space_problems(space: SearchSpace) -> list[str]:
+    from merge_engine.errors import MergeError
+
+    problems: list[str] = []
+    specs: list[MethodSpec] = []
+    for name in space.methods:
+        try:
+            specs.append(method_spec(name))
+        except MergeError as err:
+            problems.append(str(err))
+    if len(set(space.methods)) != len(space.methods):
+        problems.append(f"method lists {list(space.methods)} with repeats; list each once")
+    for label, items in (("name", [m.name for m in space.all_models()]),
+                         ("path", [m.model for m in space.all_models()])):
+        dup = sorted({x for x in items if items.count(x) > 1})
+        if dup:
+            problems.append(f"model {label}s {dup} appear more than once; give each model once")
+    for spec in specs:
+        n_inputs = len(space.models) + (1 if space.base_model and spec.base == "unused" else 0)
+        if spec.base == "required" and space.base_model is None:
+            problems.append(f"method {spec.name} needs a base_model; add 'base_model: PATH'")
+        if n_inputs < spec.min_models or (spec.max_models is not None and n_inputs > spec.max_models):
+            if spec.max_models == spec.min_models:
+                want = f"exactly {spec.min_models}"
+            elif spec.max_models is None:
+                want = f"at least {spec.min_models}"
+            else:
+                want = f"{spec.min_models} to {spec.max_models}"
+            problems.append(f"method {spec.name} merges {want} model(s) besides a base, got {n_inputs}")
+    if specs:
+        problems += _search_problems(space, specs)
+        problems += _parameter_problems(space, specs)
+    for sp in space.start:
+        if sp.recipe is not None and not Path(sp.recipe).is_file():
+            problems.append(f"start recipe {sp.recipe} does not exist; give a recipe YAML path "
+                            "(relative to the space file)")
+    if space.layer_granularity is not None and space.layer_granularity > space.num_layers:
+        problems.append(f"layer_granularity {space.layer_granularity} exceeds the model's "
+                        f"{space.num_layers} layers; use 1..{space.num_layers} or omit it")
+    if space.smooth and len(space.layer_groups()) < 2:
+        problems.append("smooth needs at least 2 control points; set layer_granularity below num_layers")
+    tasks = {t.name for t in space.eval.tasks}
+    for o in space.objectives:
+        if o != SCORE and o not in tasks:
+            problems.append(f"objective {o!r} is neither 'score' nor a task in eval.tasks {sorted(tasks)}")
+    if len(set(space.objectives)) != len(space.objectives):
+        problems.append(f"objectives {list(space.objectives)} repeat a name")
+    if len(space.objectives) > 1 and space.pruning is not None:
+        problems.append("pruning (cheap-first evaluation) works with one objective only; remove it")
+    if space.pruning is not None and isinstance(space.eval.limit, int) and space.pruning.limit >= space.eval.limit:
+        problems.append(f"pruning.limit {space.pruning.limit} must be below eval.limit {space.eval.limit}")
+    return problems
+
+
+def _parameter_problems(space: SearchSpace, specs: list[MethodSpec]) -> list[str]:
+    problems = []
+    known = sorted({p.name for s in specs for p in s.params})
+    for k, v in space.parameters.items():
+        if k not in known:
+            problems.append(f"parameters: {k!r} is not a parameter of {[s.name for s in specs]}; "
+                            f"known: {known}")
+        elif space.search and k in space.search:
+            problems.append(f"{k!r} is both fixed (parameters) and searched (search); keep one")
+        else:
+            problems += [f"parameters: {issue}" for s in specs if (p := s.param(k)) is not None
+                         and not isinstance(v, list) and (issue := p.check(v)) is not None]
+    for param in switches(space):
+        if not any(s.param(param) for s in specs):
+            problems.append(f"{GENE_RULES[param].switch} is set but {list(space.methods)} take no "
+                            f"{param} parameter; remove it")
+    return problems
+
+
+def _search_problems(space: SearchSpace, specs: list[MethodSpec]) -> list[str]:
+    problems = []
+    for name, sp in (space.search or {}).items():
+        params = [p for s in specs if (p := s.param(name)) is not None]
+        if not params:
+            known = sorted({p.name for s in specs for p in s.params})
+            problems.append(f"search: {name!r} is not a parameter of {[s.name for s in specs]}; "
+                            f"known: {known}")
+            continue
+        p = params[0]
+        if p.kind == "bool" or sp.choices is not None:
+            continue
+        if sp.low is None and not any(q.search for q in params):
+            problems.append(f"search: {name!r} has no default search range; give [low, high]")
+            continue
+        low, high = (sp.low, sp.high) if sp.low is not None else registry_range(space.methods, name)
+        if low < 0 and not signed(space, name):
+            problems.append(f"search: {name} range [{low}, {high}] goes below 0; set "
+                            f"{GENE_RULES[name].signed_by}: true or start the range at 0")
+        for q in params:
+            if q.low is not None and low < q.low or q.high is not None and high > q.high:
+                problems.append(f"search: {name} range [{low}, {high}] leaves the valid range "
+                                f"[{q.low}, {q.high}] of the method's {name}")
+                break
+    searched_switch = "search" in switches(space).values()
+    if space.search is not None and not searched_switch and not any(
+            p.name in space.search for s in specs for p in s.params):
+        problems.append("search lists no parameter of the method(s); nothing would be searched")
+    return problems
