@@ -25,14 +25,14 @@ from merge_engine.recipe import MergeRecipe
 def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory, on ``device``, in eval
     mode. ``dtype`` is a torch dtype name or ``auto`` (the config's)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merge_engine.dtypes import torch_dtype as dtype_of
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass a saved model")
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else dtype_of(dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -11,10 +11,7 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pydantic import ValidationError
+from merge_engine.errors import validation_problems  # noqa: F401  (the one formatter, re-exported)
 
 
 class EvomergeError(Exception):
@@ -32,22 +29,6 @@ class ProblemsError(EvomergeError):
         head = self.problems[0] if len(self.problems) == 1 else \
             f"{len(self.problems)} problems: " + "; ".join(self.problems)
         super().__init__(f"{source}: {head}" if source else head)
-
-
-def validation_problems(err: ValidationError) -> list[str]:
-    """One line per problem of a pydantic error, ``location: message``; messages that hold
-    several lines (cross-field rules) give one line each; repeats are dropped."""
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key {e['loc'][-1]!r}; remove it or check its spelling"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        for line in msg.split("\n"):
-            problems.append(f"{loc}: {line}" if loc else line)
-    return list(dict.fromkeys(problems))
 
 
 def _umask() -> int:

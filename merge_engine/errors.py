@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class MergeError(Exception):
     """Base class: anything the user can fix (bad recipe, bad checkpoint, bad value)."""
@@ -33,3 +38,26 @@ class NonFiniteError(MergeError):
 
 class OutputExistsError(MergeError):
     """The output directory exists and --force was not given."""
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """One line per problem of a pydantic error, ``location: message`` (the one formatter of
+    recipe, search-space, grid and eval-config schema errors).
+
+    A union field repeats one problem per alternative: only the first of each location is kept.
+    A message of several lines (a cross-field rule listing all its problems) gives one line each.
+    """
+    problems: list[str] = []
+    seen: set[str] = set()
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if loc and loc in seen:
+            continue
+        seen.add(loc)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {e['loc'][-1]!r}; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        problems += [f"{loc}: {line}" if loc else line for line in msg.split("\n")]
+    return list(dict.fromkeys(problems))

@@ -17,7 +17,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
                       ValidationError, field_validator, model_validator)
 
 from merge_engine.dtypes import canonical_dtype_name
-from merge_engine.errors import RecipeError
+from merge_engine.errors import RecipeError, validation_problems
 from merge_engine.io.refs import ModelRef
 
 
@@ -222,26 +222,6 @@ _KEY_ORDER = ("name", "merge_method", "base_model", "models", "slices", "paramet
 
 
 # ---------------------------------------------------------------- loading
-def _format_validation_error(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key {e['loc'][-1]!r}; remove it or check its spelling"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        problems.append(f"{loc}: {msg}" if loc else msg)
-    # Union types repeat one problem per alternative; keep the first of each location.
-    out, seen = [], set()
-    for p in problems:
-        key = p.split(":")[0]
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
     """Build a recipe from parsed YAML; every schema problem is reported in one RecipeError."""
     if not isinstance(data, Mapping):
@@ -249,7 +229,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
     try:
         return MergeRecipe.model_validate(dict(data))
     except ValidationError as err:
-        raise RecipeError([f"{source}: {p}" for p in _format_validation_error(err)]) from None
+        raise RecipeError([f"{source}: {p}" for p in validation_problems(err)]) from None
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:

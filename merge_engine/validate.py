@@ -92,10 +92,9 @@ def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
     for refs in _input_groups(recipe):
         # a base the method uses is split off the inputs (as plan._split_base does)
         n = len([r for r in refs if spec.base == "unused" or base is None or r != base])
-        for text in spec.input_problems(n, base is not None):
-            fix = ("add 'base_model: <model>' to the recipe" if text.endswith("needs a base_model")
-                   else "adjust the models listed")
-            report.add(f"{text}; {fix}")
+        for text in spec.input_problems(n, base is not None,
+                                        add_base="add 'base_model: <model>' to the recipe"):
+            report.add(text)
 
 
 def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:

@@ -319,8 +319,10 @@ def test_input_problems_follow_the_declared_limits(spec):
 
 
 def test_input_problems_wording():
-    assert get_method("slerp").input_problems(2, True) == ["slerp merges exactly 1 model(s) besides a base, got 2"]
-    assert get_method("ties").input_problems(1, False) == ["ties needs a base_model"]
+    assert get_method("slerp").input_problems(2, True, fix_count="X") == [
+        "slerp merges exactly 1 model(s) besides a base, got 2; X"]
+    assert get_method("ties").input_problems(1, False, add_base="Y") == ["ties needs a base_model; Y"]
     assert get_method("model_stock").input_problems(1, True) == [
-        "model_stock merges at least 2 model(s) besides a base, got 1"]
-    assert get_method("linear").input_problems(0, True) == ["linear merges at least 1 model(s), got 0"]
+        "model_stock merges at least 2 model(s) besides a base, got 1; adjust the models listed"]
+    assert get_method("linear").input_problems(0, True) == [
+        "linear merges at least 1 model(s), got 0; adjust the models listed"]

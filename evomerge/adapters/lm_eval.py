@@ -26,29 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.adapters import UnsupportedVersionError, require_version  # noqa: F401  (re-exported)
 
 #: The lm-eval versions these internals are tested on: ``>=`` first, ``<`` second (pyproject.toml
 #: pins the same range).
 SUPPORTED = ("0.4.13", "0.4.14")
 
 
-class UnsupportedVersionError(EvomergeError, ImportError):
-    """The installed lm-eval is outside :data:`SUPPORTED`."""
-
-
 def check_version(installed: str | None) -> None:
     """Raise :class:`UnsupportedVersionError` unless ``installed`` (``None``: not installed) is in
     :data:`SUPPORTED`."""
-    from packaging.version import Version
-
     low, high = SUPPORTED
-    if installed is not None and Version(low) <= Version(installed) < Version(high):
-        return
-    found = f"lm-eval {installed} is installed" if installed else "lm-eval is not installed"
-    raise UnsupportedVersionError(
-        f"{found}; evomerge's evaluation needs lm-eval >={low},<{high}, the versions whose "
-        f"internals it is tested on; run: pip install 'lm-eval[hf]>={low},<{high}'")
+    require_version("lm-eval", installed, low, high, f"lm-eval[hf]>={low},<{high}")
 
 
 def _installed_version() -> str | None:

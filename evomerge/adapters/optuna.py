@@ -10,7 +10,6 @@ wrapper's ``_backend``, and ``Study._get_trials`` (what samplers read trials thr
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,19 +19,16 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.errors import EvomergeError
+from evomerge.adapters import require_version
 
-SUPPORTED = ((5, 0), (5, 1))  # optuna >=5.0,<5.1 (lower bound included, upper excluded)
-PIN = "optuna>=5.0,<5.1"
+SUPPORTED = ("5.0", "5.1")  # optuna >=5.0,<5.1, as pinned in pyproject.toml
+PIN = f"optuna>={SUPPORTED[0]},<{SUPPORTED[1]}"
 
 
 def check_version(installed: str) -> None:
-    """Raise :class:`EvomergeError` unless ``installed`` is in :data:`SUPPORTED`."""
-    match = re.match(r"(\d+)\.(\d+)", installed)
-    version = (int(match.group(1)), int(match.group(2))) if match else None
-    if version is None or not SUPPORTED[0] <= version < SUPPORTED[1]:
-        raise EvomergeError(f"optuna {installed} is installed but evomerge supports {PIN} (it relies on "
-                            f"optuna internals that change between versions); run: pip install '{PIN}'")
+    """Raise :class:`~evomerge.adapters.UnsupportedVersionError` unless ``installed`` is in
+    :data:`SUPPORTED`."""
+    require_version("optuna", installed, *SUPPORTED, PIN)
 
 
 check_version(optuna.__version__)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.common import add_command, add_limit_option
+from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_limit_option(p, "docs per task: an int N (seeded random subset) or a fraction < 1")
     p.add_argument("--seed", type=int, default=None, help="seed of the doc subset (default 0)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["auto", *MODEL_DTYPE_NAMES], default=None)
     p.add_argument("--num-fewshot", type=int, default=None, help="override every task's few-shot count")
     p.add_argument("--apply-chat-template", action="store_true", default=None)
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",

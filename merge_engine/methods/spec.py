@@ -98,24 +98,26 @@ class MethodSpec:
     draws: Callable[[dict[str, Any]], Sequence[tuple[int, float | None]]] | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
-    def input_problems(self, n_inputs: int, has_base: bool) -> list[str]:
+    def input_problems(self, n_inputs: int, has_base: bool, *, add_base: str = "add a base_model",
+                       fix_count: str = "adjust the models listed") -> list[str]:
         """What stops this method from merging ``n_inputs`` models, given whether a base is named.
 
         ``n_inputs`` counts the models merged besides the base this method uses (so with
         ``base="unused"`` a named base is one of them, if the caller merges it). Each problem is
-        one clause without its fix (``"ties needs a base_model"``, ``"slerp merges exactly 1
-        model(s) besides a base, got 2"``): the recipe validator and the search space each add
-        the fix in their own terms. Empty when the count and the base are fine.
+        one line ending in the caller's fix, ``add_base`` or ``fix_count``, so the recipe
+        validator and the search space each say it in their own terms (``"ties needs a
+        base_model; <add_base>"``, ``"slerp merges exactly 1 model(s) besides a base, got 2;
+        <fix_count>"``). Empty when the count and the base are fine.
         """
         problems = []
         if self.base == "required" and not has_base:
-            problems.append(f"{self.name} needs a base_model")
+            problems.append(f"{self.name} needs a base_model; {add_base}")
         if n_inputs < self.min_models or (self.max_models is not None and n_inputs > self.max_models):
             want = (f"exactly {self.min_models}" if self.max_models == self.min_models
                     else f"at least {self.min_models}" if self.max_models is None
                     else f"{self.min_models} to {self.max_models}")
             besides = " besides a base" if has_base and self.base != "unused" else ""
-            problems.append(f"{self.name} merges {want} model(s){besides}, got {n_inputs}")
+            problems.append(f"{self.name} merges {want} model(s){besides}, got {n_inputs}; {fix_count}")
         return problems
 
     def param(self, name: str) -> Param | None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.errors import ProblemsError
 from evomerge.evaluate.backends import backend as registered_backend
+from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
 #: ``eval_tasks/`` at the repository root: always searched for local task YAMLs.
 REPO_EVAL_TASKS = Path(__file__).resolve().parents[3] / "eval_tasks"
@@ -114,7 +115,7 @@ class EvalConfig(BaseModel):
     limit: int | float | None = None
     seed: int = 0
     batch_size: int = Field(default=8, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal[("auto", *MODEL_DTYPE_NAMES)] = "auto"
     apply_chat_template: bool = False
     include_paths: tuple[str, ...] = ()
     lm_eval_args: dict[str, Any] = Field(default_factory=dict)
