@@ -84,6 +84,7 @@ class InMemoryMerger:
 
         start = time.perf_counter()
         plan = self.plan(recipe)
+        self._untie_written_aliases([n.out_name for n in plan.targets])
         todo = [n for n in plan.targets if self._applied.get(n.out_name) != n]
         ctx = MergeContext(self._readers, self.device)
         cached = self._sources.get if self.cache_sources else None
@@ -98,6 +99,33 @@ class InMemoryMerger:
                 self.targets[node.out_name].copy_(value)
                 self._applied[node.out_name] = node
         return ApplyStats(len(todo), len(plan.targets) - len(todo), time.perf_counter() - start)
+
+    def _untie_written_aliases(self, written: list[str]) -> None:
+        """Give each written name its own parameter when the model shares one between them.
+
+        A model whose config ties the embeddings holds ``embed_tokens`` and ``lm_head`` as one
+        parameter. When the merge writes both (the sources store both), the disk merge keeps two
+        tensors and transformers reloads them untied if they differ; writing both into one shared
+        parameter would keep only the last. Untying once (a copy of the shared tensor; the config
+        then says ``tie_word_embeddings: False`` so a save keeps both) makes the in-memory model
+        equal the reloaded disk merge; untied equal values compute the same as tied ones.
+        """
+        seen: dict[int, str] = {}
+        for name in written:
+            target = self.targets.get(name)
+            if target is None:
+                continue
+            if id(target) not in seen:
+                seen[id(target)] = name
+                continue
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            own = torch.nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)
+            setattr(module, attr, own)
+            self.targets[name] = own
+            config = getattr(self.model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
     def forget(self) -> None:
         """Drop the record of applied nodes (the next apply rewrites every tensor)."""
