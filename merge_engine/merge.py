@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from merge_engine.errors import RecipeError
+from merge_engine.devices import pick_device
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
@@ -20,16 +20,6 @@ from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 from merge_engine.plan import MergeContext, MergePlan, output_shape_dtype
 from merge_engine.recipe import CHAT_TEMPLATES, MergeRecipe
 from merge_engine.session import prepare
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``auto``/None → cuda when available, else cpu; anything else as given."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device {name} was requested but CUDA is not available; use --device cpu")
-    return device
 
 
 @dataclass
