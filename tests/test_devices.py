@@ -122,3 +122,129 @@ def test_in_memory_merger_on_cpu_keeps_sources_where_they_are_and_counts_their_b
         assert merger.source_home == "cpu"
         want = 2 * sum(t.numel() * t.element_size() for t in load_state(tied_zoo["a"]).values())
         assert merger._source_bytes(merger.plan(recipe)) == want
+
+
+def test_merge_card_names_the_device_type(tied_zoo, tmp_path):
+    recipe = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(tied_zoo["a"]), "parameters": {"weight": 0.5}},
+        {"model": str(tied_zoo["b"]), "parameters": {"weight": 0.5}}]})
+    out = run_merge(recipe, tmp_path / "m", device="auto").out_dir
+    card = (out / "README.md").read_text()
+    assert "## Provenance" in card and f"Merged on `cpu` (torch {torch.__version__})" in card
+
+
+# ---------------------------------------------------------------- the CLI's --device
+def _parse(argv):
+    from evomerge.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+COMMANDS_WITH_DEVICE = [
+    ["search", "space.yaml"], ["demo"], ["worker", "--storage", "sqlite:///x.db", "--study", "s"],
+    ["eval", "model", "--tasks", "smoke_mc"], ["ablate", "grid.yaml"], ["merge", "r.yaml", "out"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMANDS_WITH_DEVICE, ids=lambda a: a[0])
+def test_every_command_defaults_to_auto_resolved_once_at_parsing(argv, monkeypatch):
+    assert _parse(argv).device == "cpu"  # auto on this machine, never the string "auto"
+    FakeCudaWithTwoDevices(monkeypatch)
+    assert _parse(argv).device == "cuda:0"
+    assert _parse([*argv, "--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_cuda_without_cuda_is_one_line_and_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["worker", "--storage", "sqlite:///x.db", "--study", "s", "--device", "cuda:1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("evomerge worker: error: argument --device: device cuda:1 was requested but "
+                          "CUDA is not available; use --device cpu")
+
+
+# ---------------------------------------------------------------- backend memory plans
+def _cfg(**fields):
+    from evomerge.evaluate import EvalConfig
+
+    return EvalConfig(tasks="smoke_mc", **fields)
+
+
+def test_memory_plan_per_backend():
+    from evomerge.devices import Placement, placement
+
+    assert placement(None, "cuda:1") == Placement("cuda:1", "cuda:1")
+    assert placement(_cfg(), "cuda:1") == Placement("cuda:1", "cuda:1")
+    assert placement(_cfg(device_map="auto"), "cuda:0") == Placement("cuda:0", "cuda:0", "auto")
+    assert placement(_cfg(load_in="4bit"), "cuda:0") == Placement("cpu", "cpu")
+    assert placement(_cfg(backend="vllm"), "cuda:1") == Placement("cpu", "cpu")
+
+
+def test_eval_config_refuses_placement_fields_of_the_other_backend():
+    with pytest.raises(ValueError, match="load_in is an hf backend setting"):
+        _cfg(backend="vllm", load_in="8bit")
+    with pytest.raises(ValueError, match="are vllm backend settings"):
+        _cfg(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"vllm_args sets \['gpu_memory_utilization'\]"):
+        _cfg(backend="vllm", vllm_args={"gpu_memory_utilization": 0.5})
+    with pytest.raises(ValueError):
+        _cfg(backend="vllm", gpu_memory_utilization=1.5)
+
+
+def test_hf_load_kwargs_and_refusals(monkeypatch):
+    import importlib.util
+
+    from evomerge.devices import hf_load_kwargs
+    from evomerge.evaluate import EvalConfigError
+    from evomerge.evaluate.hf import HFEvaluator
+
+    assert hf_load_kwargs(_cfg(), "cpu") == {}
+    assert hf_load_kwargs(_cfg(device_map="auto"), "cuda:0") == {"device_map": "auto"}
+    with pytest.raises(EvalConfigError, match="^device_map: auto spreads a model over GPUs but this run is on the cpu; run with --device cuda"):
+        hf_load_kwargs(_cfg(device_map="auto"), "cpu")
+    with pytest.raises(EvalConfigError, match="^load_in: 4bit needs a CUDA device .*; run with --device cuda or remove load_in$"):
+        HFEvaluator(_cfg(load_in="4bit"), device="cpu")  # refused before any task or model is loaded
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(EvalConfigError, match="^load_in: 8bit needs bitsandbytes: pip install bitsandbytes"):
+            hf_load_kwargs(_cfg(load_in="8bit"), "cuda:1")
+
+    class FakeBitsandbytesInstalled:
+        """Stands for an installed bitsandbytes (absent here): only its import spec is found."""
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: FakeBitsandbytesInstalled() if name == "bitsandbytes" else real(name, *a))
+    kwargs = hf_load_kwargs(_cfg(load_in="4bit"), "cuda:1")
+    assert kwargs["device_map"] == {"": "cuda:1"}
+    assert kwargs["quantization_config"].load_in_4bit and not kwargs["quantization_config"].load_in_8bit
+    assert hf_load_kwargs(_cfg(load_in="8bit"), "cuda:0")["quantization_config"].load_in_8bit
+
+
+def test_vllm_engine_setup_per_device():
+    from evomerge.evaluate import EvalConfigError
+    from evomerge.evaluate.vllm import engine_setup
+
+    config = {"max_position_embeddings": 256}
+    cpu = engine_setup(_cfg(backend="vllm"), "cpu", config, environ={})
+    assert cpu.kwargs == {"max_model_len": 256, "enforce_eager": True}
+    assert cpu.env == {"VLLM_CPU_KVCACHE_SPACE": "1"} and cpu.in_process
+    assert engine_setup(_cfg(backend="vllm"), "cpu", config, environ={"VLLM_CPU_KVCACHE_SPACE": "4"}).env == {}
+
+    gpu0 = engine_setup(_cfg(backend="vllm", gpu_memory_utilization=0.6), "cuda:0", config, environ={})
+    assert gpu0.kwargs == {"max_model_len": 256, "gpu_memory_utilization": 0.6}  # CUDA graphs on
+    assert gpu0.env == {} and gpu0.in_process
+
+    gpu1 = engine_setup(_cfg(backend="vllm"), "cuda:1", config, environ={})
+    assert gpu1.env == {"CUDA_VISIBLE_DEVICES": "1"} and not gpu1.in_process
+    assert "enforce_eager" not in gpu1.kwargs
+
+    tp2 = engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:0", config, environ={})
+    assert tp2.kwargs["tensor_parallel_size"] == 2 and tp2.env == {}
+    tp2_on_1 = engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:1", config,
+                            environ={"CUDA_VISIBLE_DEVICES": "4,5,6"})
+    assert tp2_on_1.env == {"CUDA_VISIBLE_DEVICES": "5,6"}
+    with pytest.raises(EvalConfigError, match="tensor_parallel_size 2 from cuda:1 needs GPUs up to cuda:2"):
+        engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:1", config,
+                     environ={"CUDA_VISIBLE_DEVICES": "4,5"})
+    eager = engine_setup(_cfg(backend="vllm", vllm_args={"enforce_eager": True}), "cuda:0", config, environ={})
+    assert eager.kwargs["enforce_eager"] is True  # a user's explicit choice wins
