@@ -9,22 +9,31 @@ model in memory and turn it into each merge without writing to disk:
             evaluator.evaluate(cand.model, cand.tokenizer)
 
 Lifecycle: :meth:`Candidate.load` once (reads the model and tokenizer from a local directory onto
-``device``); :meth:`apply` once per candidate; :meth:`close` at the end (also via ``with``). The
-applied model equals, bit for bit, the on-disk merge of the same recipe loaded in the same dtype.
+the device the evaluation's memory plan names, :func:`evomerge.devices.placement`); :meth:`apply`
+once per candidate; :meth:`close` at the end (also via ``with``). The applied model equals, bit
+for bit, the on-disk merge of the same recipe merged on the same device type and loaded in the
+same dtype.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from evomerge.devices import placement
 from merge_engine.apply import ApplyStats, InMemoryMerger
 from merge_engine.recipe import MergeRecipe
 
+if TYPE_CHECKING:
+    from evomerge.evaluate.tasks.config import EvalConfig
 
-def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+
+def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "cpu",
+                   **load_kwargs: Any) -> tuple[Any, Any]:
     """``AutoModelForCausalLM`` + ``AutoTokenizer`` from a local directory, on ``device``, in eval
-    mode. ``dtype`` is a torch dtype name or ``auto`` (the config's)."""
+    mode. ``dtype`` is a torch dtype name or ``auto`` (the config's). ``load_kwargs`` go to
+    ``from_pretrained`` (:func:`evomerge.devices.hf_load_kwargs`); with a ``device_map`` the
+    model is placed by it, not moved to ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge_engine.dtypes import torch_dtype as dtype_of
@@ -32,7 +41,11 @@ def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "cpu"
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass a saved model")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else dtype_of(dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype if dtype == "auto" else dtype_of(dtype), **load_kwargs)
+    if "device_map" not in load_kwargs:
+        model = model.to(device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -54,10 +67,15 @@ class Candidate:
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu",
-             cache_sources: bool = True, allow_pickle: bool = False) -> Candidate:
-        """Load the model in ``model_dir`` (a local directory) as the resident model."""
-        model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=device)
-        return cls(model, tokenizer, device=device, cache_sources=cache_sources, allow_pickle=allow_pickle)
+             cache_sources: bool = True, allow_pickle: bool = False,
+             eval_cfg: EvalConfig | None = None) -> Candidate:
+        """Load the model in ``model_dir`` (a local directory) as the resident model, where the
+        memory plan of ``eval_cfg``'s backend on ``device`` puts it (None: on ``device``)."""
+        where = placement(eval_cfg, device)
+        extra = {"device_map": where.device_map} if where.device_map else {}
+        model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=where.model_device, **extra)
+        return cls(model, tokenizer, device=where.merge_device, cache_sources=cache_sources,
+                   allow_pickle=allow_pickle)
 
     def apply(self, recipe: MergeRecipe) -> ApplyStats:
         """Write ``recipe``'s merge into the resident model.

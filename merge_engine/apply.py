@@ -7,11 +7,14 @@ on-disk merge of the same recipe into a model of the same dtype.
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
+from merge_engine.devices import SourceHome, free_memory, source_home
+from merge_engine.dtypes import torch_dtype
 from merge_engine.errors import RecipeError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
@@ -34,11 +37,16 @@ class InMemoryMerger:
     only tensors whose node changed since the last call are recomputed, and
     source tensors are read once and kept (``cache_sources``); :meth:`close`
     releases the readers and the cache.
+
+    On a GPU the cached sources live on the GPU when they fit in a share of its free memory
+    (``sources_on_device=None``, decided at the first apply), else in pinned host memory and are
+    copied asynchronously per recomputed tensor; True/False forces either (see
+    :func:`merge_engine.devices.source_home`). The bits are the same either way.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False,
-                 cache_sources: bool = True) -> None:
+                 cache_sources: bool = True, sources_on_device: bool | None = None) -> None:
         self.model = model
         self.targets = dict(model.state_dict(keep_vars=True))
         first = next(iter(model.parameters()))
@@ -46,6 +54,8 @@ class InMemoryMerger:
         self.allow_pickle = allow_pickle
         self.trust_remote_code = trust_remote_code
         self.cache_sources = cache_sources
+        self.sources_on_device = sources_on_device
+        self.source_home: SourceHome | None = None  # decided at the first apply
         self._stack = ExitStack()
         self._readers: dict[ModelRef, object] = {}
         self._sources: dict[LoadTensor, torch.Tensor] = {}
@@ -84,8 +94,12 @@ class InMemoryMerger:
 
         start = time.perf_counter()
         plan = self.plan(recipe)
+        self._untie_written_aliases([n.out_name for n in plan.targets])
         todo = [n for n in plan.targets if self._applied.get(n.out_name) != n]
-        ctx = MergeContext(self._readers, self.device)
+        if self.source_home is None:
+            self.source_home = source_home(self.device, self._source_bytes(plan), free_memory(self.device),
+                                           self.sources_on_device if self.cache_sources else False)
+        ctx = MergeContext(self._readers, self.device, source_home=self.source_home)
         cached = self._sources.get if self.cache_sources else None
 
         def remember(node, value):
@@ -98,6 +112,43 @@ class InMemoryMerger:
                 self.targets[node.out_name].copy_(value)
                 self._applied[node.out_name] = node
         return ApplyStats(len(todo), len(plan.targets) - len(todo), time.perf_counter() - start)
+
+    def _source_bytes(self, plan) -> int:
+        """Bytes of every distinct source tensor ``plan`` reads, once cast."""
+        total = 0
+        for load in {load for node in plan.targets for load in node.loads()}:
+            reader = self._readers[load.model]
+            shape = load.crop or tuple(reader.shape(load.name))
+            dtype = torch_dtype(load.dtype) if load.dtype else reader.dtype(load.name)
+            total += math.prod(shape) * dtype.itemsize
+        return total
+
+    def _untie_written_aliases(self, written: list[str]) -> None:
+        """Give each written name its own parameter when the model shares one between them.
+
+        A model whose config ties the embeddings holds ``embed_tokens`` and ``lm_head`` as one
+        parameter. When the merge writes both (the sources store both), the disk merge keeps two
+        tensors and transformers reloads them untied if they differ; writing both into one shared
+        parameter would keep only the last. Untying once (a copy of the shared tensor; the config
+        then says ``tie_word_embeddings: False`` so a save keeps both) makes the in-memory model
+        equal the reloaded disk merge; untied equal values compute the same as tied ones.
+        """
+        seen: dict[int, str] = {}
+        for name in written:
+            target = self.targets.get(name)
+            if target is None:
+                continue
+            if id(target) not in seen:
+                seen[id(target)] = name
+                continue
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            own = torch.nn.Parameter(target.detach().clone(), requires_grad=target.requires_grad)
+            setattr(module, attr, own)
+            self.targets[name] = own
+            config = getattr(self.model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
 
     def forget(self) -> None:
         """Drop the record of applied nodes (the next apply rewrites every tensor)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from merge_engine.errors import RecipeError
+from merge_engine.devices import pick_device
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
@@ -20,16 +20,6 @@ from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 from merge_engine.plan import MergeContext, MergePlan, output_shape_dtype
 from merge_engine.recipe import CHAT_TEMPLATES, MergeRecipe
 from merge_engine.session import prepare
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``auto``/None → cuda when available, else cpu; anything else as given."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device {name} was requested but CUDA is not available; use --device cpu")
-    return device
 
 
 @dataclass
@@ -41,7 +31,15 @@ class MergeResult:
     peak_live_tensors: int = 0
 
 
-def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None:
+def provenance_note(device: torch.device) -> str:
+    """The model card's line naming where the merge ran: bits are reproducible per device type."""
+    kind = "the CPU" if device.type == "cpu" else "a CUDA GPU"
+    return (f"Merged on `{device.type}` (torch {torch.__version__}). The recipe reproduces these bytes "
+            f"on {kind}; a merge on another device type may differ in the last bits (reductions "
+            "add in another order).\n")
+
+
+def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe, device: torch.device) -> None:
     from merge_engine.io.resolve import resolve_model_dir
 
     writer.write_json("config.json", plan.config)
@@ -55,8 +53,8 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe) -> None
         writer.write_text("chat_template.jinja", jinja)
     text = recipe.to_yaml()
     writer.write_text("evomerge_recipe.yaml", text)
-    writer.write_text("README.md", model_card(text, [str(r) for r in recipe.referenced_models()],
-                                              recipe.merge_method))
+    card = model_card(text, [str(r) for r in recipe.referenced_models()], recipe.merge_method)
+    writer.write_text("README.md", f"{card}\n## Provenance\n\n{provenance_note(device)}")
 
 
 def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = "auto",
@@ -66,7 +64,9 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
     """Merge ``recipe`` into ``out_dir``.
 
     Output goes to a temporary sibling directory that is renamed into place at
-    the end, so an interrupted or failed merge leaves nothing at ``out_dir``.
+    the end, so an interrupted or failed merge leaves nothing at ``out_dir``. ``device``
+    (``auto``/``cpu``/``cuda:N``) is resolved once by :func:`merge_engine.devices.pick_device`
+    and named in the model card: bytes are identical for merges on one device type.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -75,7 +75,8 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
                                 trust_remote_code=trust_remote_code)
         if dry_run:
             return MergeResult(None, len(plan.targets), time.perf_counter() - start, plan.warnings)
-        ctx = MergeContext(readers, pick_device(device))
+        device = pick_device(device)
+        ctx = MergeContext(readers, device)
         executor = Executor(plan.targets, ctx, prefetch=prefetch)
         with OutputWriter(out_dir, shard_size=shard_size, force=force) as writer:
             writer.plan([PlannedTensor(n.out_name, *output_shape_dtype(n, readers)) for n in plan.targets])
@@ -84,7 +85,7 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
                 writer.add(node.out_name, tensor.cpu())
                 if progress is not None:
                     progress(i, total)
-            _write_extras(writer, plan, readers, recipe)
+            _write_extras(writer, plan, readers, recipe, device)
             writer.publish()
         return MergeResult(out_dir, len(plan.targets), time.perf_counter() - start, plan.warnings,
                            executor.peak_live)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from merge_engine.devices import SourceHome, stage
 from merge_engine.dtypes import dtype_name, torch_dtype
 from merge_engine.errors import NonFiniteError, RecipeError
 from merge_engine.layout import LayerLayout, detect_layout, is_output_head, with_num_layers
@@ -53,7 +54,7 @@ class LoadTensor:
             tensor = tensor[tuple(slice(0, n) for n in self.crop)]
         if self.dtype is not None:
             tensor = tensor.to(torch_dtype(self.dtype))
-        return tensor
+        return stage(tensor, ctx.device, ctx.source_home)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ class MergeTensor:
         spec = get_method(self.method)
         device = ctx.device
         n_in = len(self.loads())
-        tensors = [v.to(device) for v in values[: len(self.inputs)]]
-        base = values[n_in - 1].to(device) if self.base is not None else None
+        # non_blocking: a copy from pinned memory overlaps; from pageable memory it is synchronous
+        tensors = [v.to(device, non_blocking=True) for v in values[: len(self.inputs)]]
+        base = values[n_in - 1].to(device, non_blocking=True) if self.base is not None else None
         kwargs = self.kwargs()
         if spec.random:
             drawn = {(d.model_index, d.below): u for d, u in zip(self.draws, values[n_in:])}
@@ -146,11 +148,13 @@ def output_shape_dtype(node: MergeTensor, readers: Mapping[ModelRef, Any]) -> tu
 
 @dataclass
 class MergeContext:
-    """Run-time state the nodes need: open readers and the compute device."""
+    """Run-time state the nodes need: open readers, the compute device, and where source tensors
+    are put once read (``source_home``, see :func:`merge_engine.devices.source_home`)."""
 
     readers: Mapping[ModelRef, Any]
     device: torch.device | str = "cpu"
     check_finite: bool = True
+    source_home: SourceHome = "cpu"
 
 
 # ---------------------------------------------------------------- plan

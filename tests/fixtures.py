@@ -175,3 +175,20 @@ def _save(model: torch.nn.Module, path: Path | str, max_shard_size: int | str | 
     model.save_pretrained(path, **kwargs)
     tiny_tokenizer(vocab).save_pretrained(path)
     return path
+
+
+def make_tied_llama_storing_head(path: Path | str, seed: int = 0, *, head_scale: float = 0.5, **llama_kwargs: Any) -> Path:
+    """A LlamaForCausalLM whose config ties the embeddings (``tie_word_embeddings=True``) but whose
+    checkpoint stores both ``model.embed_tokens.weight`` and a *different* ``lm_head.weight``
+    (embedding + noise of std ``head_scale``), as some hub checkpoints do."""
+    from safetensors.torch import save_file
+
+    path = make_tiny_llama(path, seed, tie=True, **llama_kwargs)
+    state = load_state(path)
+    embed = state["model.embed_tokens.weight"]
+    noise = torch.randn(embed.shape, generator=torch.Generator().manual_seed(seed + 1000))
+    state["lm_head.weight"] = (embed.float() + head_scale * noise).to(embed.dtype)
+    for old in path.glob("model*.safetensors*"):
+        old.unlink()
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from evomerge.cli.common import add_command, add_limit_option, add_var_option, built_zoo, print_report
+from evomerge.devices import DEVICE_HELP, device_arg
 from evomerge.errors import EvomergeError
 
 DEFAULT_OUT = Path("results/ablations")
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "write table.csv/.md/.png; re-running resumes where it stopped.")
     p.add_argument("grid", help="grid YAML (see ablations/)")
     p.add_argument("--out", help=f"output folder (default: {DEFAULT_OUT}/<grid name>)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     add_limit_option(p, "docs per task for every eval set (a float < 1: a fraction)")
     add_var_option(p, "grid")
     p.add_argument("--zoo", default="demo", choices=("demo", "fixture"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.common import add_command, add_limit_option
+from evomerge.devices import DEVICE_HELP, device_arg
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
 
@@ -32,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--apply-chat-template", action="store_true", default=None)
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="extra folder of lm-eval task YAMLs (repeatable)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--validate-only", action="store_true",
                    help="check the tasks and metrics, load no model")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from evomerge.cli.common import add_command, parse_size, print_report, warn
+from evomerge.devices import DEVICE_HELP, device_arg
 from evomerge.errors import EvomergeError
 from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
 
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "merge", cmd_merge, help="merge models as a recipe YAML says")
     p.add_argument("recipe", help="mergekit-compatible recipe YAML")
     p.add_argument("out", help="output model directory")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
                    help="max shard size, e.g. 5G (default)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")

@@ -15,6 +15,7 @@ from evomerge.cli.common import (
     library_output_hidden,
     quiet_libraries,
 )
+from evomerge.devices import DEVICE_HELP, device_arg
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
@@ -103,7 +104,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="finished trials to reach (default: the space's budget)")
     p.add_argument("--out", help="output directory (default: runs/<space name> or runs/demo-<time>)")
     p.add_argument("--materialize", action="store_true", help="also write the best merge as a model")
-    p.add_argument("--device", default="cpu", help="device for merging and evaluation (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help=f"device for merging and evaluation: {DEVICE_HELP}")
     p.add_argument("--verbose", action="store_true", help="show lm-eval's progress bars and warnings")
 
 
@@ -132,7 +134,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", required=True, help="Optuna storage URL shared by the workers")
     p.add_argument("--study", required=True, help="study name")
     p.add_argument("--trials", type=int, help="finished trials to reach (default: the study's budget)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--verbose", action="store_true", help="show lm-eval's progress bars and warnings")
 
     p = add_command(sub, "demo", cmd_demo,

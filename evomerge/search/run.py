@@ -71,7 +71,8 @@ def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
     from merge_engine.io.resolve import resolve_model_dir
 
     resident = space.base_model or space.models[0]
-    return Candidate.load(resolve_model_dir(ModelRef.parse(resident.model)), dtype=space.dtype, device=device)
+    return Candidate.load(resolve_model_dir(ModelRef.parse(resident.model)), dtype=space.dtype, device=device,
+                          eval_cfg=space.eval)
 
 
 def run_search(space: SearchSpace, options: RunOptions, *,

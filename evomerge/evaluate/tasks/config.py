@@ -106,6 +106,12 @@ class EvalConfig(BaseModel):
     - ``lm_eval_args``: extra keyword arguments for ``lm_eval.evaluator.evaluate`` (allowed
       keys: ``LM_EVAL_ARG_NAMES``).
     - ``vllm_args``: extra keyword arguments for ``vllm.LLM`` (e.g. ``max_model_len``).
+    - Placement on GPUs (see :mod:`evomerge.devices` for each backend's memory plan):
+      ``device_map: auto`` (hf) spreads a model too big for one GPU over all visible GPUs;
+      ``load_in: 8bit|4bit`` (hf, CUDA, bitsandbytes) scores a quantized copy of each merged
+      model, the merge itself stays at full precision; ``gpu_memory_utilization`` (vllm, the
+      share of the GPU the engine reserves; vLLM's default when unset) and
+      ``tensor_parallel_size`` (vllm, GPUs per engine).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -120,6 +126,10 @@ class EvalConfig(BaseModel):
     include_paths: tuple[str, ...] = ()
     lm_eval_args: dict[str, Any] = Field(default_factory=dict)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
+    device_map: Literal["auto"] | None = None
+    load_in: Literal["8bit", "4bit"] | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -160,9 +170,28 @@ class EvalConfig(BaseModel):
             problems.append(
                 f"unknown lm_eval_args {unknown}; allowed: {sorted(LM_EVAL_ARG_NAMES)}"
             )
+        problems += _placement_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _placement_problems(cfg: EvalConfig) -> list[str]:
+    """Device/memory fields set for a backend that does not use them."""
+    problems = []
+    if cfg.backend != "hf":
+        for name in ("device_map", "load_in"):
+            if getattr(cfg, name) is not None:
+                problems.append(f"{name} is an hf backend setting; remove it or set backend: hf "
+                                "(vLLM quantizes through vllm_args: {quantization: ...})")
+    if cfg.backend != "vllm":
+        if cfg.gpu_memory_utilization is not None or cfg.tensor_parallel_size != 1:
+            problems.append("gpu_memory_utilization and tensor_parallel_size are vllm backend "
+                            "settings; remove them or set backend: vllm (hf: device_map: auto)")
+    clash = sorted({"gpu_memory_utilization", "tensor_parallel_size"} & set(cfg.vllm_args))
+    if clash:
+        problems.append(f"vllm_args sets {clash}; set them as eval config fields instead")
+    return problems
 
 
 def effective_include_paths(cfg: EvalConfig) -> list[Path]:
