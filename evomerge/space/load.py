@@ -73,6 +73,9 @@ def _local_paths(data: dict[str, Any], base_dir: Path) -> None:
                                    for s in starts)]
     for key in ("eval", "report_eval"):
         block = data.get(key)
+        preset = block.get("preset") if isinstance(block, dict) else None
+        if isinstance(preset, str) and Path(preset).suffix and not Path(preset).is_absolute():
+            block["preset"] = str((base_dir / preset).resolve())  # a preset file beside the space
         if isinstance(block, dict) and isinstance(block.get("include_paths"), list):
             block["include_paths"] = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
                                       for p in block["include_paths"]]
