@@ -6,16 +6,15 @@ import argparse
 import os
 import sys
 
-from evomerge.cli.common import add_command, parse_size, print_report, warn
+from evomerge.cli.common import add_command, add_var_option, parse_size, print_report, warn
 from evomerge.errors import EvomergeError
 from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merge_engine.merge import run_merge
-    from merge_engine.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe_vars(args.recipe, dict(args.var))
     bar = None
     if not args.dry_run and sys.stderr.isatty() or os.environ.get("EVOMERGE_PROGRESS"):
         from tqdm import tqdm
@@ -43,13 +42,41 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from merge_engine.session import validate
 
     configs = _model_configs(args.model_config) if args.model_config else None
-    report = validate(args.recipe, with_models=not args.no_models or configs is not None,
+    recipe = load_recipe_vars(args.recipe, dict(args.var), keep_path=True)
+    report = validate(recipe, with_models=not args.no_models or configs is not None,
                       model_configs=configs, allow_pickle=args.allow_pickle,
                       trust_remote_code=args.trust_remote_code)
     code = print_report(args.recipe, report)
     if code == 0:
         print(f"{args.recipe}: ok")
     return code
+
+
+def load_recipe_vars(path: str, variables: dict[str, str], keep_path: bool = False):
+    """The recipe at ``path`` with ``${NAME}`` expanded from ``variables``, then the environment
+    (committed recipes name their models as ``${ZOO}/base``). A file without ``${`` is read by
+    ``load_recipe`` as is; with ``keep_path`` it is returned as the path (``validate`` reports
+    its problems). An unset name is one line."""
+    from pathlib import Path
+
+    import yaml
+
+    from evomerge.space.load import expand_vars
+    from merge_engine.recipe import load_recipe, parse_recipe
+
+    try:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) if "${" in text else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None  # load_recipe / validate say what is wrong with the file
+    if data is None:
+        return path if keep_path else load_recipe(path)
+
+    def unset(name: str) -> EvomergeError:
+        return EvomergeError(f"{path}: ${{{name}}} is not set; pass --var {name}=VALUE or export {name}=..."
+                             + (" (the demo zoo: `evomerge zoo build` writes it to "
+                                "~/.cache/evomerge/zoo/demo)" if name == "ZOO" else ""))
+    return parse_recipe(expand_vars(data, variables, unset), source=str(path))
 
 
 def _model_configs(items: list[str]) -> dict[str, str]:
@@ -74,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
+    add_var_option(p, "recipe")
 
     p = add_command(sub, "validate", cmd_validate, help="check a recipe and its models; lists every problem")
     p.add_argument("recipe")
@@ -82,3 +110,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validate model REPO from DIR/config.json alone (no weights needed); repeatable")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
+    add_var_option(p, "recipe")
