@@ -18,8 +18,9 @@ from merge_engine.dtypes import MODEL_DTYPE_NAMES
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to ``sub``; returns its parser."""
     p = add_command(sub, "eval", cmd_eval, help="score a saved model on lm-eval tasks",
-                    description="Score a local model directory on lm-eval tasks; prints a table.")
-    p.add_argument("model", help="local model directory (config.json, weights, tokenizer)")
+                    description="Score a model directory or hub model on lm-eval tasks; prints a table.")
+    p.add_argument("model", help="a model directory (config.json, weights, tokenizer) or a hub id "
+                   "ORG/NAME[@REVISION] (the hub cache, else a download)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tasks", help="comma-separated tasks, each NAME or NAME:WEIGHT")
     src.add_argument("--preset", help="a preset under eval_tasks/presets/ (e.g. medical)")
