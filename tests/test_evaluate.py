@@ -352,7 +352,7 @@ def test_eval_of_an_uncached_hub_id_is_one_line_and_fast(capsys):
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0, err
-    assert "evomerge-tests/no-such-model" in err and "hf download evomerge-tests/no-such-model" in err
+    assert err.startswith("evomerge eval: error: ") and "evomerge-tests/no-such-model" in err and "hf download evomerge-tests/no-such-model" in err
     assert "HF_HUB_OFFLINE" in err
     assert seconds < 5, seconds
 

@@ -46,6 +46,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evomerge.evaluate import EvalConfigError
     from evomerge.evaluate.result import format_table
     from evomerge.evaluate import validate_eval_config
+    from merge_engine.errors import MergeError  # a model that cannot be found (path or hub id)
 
     try:
         cfg = config_from_args(args)
@@ -56,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"eval config: {'ok' if not problems else f'{len(problems)} problem(s)'}")
             return 0 if not problems else 2
         result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out)
-    except (EvalConfigError, FileNotFoundError) as err:
+    except (EvalConfigError, FileNotFoundError, MergeError) as err:
         print(f"evomerge eval: error: {err}", file=sys.stderr)
         return 2
     print(format_table(result))
