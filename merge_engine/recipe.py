@@ -8,7 +8,9 @@ following mergekit's precedence: source → slice → top level → method defau
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -232,8 +234,34 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> MergeRecipe:
         raise RecipeError([f"{source}: {p}" for p in validation_problems(err)]) from None
 
 
-def load_recipe(path: str | Path) -> MergeRecipe:
-    """Read a recipe YAML file; a missing, malformed or invalid file raises RecipeError."""
+# ---------------------------------------------------------------- loading files
+VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_vars(value: Any, variables: Mapping[str, str], missing: Callable[[str], Exception]) -> Any:
+    """Replace ``${NAME}`` in every string of ``value`` (nested lists and dicts too), from
+    ``variables`` then the environment; an unset name raises ``missing(name)``. Recipes, search
+    spaces and ablation grids share this one implementation (committed files name their models
+    as ``${ZOO}/base``)."""
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            key = m.group(1)
+            if key in variables:
+                return str(variables[key])
+            if key in os.environ:
+                return os.environ[key]
+            raise missing(key)
+        return VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [expand_vars(v, variables, missing) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_vars(v, variables, missing) for k, v in value.items()}
+    return value
+
+
+def load_recipe(path: str | Path, variables: Mapping[str, str] | None = None) -> MergeRecipe:
+    """Read a recipe YAML file (``${NAME}`` expanded from ``variables``, then the environment);
+    a missing, malformed or invalid file, or an unset name, raises RecipeError."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; check the path")
@@ -246,7 +274,10 @@ def load_recipe(path: str | Path) -> MergeRecipe:
         raise RecipeError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not a text file; give a YAML recipe") from None
-    return parse_recipe(data, source=str(path))
+
+    def unset(name: str) -> RecipeError:
+        return RecipeError(f"{path}: ${{{name}}} is not set; pass --var {name}=VALUE or export {name}=...")
+    return parse_recipe(expand_vars(data, variables or {}, unset), source=str(path))
 
 
 # ---------------------------------------------------------------- parameter lookup

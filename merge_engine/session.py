@@ -61,7 +61,7 @@ def prepare(recipe: MergeRecipe, stack: ExitStack, *, opened: Readers | None = N
 
 def validate(recipe: MergeRecipe | str | Path, *, with_models: bool = True, opened: Readers | None = None,
              model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,
-             trust_remote_code: bool = False) -> Report:
+             trust_remote_code: bool = False, variables: Mapping[str, str] | None = None) -> Report:
     """Everything that can be checked before a merge runs (``recipe`` may be a YAML path), all at once.
 
     ``with_models=False`` stops after the checks that need no model files. With
@@ -69,12 +69,12 @@ def validate(recipe: MergeRecipe | str | Path, *, with_models: bool = True, open
     models are checked from their configs alone (no weights) and every other model must be a
     local directory. ``opened`` caches readers across calls: config-only readers built here
     join it (they hold no files; building a 7B architecture takes seconds); readers of model
-    files are closed before returning.
+    files are closed before returning. ``variables`` fill a recipe file's ``${NAME}``s.
     """
     report = Report()
     if not isinstance(recipe, MergeRecipe):
         try:
-            recipe = load_recipe(recipe)
+            recipe = load_recipe(recipe, variables)
         except RecipeError as err:
             report.problems.extend(err.problems)
             return report

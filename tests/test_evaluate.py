@@ -337,3 +337,81 @@ def test_batched_loglikelihood_equals_lm_evals_hflm(model_dirs):
             got = ours.loglikelihood(requests)
             assert got == want, batch_size
     assert any(greedy for _, greedy in want) and not all(greedy for _, greedy in want)
+
+
+# ---------------------------------------------------------------------------- hub ids, offline
+def test_eval_of_an_uncached_hub_id_is_one_line_and_fast(capsys):
+    """Offline (HF_HUB_OFFLINE=1, as in every test): a hub id not in the cache is one line
+    naming the model and the fix, before any dataset is read."""
+    import time
+
+    from evomerge.cli import main
+
+    start = time.perf_counter()
+    code = main(["eval", "evomerge-tests/no-such-model", "--tasks", "smoke_mc", "--limit", "2"])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert err.startswith("evomerge eval: error: ") and "evomerge-tests/no-such-model" in err and "hf download evomerge-tests/no-such-model" in err
+    assert "HF_HUB_OFFLINE" in err
+    assert seconds < 5, seconds
+
+
+def test_eval_accepts_a_hub_id_from_the_cache(model_dirs, tmp_path, monkeypatch):
+    """A hub id found in the hub cache (laid out as `hf download` leaves it) is scored."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "models--evomerge-tests--tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(model_dirs[0], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = EvalConfig(tasks=["smoke_mc"], limit=4)
+    by_id = evaluate_model_dir("evomerge-tests/tiny", cfg)
+    assert by_id.tasks == evaluate_model_dir(model_dirs[0], cfg).tasks
+
+
+def _hub_dataset_task(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "hub_mc.yaml").write_text(
+        (REPO_EVAL_TASKS / "smoke" / "smoke_mc.yaml").read_text()
+        .replace("task: smoke_mc", "task: hub_mc")
+        .replace("dataset_path: json", "dataset_path: evomerge-tests/uncached-dataset")
+        .replace("dataset_kwargs:\n  data_files:\n    test: smoke_mc.jsonl\n", ""))
+    return folder
+
+
+def test_uncached_hub_dataset_is_one_line_naming_it(model_dirs, tmp_path):
+    cfg = EvalConfig(tasks=["hub_mc"], include_paths=(str(_hub_dataset_task(tmp_path / "t")),))
+    with pytest.raises(EvalConfigError) as err:
+        evaluate_model_dir(model_dirs[0], cfg)
+    assert len(err.value.problems) == 1
+    text = err.value.problems[0]
+    assert "dataset evomerge-tests/uncached-dataset of task(s) hub_mc" in text
+    assert "HF_HUB_OFFLINE is set" in text and "then set HF_HUB_OFFLINE=1" in text
+
+
+def test_unreachable_hub_answers_from_the_cache_at_once(model_dirs, tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE and no network (this machine): a short probe, then the cache alone,
+    instead of the hub client's retries (~25 s)."""
+    import time
+
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    from merge_engine.io.resolve import hub_reachable
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    if hub_reachable():
+        pytest.skip("the hub is reachable from here")
+    cfg = EvalConfig(tasks=["hub_mc"], include_paths=(str(_hub_dataset_task(tmp_path / "t")),))
+    start = time.perf_counter()
+    with pytest.raises(EvalConfigError, match="the hub is unreachable; run this command once"):
+        evaluate_model_dir(model_dirs[0], cfg)
+    assert time.perf_counter() - start < 8
+    assert hub.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
+    with pytest.raises(Exception, match="could not reach the hub .* evomerge-tests/none"):
+        evaluate_model_dir("evomerge-tests/none", EvalConfig(tasks=["smoke_mc"]))

@@ -100,6 +100,31 @@ def test_load_space_expands_vars_and_reads_layers(zoo, tmp_path):
         load_space(path)
 
 
+def test_eval_preset_with_overrides_and_report_eval(zoo, tmp_path):
+    """``preset: NAME`` in eval/report_eval loads the preset's tasks; keys beside it override."""
+    from evomerge.evaluate import load_preset
+
+    medical = load_preset("medical")
+    space = parse_space(space_dict(zoo, eval={"preset": "medical", "limit": 20},
+                                   report_eval={"limit": None}, objectives="medqa_4options"))
+    assert space.eval.tasks == medical.tasks and space.eval.limit == 20
+    assert space.report_eval.tasks == medical.tasks and space.report_eval.limit is None
+    # A preset file beside the space, named relative to it; report_eval's own preset wins.
+    (tmp_path / "held_out.yaml").write_text("tasks: [smoke_gen:2]\nlimit: 5\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(space_dict(zoo) | {"report_eval": {"preset": "held_out.yaml"}}))
+    space = load_space(path)
+    assert [(t.name, t.weight) for t in space.report_eval.tasks] == [("smoke_gen", 2.0)]
+    assert space.report_eval.limit == 5 and space.eval.tasks[0].name == "smoke_mc"
+
+
+def test_unknown_eval_preset_is_one_line(zoo):
+    with pytest.raises(SpaceError) as err:
+        parse_space(space_dict(zoo, eval={"preset": "medicall"}))
+    assert len(err.value.problems) == 1
+    assert "eval.preset: eval preset 'medicall' not found; available presets: [" in err.value.problems[0]
+
+
 # ---------------------------------------------------------------- shapes
 def test_single_method_scalars(zoo):
     space = parse_space(space_dict(zoo))

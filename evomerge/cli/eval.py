@@ -19,8 +19,9 @@ from merge_engine.dtypes import MODEL_DTYPE_NAMES
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand to ``sub``; returns its parser."""
     p = add_command(sub, "eval", cmd_eval, help="score a saved model on lm-eval tasks",
-                    description="Score a local model directory on lm-eval tasks; prints a table.")
-    p.add_argument("model", help="local model directory (config.json, weights, tokenizer)")
+                    description="Score a model directory or hub model on lm-eval tasks; prints a table.")
+    p.add_argument("model", help="a model directory (config.json, weights, tokenizer) or a hub id "
+                   "ORG/NAME[@REVISION] (the hub cache, else a download)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tasks", help="comma-separated tasks, each NAME or NAME:WEIGHT")
     src.add_argument("--preset", help="a preset under eval_tasks/presets/ (e.g. medical)")
@@ -46,6 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from evomerge.evaluate import EvalConfigError
     from evomerge.evaluate.result import format_table
     from evomerge.evaluate import validate_eval_config
+    from merge_engine.errors import MergeError  # a model that cannot be found (path or hub id)
 
     try:
         cfg = config_from_args(args)
@@ -56,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"eval config: {'ok' if not problems else f'{len(problems)} problem(s)'}")
             return 0 if not problems else 2
         result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out)
-    except (EvalConfigError, FileNotFoundError) as err:
+    except (EvalConfigError, FileNotFoundError, MergeError) as err:
         print(f"evomerge eval: error: {err}", file=sys.stderr)
         return 2
     print(format_table(result))

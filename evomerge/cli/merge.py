@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from evomerge.cli.common import add_command, parse_size, print_report, warn
+from evomerge.cli.common import add_command, add_var_option, parse_size, print_report, warn
 from evomerge.devices import DEVICE_HELP, device_arg
 from evomerge.errors import EvomergeError
 from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
@@ -16,7 +16,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merge_engine.merge import run_merge
     from merge_engine.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, variables=dict(args.var))
     bar = None
     if not args.dry_run and sys.stderr.isatty() or os.environ.get("EVOMERGE_PROGRESS"):
         from tqdm import tqdm
@@ -44,7 +44,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from merge_engine.session import validate
 
     configs = _model_configs(args.model_config) if args.model_config else None
-    report = validate(args.recipe, with_models=not args.no_models or configs is not None,
+    report = validate(args.recipe, variables=dict(args.var),
+                      with_models=not args.no_models or configs is not None,
                       model_configs=configs, allow_pickle=args.allow_pickle,
                       trust_remote_code=args.trust_remote_code)
     code = print_report(args.recipe, report)
@@ -75,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
+    add_var_option(p, "recipe")
 
     p = add_command(sub, "validate", cmd_validate, help="check a recipe and its models; lists every problem")
     p.add_argument("recipe")
@@ -83,3 +85,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validate model REPO from DIR/config.json alone (no weights needed); repeatable")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
+    add_var_option(p, "recipe")

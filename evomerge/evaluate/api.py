@@ -1,10 +1,9 @@
-"""One-call evaluation of a saved model directory (what ``evomerge eval`` runs)."""
+"""One-call evaluation of a saved model (what ``evomerge eval`` runs)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from evomerge.evaluate.backends import make_evaluator
@@ -14,19 +13,41 @@ if TYPE_CHECKING:
     from evomerge.evaluate.tasks.config import EvalConfig
 
 
+def resolve_model(model: str | Path) -> Path:
+    """The local directory of ``model``: a model directory, or a hub id (``org/name[@revision]``)
+    resolved like a recipe's models (the hub cache, else a download; offline or unreachable hub:
+    the cache alone). Raises a one-line ``MergeError`` naming the model and the fix."""
+    from merge_engine.errors import CheckpointError
+    from merge_engine.io.refs import ModelRef
+    from merge_engine.io.resolve import resolve_model_dir
+
+    try:
+        ref = ModelRef.parse(str(model))
+    except ValueError as err:
+        raise CheckpointError(f"model {model}: {err}") from None
+    folder = resolve_model_dir(ref)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{model} is not a model directory (no config.json); "
+                              "give a transformers model directory or a hub id")
+    return folder
+
+
 def evaluate_model_dir(
     model: str | Path, cfg: EvalConfig, device: str = "cpu", out_json: Path | None = None
 ) -> EvalResult:
-    """Validate ``cfg``, build the tasks, then load ``model`` (a local directory) and score it.
+    """Validate ``cfg``, resolve ``model`` (see :func:`resolve_model`), build the tasks, then
+    load the model and score it.
 
-    Config problems raise ``EvalConfigError`` before the model is read. With ``out_json`` the
-    result (``EvalResult.to_dict()`` plus the model path and the config) is written there.
+    Config problems raise ``EvalConfigError`` before the model is looked up; a model that cannot
+    be found raises a one-line ``MergeError`` before any dataset is read. With ``out_json`` the
+    result (``EvalResult.to_dict()`` plus the model as given and the config) is written there.
     """
-    model = Path(model)
-    with make_evaluator(cfg, device=device) as evaluator:  # validates cfg, builds the tasks
-        if not (model / "config.json").is_file():
-            raise FileNotFoundError(f"{model} is not a model directory (no config.json)")
-        result = evaluator.evaluate(model)
+    from evomerge.evaluate.tasks.validate import check_eval_config
+
+    catalog = check_eval_config(cfg)
+    folder = resolve_model(model)
+    with make_evaluator(cfg, device=device, catalog=catalog) as evaluator:  # builds the tasks
+        result = evaluator.evaluate(folder)
     if out_json is not None:
         payload = {"model": str(model), "config": cfg.model_dump(mode="json"), **result.to_dict()}
         out_json = Path(out_json)

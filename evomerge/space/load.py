@@ -11,9 +11,7 @@ what ablation grids use for their ``${VAR}`` placeholders.
 from __future__ import annotations
 
 import json
-import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +21,7 @@ from pydantic import ValidationError
 from evomerge.errors import validation_problems
 from evomerge.space.schema import SearchSpace, SpaceError
 from merge_engine.layout import LAYER_COUNT_KEYS, num_layers_from_config
-
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def expand_vars(value: Any, variables: Mapping[str, str], missing: Callable[[str], Exception]) -> Any:
-    """Replace ``${NAME}`` in every string, from ``variables`` then the environment;
-    an unset name raises ``missing(name)``."""
-    if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            key = m.group(1)
-            if key in variables:
-                return str(variables[key])
-            if key in os.environ:
-                return os.environ[key]
-            raise missing(key)
-        return VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [expand_vars(v, variables, missing) for v in value]
-    if isinstance(value, dict):
-        return {k: expand_vars(v, variables, missing) for k, v in value.items()}
-    return value
-
+from merge_engine.recipe import VAR, expand_vars  # noqa: F401  (one ${VAR} implementation, re-exported)
 
 def _unset(key: str) -> SpaceError:
     return SpaceError(f"${{{key}}} is not set; pass it (e.g. export {key}=...) or edit the space",
@@ -73,6 +50,9 @@ def _local_paths(data: dict[str, Any], base_dir: Path) -> None:
                                    for s in starts)]
     for key in ("eval", "report_eval"):
         block = data.get(key)
+        preset = block.get("preset") if isinstance(block, dict) else None
+        if isinstance(preset, str) and Path(preset).suffix and not Path(preset).is_absolute():
+            block["preset"] = str((base_dir / preset).resolve())  # a preset file beside the space
         if isinstance(block, dict) and isinstance(block.get("include_paths"), list):
             block["include_paths"] = [str((base_dir / p).resolve()) if not Path(p).is_absolute() else p
                                       for p in block["include_paths"]]

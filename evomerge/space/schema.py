@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from evomerge.errors import ProblemsError
-from evomerge.evaluate import EvalConfig
+from evomerge.evaluate import EvalConfig, load_preset
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
@@ -225,6 +225,8 @@ class SearchSpace(Frozen):
             data["filters"] = (data["filters"],)
         if isinstance(data.get("start"), (str, Mapping)):
             data["start"] = (data["start"],)
+        for key in ("eval", "report_eval"):
+            data[key] = _expand_preset(key, data.get(key))
         # report_eval lists only what differs from eval (typically the held-out task names).
         rep, ev = data.get("report_eval"), data.get("eval")
         if isinstance(rep, Mapping) and isinstance(ev, Mapping):
@@ -274,6 +276,25 @@ class SearchSpace(Frozen):
         """Inclusive (first, last) layer of each group; one group when no granularity is set."""
         g = self.layer_granularity or self.num_layers
         return [(a, min(a + g, self.num_layers) - 1) for a in range(0, self.num_layers, g)]
+
+
+def _expand_preset(key: str, block: Any) -> Any:
+    """``{preset: NAME, **overrides}`` → the preset's fields with the overrides on top.
+
+    NAME is a preset under ``eval_tasks/presets/`` or a YAML path (``load_space`` makes a
+    relative path relative to the space file). An unknown preset is one ``ValueError`` line.
+    """
+    if not isinstance(block, Mapping) or "preset" not in block:
+        return block
+    rest = dict(block)
+    name = rest.pop("preset")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{key}.preset must be a preset name or a YAML path, got {name!r}")
+    try:
+        preset = load_preset(name)
+    except ValueError as err:  # EvalConfigError (unknown name) or the preset's own problems
+        raise ValueError(f"{key}.preset: {err}") from None
+    return {**preset.model_dump(exclude_unset=True), **rest}
 
 
 # ---------------------------------------------------------------- rules

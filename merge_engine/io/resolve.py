@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from merge_engine.errors import CheckpointError
 from merge_engine.io.refs import ModelRef
@@ -18,6 +20,27 @@ HUB_PATTERNS: tuple[str, ...] = (
     "*.tiktoken",
 )
 PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt")
+#: Seconds to wait for the hub to accept a connection before working from the cache alone
+#: (huggingface_hub's own retries on an unreachable hub take about 25 s per file).
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the hub endpoint (``HF_ENDPOINT``) accepts a TCP connection within ``timeout`` s.
+
+    Always False under ``HF_HUB_OFFLINE=1``. Name resolution is the system resolver's (a host
+    without DNS fails at once; a slow resolver may add its own wait)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def looks_local(path: str) -> bool:
@@ -32,8 +55,8 @@ def resolve_model_dir(
 
     An existing local directory is returned as is. Anything else that does not look like a local
     path is taken for a hub repo id and fetched with ``huggingface_hub.snapshot_download`` into
-    ``cache_dir`` (default: the hub cache, ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` only the
-    cache is consulted. Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
+    ``cache_dir`` (default: the hub cache, ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1``, or when
+    the hub does not answer within :data:`HUB_PROBE_TIMEOUT` s, only the cache is consulted. Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
     and tokenizer files are fetched. Every failure is a one-line ``CheckpointError`` with a fix.
     """
     if ref.lora:
@@ -63,12 +86,15 @@ def _snapshot(ref: ModelRef, cache_dir: str | Path | None, allow_pickle: bool) -
     repo = ref.path
     patterns = list(HUB_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
     download_hint = f"run `hf download {repo}` where the hub is reachable"
+    # An unreachable hub: answer from the cache at once instead of after the hub's retries.
+    reachable = hub_reachable()
     try:
         folder = snapshot_download(
             repo,
             revision=ref.revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             allow_patterns=patterns,
+            local_files_only=not reachable,
         )
     except hub_errors.HFValidationError:
         raise CheckpointError(
@@ -99,7 +125,8 @@ def _snapshot(ref: ModelRef, cache_dir: str | Path | None, allow_pickle: bool) -
                 f"fix the path, or {download_hint} (or unset HF_HUB_OFFLINE)"
             ) from None
         raise CheckpointError(
-            f"could not reach the hub to fetch {ref} ({type(exc).__name__}); "
+            f"could not reach the hub ({constants.ENDPOINT}) to fetch {ref}, and the hub cache "
+            f"does not hold it ({type(exc).__name__}); "
             f"check the network, or {download_hint} and set HF_HUB_OFFLINE=1"
         ) from None
     except (hub_errors.HfHubHTTPError, OSError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.adapters.lm_eval import reuse_doc_lists, reuse_requests
 from evomerge.evaluate.result import EvalResult, TaskScore
 from evomerge.evaluate.tasks.catalog import TaskCatalog
-from evomerge.evaluate.tasks.config import EvalConfig
+from evomerge.evaluate.tasks.config import EvalConfig, EvalConfigError
 from evomerge.evaluate.tasks.validate import check_eval_config, resolve_metric
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class TaskRunner:
         gen_kwargs = args.pop("gen_kwargs", None)
         self._evaluate_args = args
 
-        self.task_dict = self.catalog.load([s.name for s in cfg.tasks])
+        self.task_dict = load_tasks(self.catalog, [s.name for s in cfg.tasks])
         self.leaves = {s.name: self._leaf_names(s.name) for s in cfg.tasks}
         for spec in cfg.tasks:
             for leaf in self.leaves[spec.name]:
@@ -115,6 +116,60 @@ class TaskRunner:
             wall_time_s=wall,
             backend=self.cfg.backend,
         )
+
+
+def load_tasks(catalog: TaskCatalog, names: list[str]) -> Any:
+    """``catalog.load(names)`` (reads every dataset), with hub datasets answered in one line.
+
+    When the hub does not accept a connection within ``HUB_PROBE_TIMEOUT`` s, datasets are read
+    from the datasets cache alone (instead of after the hub client's retries, ~25 s per file).
+    A dataset neither in the cache nor reachable raises one :class:`EvalConfigError` line naming
+    the dataset, the tasks and the fix.
+    """
+    from datasets.exceptions import DatasetNotFoundError
+
+    with _cache_only_unless_hub_reachable() as offline:
+        try:
+            return catalog.load(names)
+        except (ConnectionError, DatasetNotFoundError) as err:
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            quoted = re.search(r"'([^'\s]+)'", text)  # ("Couldn't reach 'org/name'")
+            dataset = quoted.group(1) if quoted else "a dataset"
+            tasks = ", ".join(names)
+            if isinstance(err, DatasetNotFoundError) and not offline:
+                raise EvalConfigError(
+                    f"dataset {dataset} of task(s) {tasks} is not on the hub or is gated ({text}); "
+                    "check the task's dataset_path, or accept the dataset's terms on the hub and "
+                    "set HF_TOKEN (or run `hf auth login`)") from None
+            why = "HF_HUB_OFFLINE is set" if offline == "env" else "the hub is unreachable"
+            raise EvalConfigError(
+                f"dataset {dataset} of task(s) {tasks} is not in the datasets cache and {why}; "
+                "run this command once where the hub is reachable (it fills the cache, "
+                "~/.cache/huggingface/datasets or HF_DATASETS_CACHE), then set HF_HUB_OFFLINE=1"
+            ) from None
+
+
+@contextlib.contextmanager
+def _cache_only_unless_hub_reachable() -> Iterator[str | None]:
+    """Yield ``"env"`` under ``HF_HUB_OFFLINE=1``; ``"probe"`` (and switch the hub client and
+    ``datasets`` to their offline mode for the block) when the hub does not answer; else None."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    from merge_engine.io.resolve import hub_reachable
+
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        yield "env"
+        return
+    if hub_reachable():
+        yield None
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield "probe"
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def select_samples(
