@@ -94,7 +94,10 @@ def _too_few(n: int, minimum: int, what: str) -> str | None:
 
 def _draw(draw: Any, study: optuna.Study) -> tuple[Any, str | None]:
     """(figure, None), or (None, why not) when the study holds nothing this plot can show."""
-    with warnings.catch_warnings():
+    import matplotlib.pyplot as plt
+
+    # optuna's plots switch the global style (plt.style.use); a context keeps each figure's own
+    with warnings.catch_warnings(), plt.style.context("default"):
         warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
         try:
             return draw(study)
@@ -142,7 +145,7 @@ def _history_figure(study: optuna.Study) -> tuple[Any, str | None]:
             ax.axhline(value, color="black" if uniform else palette[k % len(palette)],
                        ls="-" if uniform else ("--", ":", "-.")[k % 3], lw=1.3, label=f"{label}: {value:.3f}")
         ax.set_xlabel("trial number")
-        ax.set_ylabel(_wrap(h.label, 34))
+        ax.set_ylabel(_wrap(h.label, 44))
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
         if n > 1:
@@ -240,6 +243,7 @@ def _importance_figure(study: optuna.Study) -> tuple[Any, str | None]:
     fig = ax.figure
     n_params = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[0].params)
     fig.set_size_inches(9, max(3.5, 0.35 * n_params + 1.5))
+    ax.set_title("", loc="left")  # optuna's generic title
     ax.set_title(f"Parameter importances for {objectives(study)[0]} (Optuna, fANOVA)", fontsize=12)
     fig.tight_layout()
     return fig, None
