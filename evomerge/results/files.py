@@ -39,7 +39,7 @@ def write_results(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     if "space" in study.user_attrs:
         files["space"] = atomic_write(out_dir / "space.yaml", yaml.safe_dump(
             study.user_attrs["space"], sort_keys=False))
-    files.update(write_plots(study, out_dir / "plots"))
+    files.update(write_plots(study, out_dir / "plots").files)
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     files["report"] = atomic_write(out_dir / "report.txt", report_table(study, k) + "\n")
     files["summary"] = atomic_write(out_dir / "summary.json", json.dumps(summary(study), indent=2))
