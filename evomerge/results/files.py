@@ -6,7 +6,7 @@ Layout of ``out_dir``::
     best/01_trial0007.yaml      top-k recipes (mergekit YAML, original model paths), comment header
     best/01_trial0007.json      provenance: scores on the search and held-out splits, seeds,
                                 versions, sha256 of the input checkpoints' headers
-    plots/*.png                 optimization history, Pareto front, parameter importances
+    plots/*.png                 optimization history, per-layer heat map, Pareto fronts, importances
     report.txt                  held-out scores of the top-k next to every input model's
     summary.json, space.yaml    the run at a glance; the space the study was created with
 
