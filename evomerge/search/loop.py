@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
-from evomerge.results.store import best_values
+from evomerge.results.store import top_trials
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
@@ -77,6 +77,7 @@ class Progress:
     best: list[float] | None
     seconds: float
     eta: float | None
+    best_trial: int | None = None  # the number of the trial whose values ``best`` shows
 
 
 # ---------------------------------------------------------------- one candidate
@@ -170,5 +171,7 @@ def _progress(study: optuna.Study, number: int, state: TrialState, total: int, d
     frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     rate = (now - start) / max(done - done_at_start, 1)
     eta = rate * (total - done) if done > done_at_start else None
+    top = top_trials(study, 1)
     return Progress(done, total, number, state.name, frozen.values if frozen else None,
-                    best_values(study), now - t0, eta)
+                    list(top[0].values) if top else None, now - t0, eta,
+                    top[0].number if top else None)
