@@ -179,12 +179,14 @@ def _comparable(dump: dict[str, Any]) -> dict[str, Any]:
 
 
 def space_from_study(study: optuna.Study) -> SearchSpace:
-    """The search space a study was created with (a worker needs nothing else to join)."""
+    """The search space a study was created with (a worker needs nothing else to join). Its
+    start points are left out: only the study's creator enqueues them, so a worker never needs
+    the start-recipe files (which may live on the creator's machine only)."""
     stored = study.user_attrs.get("space")
     if stored is None:
         raise EvomergeError(f"study {study.study_name!r} holds no evomerge search space; "
                             "was it created by `evomerge search`?")
-    return SearchSpace.model_validate(stored)
+    return SearchSpace.model_validate({**stored, "start": ["equal"]})
 
 
 def load_stored_study(storage: str | BaseStorage, study_name: str) -> optuna.Study:
