@@ -21,7 +21,8 @@ from evomerge.results.store import top_trials
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
-from merge_engine.errors import NonFiniteError
+from evomerge.errors import EvomergeError
+from merge_engine.errors import MergeError, NonFiniteError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -42,6 +43,18 @@ class Evaluators:
 
     @classmethod
     def for_space(cls, space: SearchSpace, device: str = "cpu") -> Evaluators:
+        try:
+            return cls._build(space, device)
+        except (EvomergeError, MergeError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001  lm-eval/datasets fail on bad task files in many ways
+            tasks = ", ".join(t.name for t in space.eval.tasks)
+            detail = f"{type(err).__name__}: {err}".splitlines()[0].rstrip(": ")
+            raise EvomergeError(f"cannot build the eval tasks {tasks} ({detail}); check each task's "
+                                "YAML and that its data files exist and are not empty") from err
+
+    @classmethod
+    def _build(cls, space: SearchSpace, device: str) -> Evaluators:
         from evomerge.evaluate import TaskCatalog, make_evaluator
 
         catalog = TaskCatalog.for_config(space.eval)

@@ -22,7 +22,7 @@ from evomerge.errors import StorageError
 from evomerge.space import SearchSpace, SpaceError, equal_params, start_points
 
 MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
-MAX_YAML_ALIASES = 100     # aliases (*name) nest into exponential documents ("YAML bombs")
+MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
 
 
 def check_space_file(path: str | Path) -> None:
@@ -44,12 +44,33 @@ def check_space_file(path: str | Path) -> None:
     import yaml
 
     try:
-        aliases = sum(isinstance(t, yaml.AliasToken) for t in yaml.scan(text))
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = _expanded_size(root, {}) if root is not None else 0
     except yaml.YAMLError:
         return  # load_space reports the syntax error with its line
-    if aliases > MAX_YAML_ALIASES:
-        raise SpaceError(f"{aliases} YAML aliases (*name); a search space needs at most "
-                         f"{MAX_YAML_ALIASES}; write the values out", str(path))
+    except RecursionError:
+        raise SpaceError("YAML nested too deeply; a search space is a few levels deep", str(path)) from None
+    if nodes > MAX_YAML_NODES:
+        raise SpaceError(f"its YAML aliases (*name) expand to over {MAX_YAML_NODES} values "
+                         f"({nodes}); a search space is small: write the values out", str(path))
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (shared nodes counted per use,
+    computed once each: a "billion laughs" file costs its size here, not its expansion)."""
+    import yaml
+
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    seen[key] = 1  # a node that contains itself counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(c, seen) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[key] = min(size, 10 * MAX_YAML_NODES)
+    return seen[key]
 
 
 def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
