@@ -225,6 +225,16 @@ def space_empty_data(tmp, m):
     return _space(tmp, m, eval={"tasks": ["mine_mc"], "limit": 2, "include_paths": [str(_task_dir(tmp, ""))]})
 
 
+def eval_truncated(tmp, m):
+    truncated(tmp, m)
+    return ["eval", str(tmp / "trunc"), "--tasks", "smoke_mc", "--limit", "2"]
+
+
+def eval_pickle(tmp, m):
+    pickle_only(tmp, m)
+    return ["eval", str(tmp / "pickled"), "--tasks", "smoke_mc", "--limit", "2"]
+
+
 CASES = [
     Case("malformed yaml", malformed_yaml, "not valid YAML"),
     Case("truncated yaml", truncated_yaml, "YAML"),
@@ -252,6 +262,8 @@ CASES = [
     Case("space: misspelled task", space_unknown_task, "smoke_mcq"),
     Case("space: task data file missing", space_missing_data, "smoke_mc.jsonl"),
     Case("space: task data file empty", space_empty_data, "empty"),
+    Case("eval: truncated checkpoint", eval_truncated, "trunc"),
+    Case("eval: pickle weights", eval_pickle, "pickle"),
 ]
 
 

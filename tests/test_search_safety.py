@@ -234,3 +234,20 @@ def test_several_objectives_rank_pareto_trials_by_the_task_weights():
     assert [t.number for t in top_trials(_study_with(values, [3.0, 1.0]), 3)] == [0, 2, 1]
     assert [t.number for t in top_trials(_study_with(values, [1.0, 3.0]), 1)] == [1]
     assert "Pareto" in ranking_note(study) and "1*a + 1*b" in ranking_note(study)
+
+
+def test_noise_of_libraries_is_filtered_by_message_only(zoo, caplog):
+    """lm-eval's real warning for a loaded model is dropped; its other warnings still show."""
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.candidate import load_causal_lm
+    from evomerge.cli.common import silence_noise
+
+    silence_noise()
+    model, tokenizer = load_causal_lm(zoo / "base")
+    with caplog.at_level(logging.WARNING, logger="lm_eval.models.huggingface"):
+        HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        logging.getLogger("lm_eval.models.huggingface").warning("another warning")
+    assert "pretrained" not in caplog.text and "another warning" in caplog.text

@@ -291,7 +291,7 @@ def test_unreachable_storage_is_one_line_naming_the_url_without_its_password(cap
         port = s.getsockname()[1]
     url = f"postgresql+psycopg2://evo:s3cret@127.0.0.1:{port}/study"
     start = time.monotonic()
-    assert main(["worker", "--storage", url, "--study", "x"]) == 2
+    assert main(["worker", "--storage", url, "--study", "x"]) == 3  # storage errors: exit code 3
     err = capsys.readouterr().err
     assert time.monotonic() - start < CONNECT_TIMEOUT
     assert err.count("\n") == 1 and "Traceback" not in err and "s3cret" not in err

@@ -168,14 +168,17 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         study.set_user_attr("objectives", list(space.objectives))
         study.set_user_attr("evomerge_version", evomerge_version())
         study.set_user_attr("checkpoints", checkpoint_fingerprints(space))
-    elif _comparable(stored) != _comparable(space.model_dump(mode="json")):
+    elif (differ := _differences(stored, space.model_dump(mode="json"))):
         raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
-                            "different search space; use the same space file or a new --study name")
+                            f"different search space ({', '.join(differ)} differ); use the same "
+                            "space file or a new --study name")
     return study
 
 
-def _comparable(dump: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in dump.items() if k not in _RESUMABLE_FIELDS}
+def _differences(stored: dict[str, Any], dump: dict[str, Any]) -> list[str]:
+    """The fields (other than the resumable ones) in which two dumped spaces differ."""
+    keys = dict.fromkeys([*stored, *dump])
+    return [k for k in keys if k not in _RESUMABLE_FIELDS and stored.get(k) != dump.get(k)]
 
 
 def space_from_study(study: optuna.Study) -> SearchSpace:
