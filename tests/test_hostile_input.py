@@ -262,12 +262,17 @@ CASES = [
     Case("space: misspelled task", space_unknown_task, "smoke_mcq"),
     Case("space: task data file missing", space_missing_data, "smoke_mc.jsonl"),
     Case("space: task data file empty", space_empty_data, "empty"),
-    Case("eval: truncated checkpoint", eval_truncated, "trunc"),
-    Case("eval: pickle weights", eval_pickle, "pickle"),
+    # `evomerge eval` loads the model with transformers before checking it (evaluate/api.py, not
+    # this table's to fix): a truncated file is a SafetensorError traceback, a pickle-only model
+    # is loaded (or fails on its tokenizer) instead of being refused with --allow-pickle's hint.
+    pytest.param(Case("eval: truncated checkpoint", eval_truncated, "truncated"),
+                 marks=pytest.mark.xfail(strict=True, reason="eval does not check the checkpoint first")),
+    pytest.param(Case("eval: pickle weights", eval_pickle, "--allow-pickle"),
+                 marks=pytest.mark.xfail(strict=True, reason="eval does not refuse pickle weights")),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[getattr(c, "id", None) or c.values[0].id for c in CASES])
 def test_hostile_input_gives_one_clear_line(case, models, tmp_path, capsys):
     argv = case.build(tmp_path, models)
     capsys.readouterr()  # drop what building the inputs printed

@@ -130,6 +130,7 @@ NOISE = (
     ("optuna._gp.batched_lbfgsb", "The 'greenlet' package is unavailable"),
     # lm-eval warns whenever it is handed a loaded model, which is how every candidate is scored
     ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
 )
 
 
