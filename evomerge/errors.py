@@ -77,3 +77,19 @@ def parse_limit(text: str) -> int | float:
         raise argparse.ArgumentTypeError(
             f"--limit {text!r}: give a whole number of docs, or a fraction below 1")
     return int(value) if value >= 1 else value
+
+
+class StorageError(EvomergeError):
+    """The place results live cannot be used: an unreachable or corrupt study database, a folder
+    that holds another study's results, a read-only or full disk."""
+
+
+# One exit code per kind of outcome, the same for every command (listed in `evomerge --help`).
+EXIT_CODES = {
+    0: "success",
+    1: "the command ran but its result is a failure (problems found, no trial finished)",
+    2: "bad input: a file, option or model to fix (the message says how)",
+    3: "storage or disk: database unreachable or corrupt, folder in use, disk read-only or full",
+    130: "interrupted (Ctrl-C); finished work is kept, the same command resumes",
+}
+EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 1, 2, 3, 130

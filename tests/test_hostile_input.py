@@ -25,7 +25,8 @@ from evomerge.cli import main
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hostile_models")
     base = make_tiny_llama(root / "base", seed=0)
-    return {"root": root, "base": base, "a": make_tiny_llama(root / "a", seed=1, perturb_from=base)}
+    return {"root": root, "base": base, "a": make_tiny_llama(root / "a", seed=1, perturb_from=base),
+            "b": make_tiny_llama(root / "b", seed=2, perturb_from=base)}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -139,6 +140,101 @@ def unreachable_storage(tmp, m):
     return ["worker", "--storage", "postgresql+psycopg2://evo:s3cret@127.0.0.1:1/evomerge", "--study", "x"]
 
 
+# ---------------------------------------------------------------- hostile search spaces
+def _space(tmp: Path, m: dict, text: str | bytes | None = None, **fields) -> list[str]:
+    """`evomerge search` of a space over the tiny models (``fields`` override its keys, ``text``
+    replaces the whole file), writing into tmp/OUT."""
+    if text is None:
+        import yaml
+
+        data = {"name": "h", "base_model": str(m["base"]), "method": "task_arithmetic",
+                "models": [str(m["a"]), str(m["b"])], "num_layers": 2,
+                "eval": {"tasks": ["smoke_mc"], "limit": 2}, **fields}
+        text = yaml.safe_dump(data)
+    p = tmp / "space.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return ["search", str(p), "--out", str(tmp / "OUT"), "--trials", "1"]
+
+
+def space_wrong_types(tmp, m):
+    return _space(tmp, m, models=5, budget={"trials": "many"})
+
+
+def space_bad_range(tmp, m):
+    return _space(tmp, m, search={"weight": {"low": 2.0, "high": 1.0}})
+
+
+def space_nan(tmp, m):
+    return _space(tmp, m, search={"weight": {"low": float("nan"), "high": 1.0}})
+
+
+def space_yaml_bomb(tmp, m):
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [{','.join(['*' + prev] * 9)}]")
+    return _space(tmp, m, text="\n".join(lines) + "\nmodels: *i\n")
+
+
+def space_huge(tmp, m):
+    return _space(tmp, m, text="# " + "x" * (2 << 20) + "\nname: h\n")
+
+
+def space_not_utf8(tmp, m):
+    return _space(tmp, m, text=b"name: \xff\xfe h\nmodels: []\n")
+
+
+def space_undefined_var(tmp, m):
+    return _space(tmp, m, base_model="${NO_SUCH_VAR_EVOMERGE}/base")
+
+
+def space_other_architecture(tmp, m):
+    other = make_tiny_llama(tmp / "wide", seed=5, hidden=96)
+    return _space(tmp, m, models=[str(m["a"]), str(other)])
+
+
+def space_pickle_model(tmp, m):
+    pickle_only(tmp, m)  # builds tmp/pickled
+    return _space(tmp, m, models=[str(m["a"]), str(tmp / "pickled")])
+
+
+def space_truncated_model(tmp, m):
+    truncated(tmp, m)  # builds tmp/trunc
+    return _space(tmp, m, models=[str(m["a"]), str(tmp / "trunc")])
+
+
+def space_unknown_task(tmp, m):
+    return _space(tmp, m, eval={"tasks": ["smoke_mcq"], "limit": 2})
+
+
+def _task_dir(tmp: Path, data: str | None) -> Path:
+    folder = tmp / "tasks"
+    folder.mkdir()
+    src = Path(__file__).resolve().parents[1] / "eval_tasks" / "smoke" / "smoke_mc.yaml"
+    (folder / "mine.yaml").write_text(src.read_text().replace("task: smoke_mc", "task: mine_mc"))
+    if data is not None:
+        (folder / "smoke_mc.jsonl").write_text(data)
+    return folder
+
+
+def space_missing_data(tmp, m):
+    return _space(tmp, m, eval={"tasks": ["mine_mc"], "limit": 2, "include_paths": [str(_task_dir(tmp, None))]})
+
+
+def space_empty_data(tmp, m):
+    return _space(tmp, m, eval={"tasks": ["mine_mc"], "limit": 2, "include_paths": [str(_task_dir(tmp, ""))]})
+
+
+def eval_truncated(tmp, m):
+    truncated(tmp, m)
+    return ["eval", str(tmp / "trunc"), "--tasks", "smoke_mc", "--limit", "2"]
+
+
+def eval_pickle(tmp, m):
+    pickle_only(tmp, m)
+    return ["eval", str(tmp / "pickled"), "--tasks", "smoke_mc", "--limit", "2"]
+
+
 CASES = [
     Case("malformed yaml", malformed_yaml, "not valid YAML"),
     Case("truncated yaml", truncated_yaml, "YAML"),
@@ -153,10 +249,30 @@ CASES = [
     Case("vocabulary sizes differ", smaller_vocab, "vocabulary"),
     Case("eval task name that does not exist", unknown_task, "zoo_add_serach"),
     Case("storage URL that cannot be reached", unreachable_storage, "127.0.0.1:1"),
+    Case("space: wrong types", space_wrong_types, "models"),
+    Case("space: range low above high", space_bad_range, "weight"),
+    Case("space: NaN in a range", space_nan, "weight"),
+    Case("space: YAML bomb", space_yaml_bomb, "aliases"),
+    Case("space: huge file", space_huge, "bytes"),
+    Case("space: not UTF-8", space_not_utf8, "UTF-8"),
+    Case("space: undefined variable", space_undefined_var, "NO_SUCH_VAR_EVOMERGE"),
+    Case("space: models of another architecture", space_other_architecture, "shape"),
+    Case("space: pickle weights, refused before the first trial", space_pickle_model, "--allow-pickle"),
+    Case("space: truncated checkpoint", space_truncated_model, "truncated"),
+    Case("space: misspelled task", space_unknown_task, "smoke_mcq"),
+    Case("space: task data file missing", space_missing_data, "smoke_mc.jsonl"),
+    Case("space: task data file empty", space_empty_data, "empty"),
+    # `evomerge eval` loads the model with transformers before checking it (evaluate/api.py, not
+    # this table's to fix): a truncated file is a SafetensorError traceback, a pickle-only model
+    # is loaded (or fails on its tokenizer) instead of being refused with --allow-pickle's hint.
+    pytest.param(Case("eval: truncated checkpoint", eval_truncated, "truncated"),
+                 marks=pytest.mark.xfail(strict=True, reason="eval does not check the checkpoint first")),
+    pytest.param(Case("eval: pickle weights", eval_pickle, "--allow-pickle"),
+                 marks=pytest.mark.xfail(strict=True, reason="eval does not refuse pickle weights")),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[getattr(c, "id", None) or c.values[0].id for c in CASES])
 def test_hostile_input_gives_one_clear_line(case, models, tmp_path, capsys):
     argv = case.build(tmp_path, models)
     capsys.readouterr()  # drop what building the inputs printed
@@ -167,7 +283,9 @@ def test_hostile_input_gives_one_clear_line(case, models, tmp_path, capsys):
     assert case.expect.lower() in err.lower(), err
     assert "s3cret" not in err  # passwords never printed
     lines = [ln for ln in err.splitlines() if not ln.startswith("warning:")]
-    if argv[0] in ("merge", "eval", "worker"):
+    if argv[0] == "search":  # progress lines come first; one error line, and no file written
+        lines = [ln for ln in lines if ln.startswith("evomerge")]
+    if argv[0] in ("merge", "eval", "worker", "search"):
         assert len(lines) == 1, err
         assert not (tmp_path / "OUT").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".OUT")]

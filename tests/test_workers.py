@@ -103,8 +103,10 @@ def running_trial_of(trials: list[FrozenTrial], pid: int) -> FrozenTrial | None:
 
 
 def kill_mid_trial(proc: subprocess.Popen, trials: Callable[[], list[FrozenTrial]],
-                   ready: Callable[[list[FrozenTrial]], bool], logs: list[Path]) -> FrozenTrial:
-    """SIGKILL ``proc`` while it evaluates a trial (once ``ready(trials)``); returns that trial.
+                   ready: Callable[[list[FrozenTrial]], bool], logs: list[Path],
+                   sig: int = signal.SIGKILL) -> FrozenTrial:
+    """Send ``sig`` (SIGKILL, or SIGINT for Ctrl-C) to ``proc`` while it evaluates a trial (once
+    ``ready(trials)``); returns that trial.
 
     The process is stopped (SIGSTOP) before its trial is read, so the trial cannot finish
     between the check and the kill."""
@@ -120,8 +122,10 @@ def kill_mid_trial(proc: subprocess.Popen, trials: Callable[[], list[FrozenTrial
         return None
 
     trial = wait_for(f"process {proc.pid} to be mid-trial", stopped_mid_trial, 90, logs)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    os.kill(proc.pid, sig)
+    if sig != signal.SIGKILL:
+        os.kill(proc.pid, signal.SIGCONT)  # a stopped process handles its SIGINT once continued
+    proc.wait(timeout=60)
     return trial
 
 
@@ -223,10 +227,11 @@ def test_workers_share_a_study_and_retry_a_killed_workers_trial(zoo, tmp_path, p
     assert_recipes_reproduce(by_state[TrialState.COMPLETE], space, tmp_path / "merged")
 
 
-def test_killed_search_resumes_with_the_same_command(zoo, tmp_path):
-    """`kill -9` of `evomerge search` on its default SQLite storage, then the same command
-    again: finished trials are kept as they were, the killed one is retried, the run reaches
-    exactly its budget and every result file is whole."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "ctrl-c"])
+def test_killed_search_resumes_with_the_same_command(zoo, tmp_path, sig):
+    """`kill -9` (or Ctrl-C) of `evomerge search` on its default SQLite storage, then the same
+    command again: finished trials are kept as they were, the killed one is retried, the run
+    reaches exactly its budget and every result file is whole."""
     # Every doc and batches of 4: a trial lasts long enough to be caught mid-way (with 4 docs a
     # trial took 0.1 s once evaluation got faster, and the kill could miss every trial).
     budget = 8
@@ -242,7 +247,8 @@ def test_killed_search_resumes_with_the_same_command(zoo, tmp_path):
         proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=process_env(tmp_path))
     try:
         killed = kill_mid_trial(
-            proc, TrialWatch(storage, "w"), lambda trials: sum(t.state == TrialState.COMPLETE for t in trials) >= 2, [log])
+            proc, TrialWatch(storage, "w"), lambda trials: sum(t.state == TrialState.COMPLETE for t in trials) >= 2,
+            [log], sig)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -250,8 +256,11 @@ def test_killed_search_resumes_with_the_same_command(zoo, tmp_path):
     before = [(t.number, t.params, t.values) for t in optuna.load_study(study_name="w", storage=storage)
               .get_trials(states=(TrialState.COMPLETE,))]
 
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "interrupted" in log.read_text().splitlines()[-1]
     again = subprocess.run(command, capture_output=True, text=True, env=process_env(tmp_path), timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming study w ({len(before)} finished trials)" in again.stderr
 
     study = optuna.load_study(study_name="w", storage=storage)
     trials = study.get_trials()
@@ -262,6 +271,7 @@ def test_killed_search_resumes_with_the_same_command(zoo, tmp_path):
     dead = trials[killed.number]
     assert dead.state == TrialState.FAIL and "interrupted" in dead.user_attrs["error"]
     retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert all(t.params != dead.params for t in trials if t.number > killed.number and t not in retry)
     assert len(retry) == 1 and retry[0].params == dead.params and retry[0].state == TrialState.COMPLETE
 
     with sqlite3.connect(out / "study.db") as db:
@@ -281,7 +291,7 @@ def test_unreachable_storage_is_one_line_naming_the_url_without_its_password(cap
         port = s.getsockname()[1]
     url = f"postgresql+psycopg2://evo:s3cret@127.0.0.1:{port}/study"
     start = time.monotonic()
-    assert main(["worker", "--storage", url, "--study", "x"]) == 2
+    assert main(["worker", "--storage", url, "--study", "x"]) == 3  # storage errors: exit code 3
     err = capsys.readouterr().err
     assert time.monotonic() - start < CONNECT_TIMEOUT
     assert err.count("\n") == 1 and "Traceback" not in err and "s3cret" not in err

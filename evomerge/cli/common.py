@@ -41,11 +41,38 @@ def parse_size(text: str) -> int:
     units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"cannot read size {text!r}; use e.g. 5G, 500M or a byte count")
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive; use e.g. 5G, 500M")
+    return size
+
+
+def whole_number(minimum: int, meaning: str = "") -> Callable[[str], int]:
+    """An option parser for a whole number >= ``minimum``; ``meaning`` explains special values
+    in the error (e.g. "0 means the space's budget")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            extra = f" ({meaning})" if meaning else ""
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}{extra}, got {text!r}")
+        return value
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def parse_var(text: str) -> tuple[str, str]:
@@ -96,6 +123,38 @@ def built_zoo(variant: str) -> Path:
 
 
 # ---------------------------------------------------------------- long runs
+# Library messages that are noise to a user: (logger, start of the message). Each is filtered by
+# its exact logger and text, so every other warning of those libraries still shows.
+NOISE = (
+    # optuna's GP sampler falls back to sequential L-BFGS-B without greenlet: correct, just slower
+    ("optuna._gp.batched_lbfgsb", "The 'greenlet' package is unavailable"),
+    # lm-eval warns whenever it is handed a loaded model, which is how every candidate is scored
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`"),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+)
+
+
+class _DropMessage:
+    def __init__(self, start: str) -> None:
+        self.start = start
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def silence_noise() -> None:
+    """Filter the :data:`NOISE` log messages and optuna's heartbeat warning (our ask/tell loop
+    records heartbeats itself); idempotent. Runs before those libraries are imported."""
+    import logging
+    import warnings
+
+    for name, start in NOISE:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.start == start for f in log.filters):
+            log.addFilter(_DropMessage(start))
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
 def quiet_libraries() -> None:
     """lm-eval logs a few lines per candidate; our progress line replaces them."""
     import logging
@@ -117,7 +176,9 @@ def library_output_hidden(verbose: bool) -> Iterator[None]:
 
 
 class ProgressLine:
-    """``trial i/N | best … | last … | ETA …``: one rewritten line on a terminal, else one per trial."""
+    """``trial 7 complete (3.1s) | finished 5/20 | best (trial 4) … | this … | ETA …``: one
+    rewritten line on a terminal, else one per trial. "trial N" is always the trial's number,
+    the one report.txt and best/NN_trialNNNN.yaml use."""
 
     def __init__(self, stream) -> None:
         self.stream = stream
@@ -126,12 +187,19 @@ class ProgressLine:
     def __call__(self, p) -> None:
         fmt = lambda vs: "/".join(f"{v:.4f}" for v in vs) if vs else "-"  # noqa: E731
         eta = f"{p.eta:.0f}s" if p.eta is not None else "?"
-        text = (f"trial {p.done}/{p.total} (#{p.trial} {p.state.lower()}, {p.seconds:.1f}s) | "
-                f"best {fmt(p.best)} | last {fmt(p.values)} | ETA {eta}")
+        best = f"best (trial {p.best_trial}) {fmt(p.best)}" if p.best_trial is not None else "best -"
+        text = (f"trial {p.trial} {p.state.lower()} ({p.seconds:.1f}s) | finished {p.done}/{p.total} | "
+                f"{best} | this {fmt(p.values)} | ETA {eta}")
         if self.tty:
             self.stream.write("\r\033[K" + text)
         else:
             self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def log(self, text: str) -> None:
+        """One line of a step that takes seconds (loading, building tasks, held-out scoring,
+        writing), on the same stream (lm-eval's output may be hidden meanwhile)."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
         self.stream.flush()
 
     def finish(self) -> None:

@@ -13,9 +13,15 @@ from evomerge.cli.common import (
     add_var_option,
     built_zoo,
     library_output_hidden,
+    positive_seconds,
     quiet_libraries,
+    whole_number,
 )
 from evomerge.devices import DEVICE_HELP, device_arg
+
+TRIALS_HELP = ("finished trials to reach (default, or 0: the {}'s budget); a resumed study counts "
+               "the trials it already finished")
+trial_count = whole_number(0, "0 means the budget")
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
@@ -23,9 +29,11 @@ DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
 
 def cmd_search(args: argparse.Namespace) -> int:
     quiet_libraries()
+    from evomerge.search.preflight import check_space_file
     from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
+    check_space_file(args.space)
     space = load_space(args.space, variables=dict(args.var))
     options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
                          study_name=args.study, sampler=args.sampler, trials=args.trials,
@@ -48,7 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     line = ProgressLine(sys.stderr)
     with quiet_optuna(), library_output_hidden(args.verbose):
         summary = run_worker(args.storage, args.study, trials=args.trials, device=args.device,
-                             progress=line)
+                             progress=line, log=line.log)
     line.finish()
     print(f"study {summary.study_name}: {summary.finished} finished trials"
           + (f"; stopped early: {summary.stopped}" if summary.stopped else ""))
@@ -86,7 +94,7 @@ def _run(space, options, verbose: bool = False) -> int:
     print(f"search {space.name}: {len(distributions(space))} parameters, sampler "
           f"{options.sampler or default_sampler(space)}, output {options.out_dir}", file=sys.stderr)
     with quiet_optuna(), library_output_hidden(verbose):
-        summary = run_search(space, options, progress=line)
+        summary = run_search(space, options, progress=line, log=line.log)
     line.finish()
     study = optuna.load_study(study_name=summary.study_name, storage=summary.storage)
     print(report_table(study, k=1))
@@ -101,7 +109,7 @@ def _run(space, options, verbose: bool = False) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trials", type=int, help="finished trials to reach (default: the space's budget)")
+    p.add_argument("--trials", type=trial_count, default=0, help=TRIALS_HELP.format("space"))
     p.add_argument("--out", help="output directory (default: runs/<space name> or runs/demo-<time>)")
     p.add_argument("--materialize", action="store_true", help="also write the best merge as a model")
     p.add_argument("--device", type=device_arg, default="auto",
@@ -119,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an Optuna sampler by name (an unknown name lists the known ones); default: "
                         "gp for one objective over few parameters, cmaes over many, nsga2 for several "
                         "objectives")
-    p.add_argument("--timeout", type=float, help="stop asking for new trials after S seconds")
+    p.add_argument("--timeout", type=positive_seconds, metavar="S",
+                   help="stop asking for new trials after S seconds (default: the space's budget)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output dir)")
     add_var_option(p, "space file")
 
@@ -133,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="join a running search: evaluate candidates of a stored study")
     p.add_argument("--storage", required=True, help="Optuna storage URL shared by the workers")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--trials", type=int, help="finished trials to reach (default: the study's budget)")
+    p.add_argument("--trials", type=trial_count, default=0, help=TRIALS_HELP.format("study"))
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--verbose", action="store_true", help="show lm-eval's progress bars and warnings")
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import optuna
 import yaml
 
-from evomerge.errors import EvomergeError, atomic_write
+from evomerge.errors import StorageError, atomic_write
 from evomerge.results.plots import write_plots
 from evomerge.results.report import report_table, summary, trials_frame
-from evomerge.results.store import provenance, top_trials, trial_recipe_of
+from evomerge.results.store import provenance, ranking_note, top_trials, trial_recipe_of
 
 
 def write_results(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
@@ -57,7 +57,7 @@ def write_best(study: optuna.Study, best_dir: Path) -> Path:
         recipe = trial_recipe_of(t)
         prov = provenance(study, t, rank)
         header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
-                  f"# objectives: {json.dumps(prov['values'])}",
+                  f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
                   f"# search split: {json.dumps(prov['search_scores'])}",
                   f"# held-out report split: {json.dumps(prov['report_scores'])}",
                   f"# provenance (seeds, versions, checkpoint sha256): {stem}.json",
@@ -86,16 +86,14 @@ def _umask() -> int:
 
 
 def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:
-    """Rebuild a run's result files from any Optuna storage URL."""
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        names = optuna.get_all_study_names(storage)
-        raise EvomergeError(f"no study {study_name!r} in {_redact(storage)}; studies there: {names}") from None
-    return write_results(study, out_dir)
+    """Rebuild a run's result files from any Optuna storage URL. A missing study, a SQLite file
+    that does not exist or a storage that cannot be reached is one line; nothing is created
+    (no empty database beside the user's files, no output folder)."""
+    from evomerge.search.preflight import sqlite_path
+    from evomerge.search.study import load_stored_study, open_storage, redact
 
-
-def _redact(storage: str) -> str:
-    from evomerge.search.study import redact  # the one rule for printing a storage URL
-
-    return redact(storage)
+    path = sqlite_path(storage)
+    if path is not None and not path.is_file():
+        raise StorageError(f"storage {redact(storage)}: no database file {path}; check the path "
+                           "(a search writes OUT/study.db)")
+    return write_results(load_stored_study(open_storage(storage), study_name), out_dir)

@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.results.store import objectives, sample_stats, task_scores, top_trials
+from evomerge.results.store import objectives, ranking_note, sample_stats, task_scores, top_trials
 
 
 def trials_frame(study: optuna.Study):
@@ -70,7 +70,8 @@ def report_table(study: optuna.Study, k: int = 1) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     split = "held-out report split" if held_out else "search split (no report split evaluated)"
-    return "\n".join([f"per-task columns: {split}", line(header), "  ".join("-" * w for w in widths),
+    return "\n".join([f"best trials: {ranking_note(study)}", f"per-task columns: {split}", line(header),
+                      "  ".join("-" * w for w in widths),
                       *map(line, body)])
 
 
@@ -80,6 +81,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     return {
         "study": study.study_name,
         "objectives": objectives(study),
+        "ranking": ranking_note(study),
         "trials": {s: states.count(s) for s in sorted(set(states))},
         "best_trial": top[0].number if top else None,
         "best_values": top[0].values if top else None,

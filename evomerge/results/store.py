@@ -30,26 +30,42 @@ def objectives(study: optuna.Study) -> list[str]:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The best ``k`` completed trials (one objective), or up to ``k`` Pareto-optimal ones
-    ordered by the first objective (several)."""
+    """The best ``k`` completed trials. One objective: by value. Several: only trials of the
+    Pareto front (no other trial is at least as good on every objective), ranked by the
+    weighted sum of their objectives (:func:`objective_weights`); never a mix of trials."""
     if len(study.directions) == 1:
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
         return sorted(trials, key=lambda t: (sign * t.value, t.number))[:k]
-    sign = -1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1
-    return sorted(study.best_trials, key=lambda t: (sign * t.values[0], t.number))[:k]
+    weights = objective_weights(study)
+    return sorted(study.best_trials,
+                  key=lambda t: (-sum(w * v for w, v in zip(weights, t.values)), t.number))[:k]
 
 
-def best_values(study: optuna.Study) -> list[float] | None:
-    """Best value per objective so far (for progress lines), or None before the first result."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not trials:
-        return None
+def objective_weights(study: optuna.Study) -> list[float]:
+    """The weight of each objective when several are ranked: its task's weight in the space's
+    eval config (negative for a minimized metric), 1 for the weighted ``score``, and the sign
+    of its direction for a study without a stored space."""
+    space = study.user_attrs.get("space") or {}
+    tasks = {t.get("name"): t.get("weight", 1.0) for t in (space.get("eval") or {}).get("tasks") or []
+             if isinstance(t, dict)}
     out = []
-    for i, d in enumerate(study.directions):
-        pick = max if d == optuna.study.StudyDirection.MAXIMIZE else min
-        out.append(pick(t.values[i] for t in trials))
+    for name, d in zip(objectives(study), study.directions):
+        sign = 1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        w = tasks.get(name, 1.0)
+        out.append(sign * abs(float(w)))
     return out
+
+
+def ranking_note(study: optuna.Study) -> str:
+    """One line saying how the best trials are chosen (report.txt, best/ headers)."""
+    names = objectives(study)
+    if len(names) == 1:
+        return f"ranked by {names[0]}"
+    weights = objective_weights(study)
+    terms = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
+    return (f"{len(names)} objectives: only Pareto-optimal trials (no trial is at least as good on "
+            f"every objective), ranked by {terms} (weights: the eval tasks' weights)")
 
 
 def sample_stats(study: optuna.Study) -> dict[str, int]:

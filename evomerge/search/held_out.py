@@ -6,6 +6,7 @@ export finds them and nothing is scored twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -34,20 +35,27 @@ def _scores(candidate: Candidate, recipe: MergeRecipe, evaluators: dict[str, Any
 
 
 def evaluate_held_out(study: optuna.Study, space: SearchSpace, candidate: Candidate,
-                      evaluators: Evaluators) -> None:
-    """Score the top-k trials and every input model on the report split (once each)."""
+                      evaluators: Evaluators, log: Callable[[str], None] | None = None) -> None:
+    """Score the top-k trials and every input model on the report split (once each); ``log``
+    gets one line before each scoring (``held-out 2/5: trial 7``)."""
     if evaluators.report is None:
         return
+    say = log or (lambda text: None)
     report = dict(study.user_attrs.get("report", {}))
-    for t in top_trials(study, space.top_k):
-        if str(t.number) not in report:
-            got = _scores(candidate, trial_recipe_of(t), {"report": evaluators.report})
-            report[str(t.number)] = got.get("report", got)
-            study.set_user_attr("report", report)
     inputs = dict(study.user_attrs.get("inputs", {}))
-    for m in space.all_models():
-        if m.name not in inputs:
-            got = _scores(candidate, one_model_recipe(m.model, space.dtype),
-                          {"search": evaluators.search, "report": evaluators.report})
-            inputs[m.name] = {"model": m.model, **got}
-            study.set_user_attr("inputs", inputs)
+    todo = [t for t in top_trials(study, space.top_k) if str(t.number) not in report]
+    models = [m for m in space.all_models() if m.name not in inputs]
+    total, step = len(todo) + len(models), 0
+    for t in todo:
+        step += 1
+        say(f"held-out {step}/{total}: trial {t.number}")
+        got = _scores(candidate, trial_recipe_of(t), {"report": evaluators.report})
+        report[str(t.number)] = got.get("report", got)
+        study.set_user_attr("report", report)
+    for m in models:
+        step += 1
+        say(f"held-out {step}/{total}: input model {m.name}")
+        got = _scores(candidate, one_model_recipe(m.model, space.dtype),
+                      {"search": evaluators.search, "report": evaluators.report})
+        inputs[m.name] = {"model": m.model, **got}
+        study.set_user_attr("inputs", inputs)

@@ -17,11 +17,12 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
-from evomerge.results.store import best_values
+from evomerge.results.store import top_trials
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
-from merge_engine.errors import NonFiniteError
+from evomerge.errors import EvomergeError
+from merge_engine.errors import MergeError, NonFiniteError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -42,6 +43,18 @@ class Evaluators:
 
     @classmethod
     def for_space(cls, space: SearchSpace, device: str = "cpu") -> Evaluators:
+        try:
+            return cls._build(space, device)
+        except (EvomergeError, MergeError, OSError):
+            raise
+        except Exception as err:  # noqa: BLE001  lm-eval/datasets fail on bad task files in many ways
+            tasks = ", ".join(t.name for t in space.eval.tasks)
+            detail = f"{type(err).__name__}: {err}".splitlines()[0].rstrip(": ")
+            raise EvomergeError(f"cannot build the eval tasks {tasks} ({detail}); check each task's "
+                                "YAML and that its data files exist and are not empty") from err
+
+    @classmethod
+    def _build(cls, space: SearchSpace, device: str) -> Evaluators:
         from evomerge.evaluate import TaskCatalog, make_evaluator
 
         catalog = TaskCatalog.for_config(space.eval)
@@ -77,6 +90,7 @@ class Progress:
     best: list[float] | None
     seconds: float
     eta: float | None
+    best_trial: int | None = None  # the number of the trial whose values ``best`` shows
 
 
 # ---------------------------------------------------------------- one candidate
@@ -170,5 +184,7 @@ def _progress(study: optuna.Study, number: int, state: TrialState, total: int, d
     frozen = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     rate = (now - start) / max(done - done_at_start, 1)
     eta = rate * (total - done) if done > done_at_start else None
+    top = top_trials(study, 1)
     return Progress(done, total, number, state.name, frozen.values if frozen else None,
-                    best_values(study), now - t0, eta)
+                    list(top[0].values) if top else None, now - t0, eta,
+                    top[0].number if top else None)

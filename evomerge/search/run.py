@@ -11,8 +11,9 @@ Lifecycle of one run: one storage, one study, one resident :class:`~evomerge.can
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
 from evomerge.search.held_out import evaluate_held_out
 from evomerge.search.loop import Evaluators, Progress, count_finished, search_loop
+from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
                                    open_storage, open_study, space_from_study)
 from evomerge.search.workers import retry_dead_trials
@@ -50,6 +52,10 @@ class RunOptions:
 
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise EvomergeError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.trials is not None and (isinstance(self.trials, bool) or self.trials < 0):
+            raise EvomergeError(f"trials must be a whole number >= 0 (0: the space's budget), got {self.trials!r}")
+        if self.timeout is not None and not 0 < self.timeout < float("inf"):
+            raise EvomergeError(f"timeout must be a number of seconds above 0, got {self.timeout!r}")
 
 
 @dataclass
@@ -77,44 +83,75 @@ def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
 
 def run_search(space: SearchSpace, options: RunOptions, *,
                progress: Callable[[Progress], None] | None = None,
-               evaluators: dict[str, Any] | None = None) -> SearchSummary:
+               evaluators: dict[str, Any] | None = None,
+               log: Callable[[str], None] | None = None) -> SearchSummary:
     """Run (or resume) a search and write its results to ``options.out_dir``. ``evaluators``
-    (keys ``search``, ``cheap``, ``report``) replaces the real ones."""
+    (keys ``search``, ``cheap``, ``report``) replaces the real ones; ``log`` gets one line per
+    step that may take seconds (loading, building tasks, held-out scoring, writing).
+
+    Everything is checked before anything is written: the tasks, every method's models, the
+    start recipes, the storage and the output folder (see :mod:`evomerge.search.preflight`).
+    """
+    say = log or (lambda text: None)
     out_dir = Path(options.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     storage = options.storage or default_storage(out_dir)
     study_name = options.study_name or space.name
     trials = options.trials or space.budget.trials
     timeout = options.timeout if options.timeout is not None else space.budget.timeout
 
+    say("checking the models of every method")
+    points = check_models(space)
     beat = Heartbeat.from_env()
-    study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
-                       sampler=options.sampler)
-    retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
-    enqueue_start_points(study, space)
-    evals = Evaluators(**evaluators) if evaluators is not None else Evaluators.for_space(space, options.device)
-    with resident_candidate(space, options.device) as candidate, evals:
+    with ExitStack() as stack:
+        say("building the evaluation tasks")
+        evals = stack.enter_context(Evaluators(**evaluators) if evaluators is not None
+                                    else Evaluators.for_space(space, options.device))
+        known = stored_trial_count(storage, study_name)
+        claim_out_dir(out_dir, storage, study_name)
+        say("loading the resident model")
+        candidate = stack.enter_context(resident_candidate(space, options.device))
+        # nothing was written up to here: a bad space, task, model or folder leaves no trace
+        out_dir.mkdir(parents=True, exist_ok=True)
+        study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
+                           sampler=options.sampler, seed=sampler_seed(space.seed, known))
+        if known:
+            say(f"resuming study {study_name} ({count_finished(study)} finished trials)")
+        retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
+        enqueue_start_points(study, space, points)
         stopped = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
                               progress=progress, beat=beat)
-        evaluate_held_out(study, space, candidate, evals)
+        evaluate_held_out(study, space, candidate, evals, log=say)
+    say(f"writing results to {out_dir}")
     files = write_results(study, out_dir)
     if options.materialize:
+        say("writing the best merge as a model")
         files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)
     return summarize(study, storage, out_dir, stopped, files)
 
 
 def run_worker(storage: str, study_name: str, *, trials: int | None = None, device: str = "cpu",
-               progress: Callable[[Progress], None] | None = None) -> SearchSummary:
+               progress: Callable[[Progress], None] | None = None,
+               log: Callable[[str], None] | None = None) -> SearchSummary:
     """Join an existing study: evaluate candidates until it has ``trials`` finished trials
-    (default: its space's budget). Needs nothing but the storage URL and the study name; results
-    are written by ``evomerge export`` (or the process that started the search)."""
+    (default: its space's budget). Needs nothing but the storage URL and the study name (not
+    the start-recipe files, which only the study's creator reads); results are written by
+    ``evomerge export`` (or the process that started the search). Each worker seeds its sampler
+    from the study's size and its own host and pid, so workers propose different candidates."""
+    say = log or (lambda text: None)
     beat = Heartbeat.from_env()
     opened = open_storage(storage, heartbeat=beat)
-    space = space_from_study(load_stored_study(opened, study_name))
-    study = open_study(space, storage=opened, study_name=study_name)
-    with resident_candidate(space, device) as candidate, Evaluators.for_space(space, device) as evals:
-        stopped = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
-                              timeout=space.budget.timeout, progress=progress, beat=beat)
+    stored = load_stored_study(opened, study_name)
+    space = space_from_study(stored)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    study = open_study(space, storage=opened, study_name=study_name,
+                       seed=sampler_seed(space.seed, len(stored.get_trials(deepcopy=False)), worker=worker))
+    say(f"joining study {study_name} ({count_finished(study)} finished trials)")
+    say("building the evaluation tasks")
+    with Evaluators.for_space(space, device) as evals:
+        say("loading the resident model")
+        with resident_candidate(space, device) as candidate:
+            stopped = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
+                                  timeout=space.budget.timeout, progress=progress, beat=beat)
     return summarize(study, storage, Path("."), stopped, {})
 
 

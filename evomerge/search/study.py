@@ -2,7 +2,7 @@
 
     storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per process
     study = open_study(space, storage=storage, study_name=name)        # creates or resumes
-    enqueue_start_points(study, space)                                 # once, when new
+    enqueue_start_points(study, space, points)                         # once, when new
 
 Everything a worker needs to join a study lives in the study itself: the search space (with its
 eval settings) is stored in the study's user attrs (:func:`space_from_study`). Storages record
@@ -28,7 +28,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import BaseStorage, RDBStorage
 
 from evomerge.adapters.optuna import storage_url
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, StorageError
 from evomerge.results.store import checkpoint_fingerprints, evomerge_version
 from evomerge.search.samplers import default_sampler, make_pruner, make_sampler
 from evomerge.space import SearchSpace, start_points
@@ -77,7 +77,8 @@ def open_storage(url: str | None, default_sqlite: Path | None = None, *,
     """The storage at ``url`` (default: SQLite at ``default_sqlite``), with heartbeats on.
 
     Connects at once: an unreachable server, a missing database or driver, or a malformed URL
-    raise :class:`EvomergeError` (one line naming the URL without its password, and the fix)
+    raise :class:`EvomergeError` (a :class:`StorageError` when the database cannot be reached or
+    read; one line naming the URL without its password, and the fix)
     within :data:`CONNECT_TIMEOUT` seconds.
     """
     import sqlalchemy.exc
@@ -105,10 +106,14 @@ def open_storage(url: str | None, default_sqlite: Path | None = None, *,
                                 "use e.g. postgresql+psycopg2://USER:PASSWORD@HOST:5432/DB or "
                                 "sqlite:///PATH/study.db") from None
         except sqlalchemy.exc.SQLAlchemyError as err:
+            if "not a database" in str(err) or "malformed" in str(err):
+                from evomerge.search.preflight import damaged
+
+                raise StorageError(damaged(url, err)) from None
             fix = ("check that its folder exists and is writable" if url.startswith("sqlite")
                    else "check that the server is running and reachable from this machine and "
                         "that the URL's host, port, user, password and database are right")
-            raise EvomergeError(f"cannot open storage {redact(url)}: {_first_line(err)}; {fix}") from None
+            raise StorageError(f"cannot open storage {redact(url)}: {_first_line(err)}; {fix}") from None
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -146,12 +151,14 @@ def default_storage(out_dir: Path) -> str:
 
 
 def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: str,
-               sampler: str | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists (its space must match this one)."""
+               sampler: str | None = None, seed: int | None = None) -> optuna.Study:
+    """Create the study, or load it when it exists (its space must match this one). The
+    sampler is seeded with ``seed`` (default: the space's; see
+    :func:`~evomerge.search.preflight.sampler_seed` for resumed runs and workers)."""
     study = optuna.create_study(
         storage=storage, study_name=study_name, load_if_exists=True,
         directions=space.directions,
-        sampler=make_sampler(sampler or default_sampler(space), seed=space.seed,
+        sampler=make_sampler(sampler or default_sampler(space), seed=space.seed if seed is None else seed,
                              n_objectives=len(space.objectives), pruning=space.pruning is not None,
                              budget=space.budget.trials),
         pruner=make_pruner(space.pruning))
@@ -161,23 +168,28 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         study.set_user_attr("objectives", list(space.objectives))
         study.set_user_attr("evomerge_version", evomerge_version())
         study.set_user_attr("checkpoints", checkpoint_fingerprints(space))
-    elif _comparable(stored) != _comparable(space.model_dump(mode="json")):
+    elif (differ := _differences(stored, space.model_dump(mode="json"))):
         raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
-                            "different search space; use the same space file or a new --study name")
+                            f"different search space ({', '.join(differ)} differ); use the same "
+                            "space file or a new --study name")
     return study
 
 
-def _comparable(dump: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in dump.items() if k not in _RESUMABLE_FIELDS}
+def _differences(stored: dict[str, Any], dump: dict[str, Any]) -> list[str]:
+    """The fields (other than the resumable ones) in which two dumped spaces differ."""
+    keys = dict.fromkeys([*stored, *dump])
+    return [k for k in keys if k not in _RESUMABLE_FIELDS and stored.get(k) != dump.get(k)]
 
 
 def space_from_study(study: optuna.Study) -> SearchSpace:
-    """The search space a study was created with (a worker needs nothing else to join)."""
+    """The search space a study was created with (a worker needs nothing else to join). Its
+    start points are left out: only the study's creator enqueues them, so a worker never needs
+    the start-recipe files (which may live on the creator's machine only)."""
     stored = study.user_attrs.get("space")
     if stored is None:
         raise EvomergeError(f"study {study.study_name!r} holds no evomerge search space; "
                             "was it created by `evomerge search`?")
-    return SearchSpace.model_validate(stored)
+    return SearchSpace.model_validate({**stored, "start": ["equal"]})
 
 
 def load_stored_study(storage: str | BaseStorage, study_name: str) -> optuna.Study:
@@ -189,11 +201,13 @@ def load_stored_study(storage: str | BaseStorage, study_name: str) -> optuna.Stu
                             f"studies there: {optuna.get_all_study_names(storage)}") from None
 
 
-def enqueue_start_points(study: optuna.Study, space: SearchSpace) -> int:
-    """Enqueue the space's start points once, when the study is new."""
+def enqueue_start_points(study: optuna.Study, space: SearchSpace,
+                         points: list[tuple[str, dict[str, Any]]] | None = None) -> int:
+    """Enqueue the space's start points once, when the study is new (``points``: the start
+    points already read by :func:`~evomerge.search.preflight.check_models`)."""
     if study.get_trials(deepcopy=False):
         return 0
-    points = start_points(space)
+    points = start_points(space) if points is None else points
     for label, params in points:
         study.enqueue_trial(params, user_attrs={"start_point": label})
     return len(points)

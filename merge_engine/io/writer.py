@@ -54,6 +54,9 @@ class OutputWriter:
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+            # mkdtemp makes the folder 0700; the published model folder gets a new folder's
+            # normal permissions (the umask's), like `mkdir` would give it
+            os.chmod(self.tmp_dir, 0o777 & ~_umask())
         except OSError as exc:
             raise _os_error(exc, self.out_dir) from None
         self._state = "open"  # open -> published | aborted
@@ -231,6 +234,12 @@ def _os_error(exc: OSError, out_dir: Path) -> MergeError:
     if exc.errno == errno.ENOSPC:
         return MergeError(f"disk full while writing {out_dir}; free space or choose another --out")
     return MergeError(f"could not write {out_dir}: {exc.strerror or exc}; check permissions or choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _exists(path: Path) -> bool:

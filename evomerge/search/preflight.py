@@ -1,0 +1,170 @@
+"""Checks that run before a search writes anything, and what a run learns from the storage.
+
+    check_space_file(path)                       # size, encoding, YAML aliases: before parsing
+    points = check_models(space)                 # every method's models merge; start recipes read
+    known = stored_trial_count(url, name)        # None: no such study (creates no file)
+    claim_out_dir(out_dir, url, name)            # refuses a folder holding another study's results
+    seed = sampler_seed(space.seed, known, worker=...)
+
+A misspelled task, a model that cannot be merged or loaded safely, or an unreadable start recipe
+is reported before a study, a database file or an output folder exists, so the corrected command
+starts cleanly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import StorageError
+from evomerge.space import SearchSpace, SpaceError, equal_params, start_points
+
+MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
+MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
+
+
+def check_space_file(path: str | Path) -> None:
+    """Refuse a space file that is too big, not UTF-8, or full of YAML aliases, before parsing
+    it (one :class:`SpaceError` line each)."""
+    path = Path(path)
+    if not path.is_file():
+        return  # load_space names the missing file
+    size = path.stat().st_size
+    if size > MAX_SPACE_BYTES:
+        raise SpaceError(f"the file is {size} bytes; a search space is at most "
+                         f"{MAX_SPACE_BYTES} bytes of YAML; check that this is the right file",
+                         str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpaceError(f"not UTF-8 text (byte {err.start}); save the file as UTF-8", str(path)) from None
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = _expanded_size(root, {}) if root is not None else 0
+    except yaml.YAMLError:
+        return  # load_space reports the syntax error with its line
+    except RecursionError:
+        raise SpaceError("YAML nested too deeply; a search space is a few levels deep", str(path)) from None
+    if nodes > MAX_YAML_NODES:
+        raise SpaceError(f"its YAML aliases (*name) expand to over {MAX_YAML_NODES} values "
+                         f"({nodes}); a search space is small: write the values out", str(path))
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (shared nodes counted per use,
+    computed once each: a "billion laughs" file costs its size here, not its expansion)."""
+    import yaml
+
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    seen[key] = 1  # a node that contains itself counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(c, seen) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[key] = min(size, 10 * MAX_YAML_NODES)
+    return seen[key]
+
+
+def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
+    """Check that every method of ``space`` can merge its models (architectures, shapes, files
+    that load safely: no pickle, no remote code) and read the start points; returns the start
+    points. Raises :class:`SpaceError` listing every problem."""
+    from merge_engine import session
+    from evomerge.space import build_recipe
+
+    problems: list[str] = []
+    for method in space.methods:
+        params = {k: v for k, v in equal_params(space, method).items() if k != "method"}
+        try:
+            report = session.validate(build_recipe(space, method, params))
+        except Exception as err:  # noqa: BLE001  a recipe the space cannot build is a space problem
+            problems.append(f"method {method}: {err}")
+            continue
+        problems += [p for p in report.problems if p not in problems]
+    if problems:
+        raise SpaceError(problems, f"search space {space.name}")
+    try:
+        return start_points(space)
+    except SpaceError:
+        raise
+    except Exception as err:  # noqa: BLE001  a start recipe is the user's file
+        raise SpaceError(f"start point: {err}", f"search space {space.name}") from None
+
+
+def stored_trial_count(url: str, study_name: str) -> int | None:
+    """How many trials study ``study_name`` holds, or None when it does not exist. A SQLite URL
+    whose file is missing is a missing study: the file is not created."""
+    from evomerge.search.study import open_storage
+
+    if (path := sqlite_path(url)) is not None and not path.exists():
+        return None
+    storage = open_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    except Exception as err:  # noqa: BLE001  the database answered with an error: it is damaged
+        raise StorageError(damaged(url, err)) from None
+    return storage.get_n_trials(study_id)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite:///") or url in ("sqlite://", "sqlite:///:memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def damaged(url: str, err: BaseException) -> str:
+    from evomerge.search.study import redact
+
+    first = str(getattr(err, "orig", None) or err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"storage {redact(url)} cannot be read ({first}); it is damaged: restore it from a "
+            "copy, or move it away and start the search again")
+
+
+def claim_out_dir(out_dir: Path, url: str, study_name: str) -> None:
+    """Refuse an output folder that holds another study's results (its summary.json or its
+    study.db names another study): results of two studies never mix in one folder."""
+    other: str | None = None
+    summary = out_dir / "summary.json"
+    if summary.is_file():
+        try:
+            other = json.loads(summary.read_text()).get("study")
+        except (ValueError, OSError, AttributeError):
+            other = None
+    db = out_dir / "study.db"
+    if other in (None, study_name) and db.is_file() and sqlite_path(url) == db.resolve():
+        import optuna
+
+        from evomerge.search.study import open_storage
+
+        try:
+            names = optuna.get_all_study_names(open_storage(url))
+        except StorageError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise StorageError(damaged(url, err)) from None
+        if names and study_name not in names:
+            other = names[0]
+    if other not in (None, study_name):
+        raise StorageError(f"{out_dir} holds the results of study {other!r}; pass another --out "
+                           f"folder for study {study_name!r} (or --study {other} to resume that one)")
+
+
+def sampler_seed(space_seed: int, trials_at_start: int | None, *, worker: str | None = None) -> int:
+    """The sampler's seed for one process: the space's seed for a run that starts a study (one
+    uninterrupted run is reproducible); a resumed run (trials already stored) or a worker gets
+    a seed of its own, so it does not propose again what the study already holds."""
+    if not trials_at_start and worker is None:
+        return space_seed
+    key = f"{space_seed}:{trials_at_start or 0}:{worker or ''}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
