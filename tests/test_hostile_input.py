@@ -262,13 +262,8 @@ CASES = [
     Case("space: misspelled task", space_unknown_task, "smoke_mcq"),
     Case("space: task data file missing", space_missing_data, "smoke_mc.jsonl"),
     Case("space: task data file empty", space_empty_data, "empty"),
-    # `evomerge eval` loads the model with transformers before checking it (evaluate/api.py, not
-    # this table's to fix): a truncated file is a SafetensorError traceback, a pickle-only model
-    # is loaded (or fails on its tokenizer) instead of being refused with --allow-pickle's hint.
-    pytest.param(Case("eval: truncated checkpoint", eval_truncated, "truncated"),
-                 marks=pytest.mark.xfail(strict=True, reason="eval does not check the checkpoint first")),
-    pytest.param(Case("eval: pickle weights", eval_pickle, "--allow-pickle"),
-                 marks=pytest.mark.xfail(strict=True, reason="eval does not refuse pickle weights")),
+    Case("eval: truncated checkpoint", eval_truncated, "truncated"),
+    Case("eval: pickle weights", eval_pickle, "--allow-pickle"),
 ]
 
 

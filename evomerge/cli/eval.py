@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="extra folder of lm-eval task YAMLs (repeatable)")
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a model that ships only pickle (.bin) weights (pickle can run code)")
     p.add_argument("--validate-only", action="store_true",
                    help="check the tasks and metrics, load no model")
     return p
@@ -57,7 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"  - {problem}", file=sys.stderr)
             print(f"eval config: {'ok' if not problems else f'{len(problems)} problem(s)'}")
             return 0 if not problems else 2
-        result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out)
+        result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out,
+                                    allow_pickle=args.allow_pickle)
     except (EvalConfigError, FileNotFoundError, MergeError) as err:
         print(f"evomerge eval: error: {err}", file=sys.stderr)
         return 2
