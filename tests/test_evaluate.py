@@ -415,3 +415,33 @@ def test_unreachable_hub_answers_from_the_cache_at_once(model_dirs, tmp_path, mo
     assert hub.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
     with pytest.raises(Exception, match="could not reach the hub .* evomerge-tests/none"):
         evaluate_model_dir("evomerge-tests/none", EvalConfig(tasks=["smoke_mc"]))
+
+
+def test_task_code_behind_function_needs_an_opt_in(tmp_path, model_dirs):
+    """A local task whose YAML names Python code with !function is refused before anything runs
+    (lm-eval would import that code when building the task); with allow_task_code it runs."""
+    import shutil
+
+    from evomerge.evaluate.api import evaluate_model_dir
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    shutil.copy(REPO_EVAL_TASKS / "smoke" / "smoke_mc.jsonl", folder)
+    text = (REPO_EVAL_TASKS / "smoke" / "smoke_mc.yaml").read_text()
+    ran = tmp_path / "code_ran"
+    (folder / "coded.yaml").write_text(text.replace("task: smoke_mc", "task: smoke_mc_coded").replace(
+        'doc_to_text: "Question: {{question}}\\nAnswer:"', "doc_to_text: !function helpers.prompt"))
+    (folder / "helpers.py").write_text(
+        f"from pathlib import Path\n\ndef prompt(doc):\n    Path({str(ran)!r}).touch()\n"
+        "    return 'Question: ' + doc['question'] + '\\nAnswer:'\n")
+    cfg = EvalConfig(tasks="smoke_mc_coded", include_paths=[str(folder)], limit=2)
+    problems = validate_eval_config(cfg)
+    assert len(problems) == 1 and "smoke_mc_coded" in problems[0] and "allow_task_code" in problems[0]
+    assert "coded.yaml" in problems[0] and not ran.exists()
+    with pytest.raises(EvalConfigError, match="allow_task_code"):
+        evaluate_model_dir(model_dirs[0], cfg, device="cpu")
+    assert not ran.exists()
+    trusted = cfg.model_copy(update={"allow_task_code": True})
+    assert validate_eval_config(trusted) == []
+    assert evaluate_model_dir(model_dirs[0], trusted, device="cpu").tasks[0].task == "smoke_mc_coded"
+    assert ran.exists()  # the code ran, once opted in

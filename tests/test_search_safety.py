@@ -74,6 +74,8 @@ def test_misspelled_task_writes_nothing_and_the_corrected_command_runs(zoo, tmp_
     ["search", "s.yaml", "--timeout", "-5"], ["search", "s.yaml", "--timeout", "nan"],
     ["search", "s.yaml", "--timeout", "0"], ["worker", "--storage", "x", "--study", "y", "--trials", "-3"],
     ["demo", "--trials", "-1"], ["merge", "r.yaml", "out", "--shard-size", "-1G"],
+    ["eval", "m", "--tasks", "t", "--batch-size", "0"], ["eval", "m", "--tasks", "t", "--num-fewshot", "-1"],
+    ["eval", "m", "--tasks", "t", "--seed", "-2"], ["zoo", "build", "--seed", "-1"],
 ])
 def test_out_of_range_numbers_are_refused_at_parse_time(argv, capsys):
     with pytest.raises(SystemExit) as exc:

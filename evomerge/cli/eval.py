@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evomerge.cli.common import add_command, add_limit_option
+from evomerge.cli.common import add_command, add_limit_option, whole_number
 from evomerge.devices import DEVICE_HELP, device_arg
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
@@ -27,15 +27,17 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     src.add_argument("--preset", help="a preset under eval_tasks/presets/ (e.g. medical)")
     p.add_argument("--backend", choices=["hf", "vllm"], default=None, help="default: hf")
     add_limit_option(p, "docs per task: an int N (seeded random subset) or a fraction < 1")
-    p.add_argument("--seed", type=int, default=None, help="seed of the doc subset (default 0)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=whole_number(0), default=None, help="seed of the doc subset (default 0)")
+    p.add_argument("--batch-size", type=whole_number(1), default=None)
     p.add_argument("--dtype", choices=["auto", *MODEL_DTYPE_NAMES], default=None)
-    p.add_argument("--num-fewshot", type=int, default=None, help="override every task's few-shot count")
+    p.add_argument("--num-fewshot", type=whole_number(0), default=None, help="override every task's few-shot count")
     p.add_argument("--apply-chat-template", action="store_true", default=None)
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
                    help="extra folder of lm-eval task YAMLs (repeatable)")
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--allow-task-code", action="store_true",
+                   help="run Python code that local task YAMLs name with !function (trusted folders only)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow a model that ships only pickle (.bin) weights (pickle can run code)")
     p.add_argument("--validate-only", action="store_true",
@@ -86,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             "batch_size": args.batch_size,
             "dtype": args.dtype,
             "apply_chat_template": args.apply_chat_template,
+            "allow_task_code": args.allow_task_code or None,  # absent: keep the preset's
         }.items()
         if value is not None
     }

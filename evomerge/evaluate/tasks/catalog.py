@@ -13,6 +13,7 @@ working directory).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ class TaskCatalog:
             include_path=[str(p) for p in self.include_paths] or None,
             include_defaults=include_defaults,
         )
+        self._task_code = _task_code_files(self.include_paths)
         # lm-eval resolves relative data_files against the working directory, not the YAML
         rebase_data_files(self.manager, self.include_paths, _absolute_data_files)
         self.index = TaskIndex(self.manager)
@@ -98,6 +100,12 @@ class TaskCatalog:
             metrics = _DEFAULT_METRICS.get(cfg.get("output_type", "generate_until"), [])
         filters = [f["name"] for f in cfg.get("filter_list") or []] or ["none"]
         return [f"{m},{f}" for f in filters for m in metrics]
+
+    def task_code_file(self, name: str) -> Path | None:
+        """The YAML of local task ``name`` when it runs Python code through ``!function``
+        (lm-eval imports that code when the task is built); None for other tasks and for
+        lm-eval's built-in tasks (code of an installed package, like lm-eval itself)."""
+        return self._task_code.get(name)
 
     def leaf_names(self, name: str) -> set[str]:
         """Names of the leaf tasks ``name`` expands to (itself for a task), read from the YAMLs."""
@@ -162,3 +170,21 @@ def _absolute_data_files(data_files: Any, base: Path) -> Any | None:
     else:
         return None
     return out if changed else None
+
+
+_TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
+
+
+def _task_code_files(roots: list[Path]) -> dict[str, Path]:
+    """``{task name: YAML file}`` for the task YAMLs under ``roots`` that use ``!function`` (read
+    as text: the tag is what matters, before lm-eval would import anything)."""
+    found: dict[str, Path] = {}
+    for root in roots:
+        for path in sorted(root.rglob("*.yaml")):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if "!function" in text:
+                found.update({name: path for name in _TASK_LINE.findall(text)})
+    return found

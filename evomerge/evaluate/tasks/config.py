@@ -112,6 +112,9 @@ class EvalConfig(BaseModel):
       model, the merge itself stays at full precision; ``gpu_memory_utilization`` (vllm, the
       share of the GPU the engine reserves; vLLM's default when unset) and
       ``tensor_parallel_size`` (vllm, GPUs per engine).
+    - ``allow_task_code``: a local task whose YAML runs Python code (``!function``) is refused
+      unless this is true (lm-eval imports that code when it builds the task); lm-eval's own
+      built-in tasks are installed code and need no opt-in.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -130,6 +133,7 @@ class EvalConfig(BaseModel):
     load_in: Literal["8bit", "4bit"] | None = None
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
+    allow_task_code: bool = False
 
     @field_validator("tasks", mode="before")
     @classmethod

@@ -24,6 +24,8 @@ def validate_eval_config(cfg: EvalConfig, catalog: TaskCatalog | None = None) ->
     for spec in cfg.tasks:
         problems += _task_problems(spec, catalog)
     problems += _overlap_problems(cfg, catalog)
+    if not cfg.allow_task_code:
+        problems += _task_code_problems(cfg, catalog)
     return problems
 
 
@@ -60,6 +62,19 @@ def resolve_metric(spec: TaskSpec, catalog: TaskCatalog) -> str:
     raise EvalConfigError(
         f"task {spec.name!r} does not report metric {spec.metric!r}; it reports {keys}"
     )
+
+
+def _task_code_problems(cfg: EvalConfig, catalog: TaskCatalog) -> list[str]:
+    """Local tasks whose YAML runs Python code (``!function``) need the user's opt-in."""
+    problems = []
+    for spec in cfg.tasks:
+        for leaf in sorted(catalog.leaf_names(spec.name)) if spec.name in catalog else []:
+            path = catalog.task_code_file(leaf)
+            if path is not None:
+                problems.append(f"task {leaf!r} runs Python code (!function in {path}); if you trust "
+                                "that folder, set allow_task_code: true in the eval config "
+                                "(evomerge eval: --allow-task-code)")
+    return problems
 
 
 def _task_problems(spec: TaskSpec, catalog: TaskCatalog) -> list[str]:
