@@ -11,7 +11,9 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
+
 from merge_engine.errors import validation_problems  # noqa: F401  (the one formatter, re-exported)
+from merge_engine.io import current_umask
 
 
 class EvomergeError(Exception):
@@ -31,19 +33,13 @@ class ProblemsError(EvomergeError):
         super().__init__(f"{source}: {head}" if source else head)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def temp_file_beside(path: Path) -> Path:
     """A new empty temporary file in ``path``'s folder (created if missing), with the
     permissions a normal new file gets (the umask applied, unlike ``mkstemp``'s 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~current_umask())
     return Path(tmp)
 
 

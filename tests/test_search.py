@@ -219,3 +219,19 @@ def test_optuna_version_outside_the_tested_range_is_refused():
     assert "\n" not in str(err.value)
     with pytest.raises(EvomergeError, match="pip install"):
         check_version("6.0.0.dev0")
+
+
+def test_placeholders_make_the_written_recipes_portable(zoo, tmp_path):
+    """With placeholders (the demo's ${ZOO}), result files name models as ${ZOO}/..., and the best
+    recipe merges again from them with --var ZOO=... (what results/demo commits)."""
+    out = tmp_path / "run"
+    run_search(parse_space(space_dict(zoo)), RunOptions(out_dir=out, trials=2, placeholders={"ZOO": str(zoo)}))
+    best = sorted((out / "best").glob("*.yaml"))
+    written = [*best, *(out / "best").glob("*.json"), out / "space.yaml"]
+    for path in written:
+        text = path.read_text()
+        assert str(zoo) not in text.replace(f"--var ZOO={zoo}", ""), path
+    assert "${ZOO}/base" in best[0].read_text() and f"--var ZOO={zoo}" in best[0].read_text()
+    assert main(["validate", str(best[0]), "--var", f"ZOO={zoo}"]) == 0
+    recipe = load_recipe(best[0], variables={"ZOO": str(zoo)})
+    assert str(recipe.base_model) == str(zoo / "base")

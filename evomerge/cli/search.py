@@ -37,7 +37,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space, variables=dict(args.var))
     options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
                          study_name=args.study, sampler=args.sampler, trials=args.trials,
-                         timeout=args.timeout, materialize=args.materialize, device=args.device)
+                         timeout=args.timeout, materialize=args.materialize, device=args.device,
+                         # --var folders go back to ${NAME} in the result files (portable recipes)
+                         placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
     return _run(space, options, args.verbose)
 
 
@@ -73,7 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     space = load_space(DEMO_SPACE, variables={"ZOO": str(zoo)})
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     options = RunOptions(out_dir=out, trials=args.trials, materialize=args.materialize,
-                         device=args.device)
+                         device=args.device, placeholders={"ZOO": str(zoo)})
     code = _run(space, options, args.verbose)
     print(f"demo finished in {time.monotonic() - start:.0f}s (zoo build included)")
     return code

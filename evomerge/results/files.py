@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import optuna
@@ -28,17 +29,25 @@ from evomerge.errors import StorageError, atomic_write
 from evomerge.results.plots import write_plots
 from evomerge.results.report import report_table, summary, trials_frame
 from evomerge.results.store import provenance, ranking_note, top_trials, trial_recipe_of
+from merge_engine.io import current_umask
 
 
-def write_results(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
-    """Write trials.csv, best/, plots/, summary.json and space.yaml for ``study``."""
+def write_results(study: optuna.Study, out_dir: str | Path,
+                  placeholders: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Write trials.csv, best/, plots/, summary.json and space.yaml for ``study``.
+
+    ``placeholders`` (``{"ZOO": "/home/me/.cache/evomerge/zoo/demo"}``) turn those local paths
+    back into ``${ZOO}`` in the recipes, provenance and space written, so the files can be
+    committed and re-run elsewhere with ``--var ZOO=...``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    portable = _portable(placeholders or {})
     files = {"trials": atomic_write(out_dir / "trials.csv", trials_frame(study).to_csv(index=False)),
-             "best": write_best(study, out_dir / "best")}
+             "best": write_best(study, out_dir / "best", placeholders)}
     if "space" in study.user_attrs:
-        files["space"] = atomic_write(out_dir / "space.yaml", yaml.safe_dump(
-            study.user_attrs["space"], sort_keys=False))
+        files["space"] = atomic_write(out_dir / "space.yaml", portable(yaml.safe_dump(
+            study.user_attrs["space"], sort_keys=False)))
     files.update(write_plots(study, out_dir / "plots").files)
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     files["report"] = atomic_write(out_dir / "report.txt", report_table(study, k) + "\n")
@@ -46,12 +55,15 @@ def write_results(study: optuna.Study, out_dir: str | Path) -> dict[str, Path]:
     return files
 
 
-def write_best(study: optuna.Study, best_dir: Path) -> Path:
-    """best/NN_trialNNNN.yaml (recipe with a provenance header) + .json for the top-k trials."""
+def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, str] | None = None) -> Path:
+    """best/NN_trialNNNN.yaml (recipe with a provenance header) + .json for the top-k trials
+    (``placeholders`` as in :func:`write_results`)."""
+    portable = _portable(placeholders or {})
+    variables = "".join(f" --var {name}={value}" for name, value in (placeholders or {}).items())
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     best_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
-    os.chmod(build, 0o777 & ~_umask())
+    os.chmod(build, 0o777 & ~current_umask())
     for rank, t in enumerate(top_trials(study, k), 1):
         stem = f"{rank:02d}_trial{t.number:04d}"
         recipe = trial_recipe_of(t)
@@ -60,12 +72,25 @@ def write_best(study: optuna.Study, best_dir: Path) -> Path:
                   f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
                   f"# search split: {json.dumps(prov['search_scores'])}",
                   f"# held-out report split: {json.dumps(prov['report_scores'])}",
-                  f"# provenance (seeds, versions, checkpoint sha256): {stem}.json",
-                  f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR"]
-        (build / f"{stem}.yaml").write_text("\n".join(header) + "\n" + recipe.to_yaml())
-        (build / f"{stem}.json").write_text(json.dumps(prov, indent=2, default=str))
+                  f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
+        reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}\n"
+        (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
+                                            + portable(recipe.to_yaml()))
+        (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
     _replace_dir(build, best_dir)
     return best_dir
+
+
+def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
+    """A text filter writing each placeholder's path as ``${NAME}`` (longest paths first)."""
+    pairs = sorted(((str(Path(v)), f"${{{k}}}") for k, v in placeholders.items()),
+                   key=lambda pair: -len(pair[0]))
+
+    def portable(text: str) -> str:
+        for path, name in pairs:
+            text = text.replace(path, name)
+        return text
+    return portable
 
 
 def _replace_dir(build: Path, target: Path) -> None:
@@ -77,12 +102,6 @@ def _replace_dir(build: Path, target: Path) -> None:
     os.replace(build, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:

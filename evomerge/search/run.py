@@ -46,6 +46,8 @@ class RunOptions:
     timeout: float | None = None
     materialize: bool = False
     device: str = "cpu"
+    # local paths written back as ${NAME} in the result files ({"ZOO": zoo_dir} for the demo)
+    placeholders: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from evomerge.search.samplers import SAMPLERS
@@ -122,7 +124,7 @@ def run_search(space: SearchSpace, options: RunOptions, *,
                               progress=progress, beat=beat)
         evaluate_held_out(study, space, candidate, evals, log=say)
     say(f"writing results to {out_dir}")
-    files = write_results(study, out_dir)
+    files = write_results(study, out_dir, options.placeholders)
     if options.materialize:
         say("writing the best merge as a model")
         files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)

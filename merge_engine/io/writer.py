@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from merge_engine.errors import CheckpointError, MergeError, OutputExistsError
-from merge_engine.io import DEFAULT_SHARD_SIZE
+from merge_engine.io import DEFAULT_SHARD_SIZE, current_umask
 from merge_engine.io.stream import PlannedTensor, ShardStream
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,7 +56,7 @@ class OutputWriter:
             self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
             # mkdtemp makes the folder 0700; the published model folder gets a new folder's
             # normal permissions (the umask's), like `mkdir` would give it
-            os.chmod(self.tmp_dir, 0o777 & ~_umask())
+            os.chmod(self.tmp_dir, 0o777 & ~current_umask())
         except OSError as exc:
             raise _os_error(exc, self.out_dir) from None
         self._state = "open"  # open -> published | aborted
@@ -234,12 +234,6 @@ def _os_error(exc: OSError, out_dir: Path) -> MergeError:
     if exc.errno == errno.ENOSPC:
         return MergeError(f"disk full while writing {out_dir}; free space or choose another --out")
     return MergeError(f"could not write {out_dir}: {exc.strerror or exc}; check permissions or choose another --out")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _exists(path: Path) -> bool:
