@@ -59,7 +59,7 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
     """best/NN_trialNNNN.yaml (recipe with a provenance header) + .json for the top-k trials
     (``placeholders`` as in :func:`write_results`)."""
     portable = _portable(placeholders or {})
-    variables = "".join(f" --var {name}={value}" for name, value in (placeholders or {}).items())
+    variables = "".join(f" --var {name}={_home_relative(value)}" for name, value in (placeholders or {}).items())
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     best_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
@@ -79,6 +79,12 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
         (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
     _replace_dir(build, best_dir)
     return best_dir
+
+
+def _home_relative(path: str) -> str:
+    """``path`` with the user's home folder written as ``$HOME`` (a shell expands it)."""
+    home = str(Path.home())
+    return "$HOME" + path[len(home):] if path == home or path.startswith(home + "/") else path
 
 
 def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
