@@ -36,7 +36,8 @@ from merge_engine.merge import run_merge
 from merge_engine.recipe import parse_recipe
 
 import tempfile
-work = Path(sys.argv[1] or tempfile.mkdtemp(prefix="evomerge-gpu-check-"))
+# a fresh folder every run (a reused one would resume the last run's studies)
+work = Path(tempfile.mkdtemp(prefix="evomerge-gpu-check-", dir=sys.argv[1] or None))
 failed = False
 
 

@@ -97,8 +97,10 @@ class InMemoryMerger:
         self._untie_written_aliases([n.out_name for n in plan.targets])
         todo = [n for n in plan.targets if self._applied.get(n.out_name) != n]
         if self.source_home is None:
-            self.source_home = source_home(self.device, self._source_bytes(plan), free_memory(self.device),
-                                           self.sources_on_device if self.cache_sources else False)
+            # not cached: each source is read once and moved once, so plain memory (pinning it
+            # would cost more than the one copy saves)
+            self.source_home = "cpu" if not self.cache_sources else source_home(
+                self.device, self._source_bytes(plan), free_memory(self.device), self.sources_on_device)
         ctx = MergeContext(self._readers, self.device, source_home=self.source_home)
         cached = self._sources.get if self.cache_sources else None
 

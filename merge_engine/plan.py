@@ -22,7 +22,7 @@ from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.randomness import TensorRandom
-from merge_engine.recipe import MISSING, MergeRecipe, resolve
+from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
 
 
 
@@ -207,10 +207,6 @@ def _split_base(spec: MethodSpec, recipe: MergeRecipe,
     return others, base
 
 
-def _layer_position(i: int, n: int) -> float:
-    return i / (n - 1) if n > 1 else 1.0
-
-
 class _Planner:
     def __init__(self, recipe: MergeRecipe, readers: Mapping[ModelRef, Any]) -> None:
         self.recipe = recipe
@@ -352,7 +348,7 @@ class _Planner:
         out_layer = 0
         for sl in slices:
             for i in range(sl.num_layers):
-                t = _layer_position(i, sl.num_layers)
+                t = layer_position(i, sl.num_layers)
                 for tmpl in templates:
                     out_name = layout.rename(tmpl, out_layer + i)
                     # source names are computed relative to the slice start

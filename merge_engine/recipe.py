@@ -281,6 +281,12 @@ def load_recipe(path: str | Path, variables: Mapping[str, str] | None = None) ->
 
 
 # ---------------------------------------------------------------- parameter lookup
+def layer_position(i: int, n: int) -> float:
+    """Where layer ``i`` of ``n`` sits on a gradient (0 at the first layer, 1 at the last; a
+    single layer sits at 1), as mergekit places it."""
+    return i / (n - 1) if n > 1 else 1.0
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "MISSING"

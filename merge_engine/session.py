@@ -32,10 +32,6 @@ class Prepared(NamedTuple):
     plan: MergePlan
     readers: dict[ModelRef, Any]
 
-    @property
-    def warnings(self) -> list[str]:
-        return self.plan.warnings
-
 
 def prepare(recipe: MergeRecipe, stack: ExitStack, *, opened: Readers | None = None,
             model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,

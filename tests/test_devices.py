@@ -235,14 +235,15 @@ def test_vllm_engine_setup_per_device():
     assert gpu0.env == {} and gpu0.in_process
 
     gpu1 = engine_setup(_cfg(backend="vllm"), "cuda:1", config, environ={})
-    assert gpu1.env == {"CUDA_VISIBLE_DEVICES": "1"} and not gpu1.in_process
+    assert gpu1.env == {"CUDA_VISIBLE_DEVICES": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    assert not gpu1.in_process
     assert "enforce_eager" not in gpu1.kwargs
 
     tp2 = engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:0", config, environ={})
     assert tp2.kwargs["tensor_parallel_size"] == 2 and tp2.env == {}
     tp2_on_1 = engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:1", config,
                             environ={"CUDA_VISIBLE_DEVICES": "4,5,6"})
-    assert tp2_on_1.env == {"CUDA_VISIBLE_DEVICES": "5,6"}
+    assert tp2_on_1.env["CUDA_VISIBLE_DEVICES"] == "5,6"
     with pytest.raises(EvalConfigError, match="tensor_parallel_size 2 from cuda:1 needs GPUs up to cuda:2"):
         engine_setup(_cfg(backend="vllm", tensor_parallel_size=2), "cuda:1", config,
                      environ={"CUDA_VISIBLE_DEVICES": "4,5"})

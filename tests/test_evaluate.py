@@ -300,7 +300,7 @@ def test_cli_eval_and_validate_only(model_dirs, tmp_path, capsys):
     args = parser.parse_args(
         ["eval", str(tmp_path), "--tasks", "smoke_mc", "--include-path", str(tmp_path / "x"), "--validate-only"]
     )
-    assert run_eval_command(args) == 2
+    assert run_eval_command(args) == 1  # problems found, as `evomerge validate` reports them
     assert "does not exist" in capsys.readouterr().err
     with tempfile.TemporaryDirectory() as empty:
         args = parser.parse_args(["eval", empty, "--tasks", "smoke_mc", "--limit", "2"])
@@ -431,8 +431,8 @@ def test_task_code_behind_function_needs_an_opt_in(tmp_path, model_dirs):
     ran = tmp_path / "code_ran"
     (folder / "coded.yaml").write_text(text.replace("task: smoke_mc", "task: smoke_mc_coded").replace(
         'doc_to_text: "Question: {{question}}\\nAnswer:"', "doc_to_text: !function helpers.prompt"))
-    (folder / "helpers.py").write_text(
-        f"from pathlib import Path\n\ndef prompt(doc):\n    Path({str(ran)!r}).touch()\n"
+    (folder / "helpers.py").write_text(  # touches the marker when imported, not only when called
+        f"from pathlib import Path\n\nPath({str(ran)!r}).touch()\n\n\ndef prompt(doc):\n"
         "    return 'Question: ' + doc['question'] + '\\nAnswer:'\n")
     cfg = EvalConfig(tasks="smoke_mc_coded", include_paths=[str(folder)], limit=2)
     problems = validate_eval_config(cfg)

@@ -235,3 +235,7 @@ def test_placeholders_make_the_written_recipes_portable(zoo, tmp_path):
     assert main(["validate", str(best[0]), "--var", f"ZOO={zoo}"]) == 0
     recipe = load_recipe(best[0], variables={"ZOO": str(zoo)})
     assert str(recipe.base_model) == str(zoo / "base")
+    # `export` writes the same portable files (the run keeps its placeholders in the study)
+    again = tmp_path / "again"
+    assert main(["export", "--storage", default_storage(out), "--study", "t", "--out", str(again)]) == 0
+    assert (again / "best" / best[0].name).read_text() == best[0].read_text()

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError
 
 from evomerge.errors import EvomergeError, ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
-from evomerge.space.load import VAR, expand_vars as _expand
+from merge_engine.recipe import VAR, expand_vars as _expand
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
 
@@ -188,7 +188,7 @@ def _resolve_refs(recipe: Any, names: Mapping[str, str], base_dir: Path | None) 
     return out
 
 
-def _recipes(raw: Any, names: Mapping[str, str], base_dir: Path | None,
+def _recipes(raw: Any, names: Mapping[str, str], base_dir: Path | None, variables: Mapping[str, str],
              problems: list[str]) -> list[GridRecipe]:
     if raw is None:
         return []
@@ -209,7 +209,15 @@ def _recipes(raw: Any, names: Mapping[str, str], base_dir: Path | None,
             if not path.is_file():
                 problems.append(f"recipe {entry['name']}: file {path} does not exist")
                 continue
-            data = yaml.safe_load(path.read_text())
+            try:  # the same ${VAR}s as the grid itself
+                data = expand_vars(yaml.safe_load(path.read_text()), variables, str(path))
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                problems.append(f"recipe {entry['name']}: {path} is not a YAML text file "
+                                f"({str(err).splitlines()[0]}); fix the file")
+                continue
+            except GridError as err:
+                problems += err.problems
+                continue
         try:
             recipe = parse_recipe(_resolve_refs(data, names, base_dir), source=f"recipe {entry['name']}")
             out.append(GridRecipe(name=str(entry["name"]), recipe=recipe,
@@ -233,7 +241,7 @@ def parse_grid(data: Any, *, source: str = "grid", base_dir: Path | None = None,
     parents = _parents(data.get("parents"), base_dir, problems)
     names = {p.name: p.model for p in parents}
     evals = _eval_sets(data.get("eval"), base_dir, problems)
-    recipes = _recipes(data.get("recipes"), names, base_dir, problems)
+    recipes = _recipes(data.get("recipes"), names, base_dir, variables or {}, problems)
     configs = {str(k): str((base_dir / v).resolve()) if base_dir and not Path(v).is_absolute() else str(v)
                for k, v in (data.get("model_configs") or {}).items()}
     raw_recipes = data.get("recipes") if isinstance(data.get("recipes"), list) else []

@@ -12,6 +12,7 @@ can fix (:class:`~merge_engine.errors.MergeError`, :class:`~evomerge.errors.Evom
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -55,17 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+# OSErrors that mean "the disk or its permissions", not "a wrong path given"
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def _disk_error(err: BaseException | None) -> bool:
+    return isinstance(err, OSError) and err.errno in _DISK_ERRNOS
+
+
 def exit_code(err: BaseException) -> int:
-    """The exit code of an error's kind: storage and disk errors (a :class:`StorageError`, an
-    ``OSError``, or an error raised while handling one, like the engine's "disk full") are 3,
-    every other error a user can fix is 2."""
-    disk = isinstance(err, (StorageError, OSError)) or isinstance(err.__context__, OSError)
+    """The exit code of an error's kind: storage and disk errors (a :class:`StorageError`, a full,
+    read-only or forbidden disk, or an error raised while handling one, like the engine's "disk
+    full") are 3, every other error a user can fix (a missing file included) is 2."""
+    disk = isinstance(err, StorageError) or _disk_error(err) or _disk_error(err.__context__)
     return EXIT_STORAGE if disk else EXIT_INPUT
 
 
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and not isinstance(err, EvomergeError):
         where = f" {err.filename}" if err.filename else ""
-        return (f"cannot write or read{where}: {err.strerror or err}; check the disk space and "
-                "permissions of that folder")
+        if _disk_error(err):
+            return (f"cannot write or read{where}: {err.strerror or err}; check the disk space and "
+                    "permissions of that folder")
+        return f"{err.strerror or err}:{where or ' (no file named)'}; check the path"
     return " ".join(str(err).split("\n"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from evomerge.cli.common import add_command, add_limit_option, add_var_option, built_zoo, print_report
 from evomerge.devices import DEVICE_HELP, device_arg
-from evomerge.errors import EvomergeError
+from evomerge.errors import EXIT_FAILED
 
 DEFAULT_OUT = Path("results/ablations")
 
@@ -37,8 +37,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         print(f"table: {', '.join(str(p) for p in run.files.values())}")
     print(f"{len(run.evaluated)} row(s) scored, {len(run.skipped)} reused, {len(run.failed)} failed")
     if run.failed:
-        raise EvomergeError(f"rows {sorted(run.failed)} failed (see above); fix them and re-run "
-                            "the same command: finished rows are kept")
+        print(f"evomerge: rows {sorted(run.failed)} failed (see above); fix them and re-run the "
+              "same command: finished rows are kept", file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
@@ -57,11 +58,6 @@ def _variables(args: argparse.Namespace) -> dict[str, str]:
 
 def zoo_variable(variant: str = "demo") -> str:
     """The default ``${ZOO}``: the zoo of ``variant`` in its default folder, built if missing."""
-    try:
-        import evomerge.zoo  # noqa: F401
-    except ImportError:
-        raise EvomergeError("${ZOO} is not set and the model zoo is not installed; "
-                            "pass --var ZOO=DIR (a folder of zoo models)") from None
     return str(built_zoo(variant))
 
 

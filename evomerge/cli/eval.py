@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.cli.common import add_command, add_limit_option, whole_number
+from evomerge.errors import EXIT_FAILED
 from evomerge.devices import DEVICE_HELP, device_arg
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 
@@ -60,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for problem in problems:
                 print(f"  - {problem}", file=sys.stderr)
             print(f"eval config: {'ok' if not problems else f'{len(problems)} problem(s)'}")
-            return 0 if not problems else 2
+            return 0 if not problems else EXIT_FAILED  # like `validate`: problems found
         result = evaluate_model_dir(args.model, cfg, device=args.device, out_json=args.out,
                                     allow_pickle=args.allow_pickle)
     except (EvalConfigError, FileNotFoundError, MergeError) as err:

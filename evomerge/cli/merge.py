@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -17,21 +18,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merge_engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, variables=dict(args.var))
-    bar = None
-    if not args.dry_run and sys.stderr.isatty() or os.environ.get("EVOMERGE_PROGRESS"):
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="tensor", desc="merging", leave=False)
+    show = not args.dry_run and (sys.stderr.isatty() or bool(os.environ.get("EVOMERGE_PROGRESS")))
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if show:
+            from tqdm import tqdm
+            bar = stack.enter_context(tqdm(total=0, unit="tensor", desc="merging", leave=False))
 
-    def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
 
-    result = run_merge(recipe, args.out, device=args.device, shard_size=args.shard_size,
-                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       force=args.force, dry_run=args.dry_run, progress=progress)
-    if bar is not None:
-        bar.close()
+        result = run_merge(recipe, args.out, device=args.device, shard_size=args.shard_size,
+                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                           force=args.force, dry_run=args.dry_run, progress=progress)
     warn(result.warnings)
     if args.dry_run:
         print(f"{args.recipe}: valid; would write {result.tensors} tensors to {args.out}")

@@ -29,11 +29,9 @@ DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
 
 def cmd_search(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from evomerge.search.preflight import check_space_file
     from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
-    check_space_file(args.space)
     space = load_space(args.space, variables=dict(args.var))
     options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
                          study_name=args.study, sampler=args.sampler, trials=args.trials,

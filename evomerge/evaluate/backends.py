@@ -23,7 +23,8 @@ class Backend:
 
     - ``target``: ``"module:Class"`` of its :class:`~evomerge.evaluate.base.Evaluator`.
     - ``scores_resident_model``: ``evaluate(model, tokenizer)`` runs the given ``nn.Module``
-      itself, so weights a caller changes in place are scored with no copy: merging into one
+      itself, so weights a caller changes in place are scored with no copy (``load_in`` aside, which
+      scores a quantized copy): merging into one
       resident model and passing it is the cheap path. ``False``: the backend copies the weights
       into its own engine on each call, and scoring a merged model directory costs about the same.
     - ``keeps_last_model``: the evaluator holds a reference to the last model object it scored

@@ -92,7 +92,10 @@ def engine_setup(cfg: EvalConfig, device: str, config: dict[str, Any], *, in_pro
     if len(chosen) < cfg.tensor_parallel_size:
         raise EvalConfigError(f"tensor_parallel_size {cfg.tensor_parallel_size} from {device} needs GPUs "
                               f"up to cuda:{index + cfg.tensor_parallel_size - 1}; lower it or pick a lower --device")
-    return EngineSetup(kwargs, {"CUDA_VISIBLE_DEVICES": ",".join(chosen)}, in_process=False)
+    # spawn, not fork: this process has already asked CUDA about its devices (resolving --device),
+    # and a forked engine would not see the narrowed CUDA_VISIBLE_DEVICES
+    return EngineSetup(kwargs, {"CUDA_VISIBLE_DEVICES": ",".join(chosen),
+                                "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, in_process=False)
 
 
 def import_vllm_lm() -> type:
@@ -114,7 +117,8 @@ class VLLMEvaluator(Evaluator):
     one run are assumed to share it (a merge keeps the base tokenizer). ``close()`` shuts the
     engine down and removes the scratch directory. ``in_process=False`` keeps vLLM's separate
     engine process. Starting an engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING`` (and
-    ``VLLM_CPU_KVCACHE_SPACE=1`` if unset) in ``os.environ``: vLLM reads them only from there.
+    on the CPU ``VLLM_CPU_KVCACHE_SPACE=1`` if unset; for ``cuda:N`` the engine's
+    ``CUDA_VISIBLE_DEVICES``) in ``os.environ``: vLLM reads them only from there.
     """
 
     def __init__(
@@ -186,7 +190,10 @@ class VLLMEvaluator(Evaluator):
         setup = engine_setup(self.cfg, self.device, config, in_process=self.requested_in_process)
         self.in_process = setup.in_process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if setup.in_process else "1"
-        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else ("float32" if self.device == "cpu" else "auto")
+        # "auto": the checkpoint's own dtype, as the hf backend loads it (vLLM's "auto" would run a
+        # float32 checkpoint in half precision on a GPU, and the two backends would score apart)
+        dtype = self.cfg.dtype if self.cfg.dtype != "auto" else str(
+            config.get("torch_dtype") or config.get("dtype") or "float32")
         saved = {name: os.environ.get(name) for name in setup.env}
         os.environ.update(setup.env)  # read by the engine process (and its workers) as it starts
         try:
@@ -241,3 +248,10 @@ def _shutdown(llm: Any) -> None:
             core.shutdown()
     del llm
     gc.collect()
+    with contextlib.suppress(Exception):  # a GPU engine in this process: give its memory back
+        import torch
+
+        if torch.cuda.is_available():
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()

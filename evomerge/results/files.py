@@ -3,9 +3,10 @@
 Layout of ``out_dir``::
 
     trials.csv                  one row per trial: state, values, per-task scores, params, error
-    best/01_trial0007.yaml      top-k recipes (mergekit YAML, original model paths), comment header
+    best/01_trial0007.yaml      top-k recipes (mergekit YAML; model paths as run, or ${NAME} for
+                                the run's placeholders), comment header
     best/01_trial0007.json      provenance: scores on the search and held-out splits, seeds,
-                                versions, sha256 of the input checkpoints' headers
+                                versions, sha256 of the input checkpoints
     plots/*.png                 optimization history, per-layer heat map, Pareto fronts, importances
     report.txt                  held-out scores of the top-k next to every input model's
     summary.json, space.yaml    the run at a glance; the space the study was created with
@@ -64,20 +65,24 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
     best_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
     os.chmod(build, 0o777 & ~current_umask())
-    for rank, t in enumerate(top_trials(study, k), 1):
-        stem = f"{rank:02d}_trial{t.number:04d}"
-        recipe = trial_recipe_of(t)
-        prov = provenance(study, t, rank)
-        header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
-                  f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
-                  f"# search split: {json.dumps(prov['search_scores'])}",
-                  f"# held-out report split: {json.dumps(prov['report_scores'])}",
-                  f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
-        reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}\n"
-        (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
-                                            + portable(recipe.to_yaml()))
-        (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
-    _replace_dir(build, best_dir)
+    try:
+        for rank, t in enumerate(top_trials(study, k), 1):
+            stem = f"{rank:02d}_trial{t.number:04d}"
+            recipe = trial_recipe_of(t)
+            prov = provenance(study, t, rank)
+            header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
+                      f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
+                      f"# search split: {json.dumps(prov['search_scores'])}",
+                      f"# held-out report split: {json.dumps(prov['report_scores'])}",
+                      f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
+            reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}\n"
+            (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
+                                                + portable(recipe.to_yaml()))
+            (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
+        _replace_dir(build, best_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)  # never leave a half-written best/ behind
+        raise
     return best_dir
 
 
@@ -88,13 +93,16 @@ def _home_relative(path: str) -> str:
 
 
 def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
-    """A text filter writing each placeholder's path as ``${NAME}`` (longest paths first)."""
-    pairs = sorted(((str(Path(v)), f"${{{k}}}") for k, v in placeholders.items()),
-                   key=lambda pair: -len(pair[0]))
+    """A text filter writing each placeholder's folder as ``${NAME}`` where it appears as a whole
+    path (followed by ``/``, a quote, a space, a comma or the end), longest folders first."""
+    import re
+
+    pairs = sorted(((str(Path(v)), f"${{{k}}}") for k, v in placeholders.items()), key=lambda pair: -len(pair[0]))
+    patterns = [(re.compile(re.escape(path) + r"(?=[/\"'\s,}\]]|$)", re.MULTILINE), name) for path, name in pairs]
 
     def portable(text: str) -> str:
-        for path, name in pairs:
-            text = text.replace(path, name)
+        for pattern, name in patterns:
+            text = pattern.sub(lambda _: name, text)
         return text
     return portable
 
@@ -121,4 +129,5 @@ def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str
     if path is not None and not path.is_file():
         raise StorageError(f"storage {redact(storage)}: no database file {path}; check the path "
                            "(a search writes OUT/study.db)")
-    return write_results(load_stored_study(open_storage(storage), study_name), out_dir)
+    study = load_stored_study(open_storage(storage), study_name)
+    return write_results(study, out_dir, study.user_attrs.get("placeholders"))

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.evaluate.result import EvalResult
 from evomerge.results.store import objectives
 from evomerge.space import SCORE
-from merge_engine.recipe import MISSING, FilterEntry, MergeRecipe, resolve
+from merge_engine.recipe import MISSING, FilterEntry, MergeRecipe, layer_position, resolve
 
 _METRIC_NAMES = {"acc": "accuracy", "acc_norm": "length-normalized accuracy",
                  "exact_match": "exact match", "f1": "F1", "mcc": "Matthews correlation",
@@ -155,7 +155,7 @@ def layer_table(recipe: MergeRecipe, num_layers: int, names: Mapping[str, str] |
                 label = f"{owner} {param}" + (f" [{filt or 'rest'}]" if filt is not ... else "")
                 probe = "" if filt in (None, ...) else filt  # "" matches only the catch-all entry
                 rows.append(label)
-                values.append([_number(resolve([params], param, probe, _position(i, num_layers)))
+                values.append([_number(resolve([params], param, probe, layer_position(i, num_layers)))
                                for i in range(num_layers)])
     return LayerTable(rows, values, layered)
 
@@ -165,10 +165,6 @@ def _filters(setting: Any) -> list[Any]:
     if isinstance(setting, list) and setting and isinstance(setting[0], FilterEntry):
         return [None if e.filter in (None, "*") else e.filter for e in setting]
     return [...]
-
-
-def _position(i: int, n: int) -> float:
-    return i / (n - 1) if n > 1 else 1.0  # as merge_engine.plan places a layer on a gradient
 
 
 def _number(value: Any) -> float | None:

@@ -15,8 +15,8 @@ drawn; :class:`Plots` ``skipped`` and README.txt say which and why.
 
 from __future__ import annotations
 
+import io
 import itertools
-import os
 import textwrap
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.errors import atomic_write, temp_file_beside
+from evomerge.errors import atomic_write
 from evomerge.results.plot_data import (input_scores, layer_table, maximized, model_names,
                                         objective_history, objective_label, pareto_front)
 from evomerge.results.store import objectives, top_trials, trial_recipe_of
@@ -108,13 +108,12 @@ def _draw(draw: Any, study: optuna.Study) -> tuple[Any, str | None]:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = temp_file_beside(path)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+        fig.savefig(buffer, dpi=110, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, buffer.getvalue())
 
 
 def _wrap(text: str, width: int = 48) -> str:

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
 from evomerge.search.study import Heartbeat
-from evomerge.search.workers import ask, heartbeat, worker_id
+from evomerge.search.workers import ask, heartbeat, requeue, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
 from evomerge.errors import EvomergeError
 from merge_engine.errors import MergeError, NonFiniteError
@@ -137,7 +137,7 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, c
     except KeyboardInterrupt:
         trial.set_user_attr("error", "interrupted by the user; its params were enqueued again")
         study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        requeue(study, trial)
         raise
     except Exception as err:  # a bad candidate must not end the search
         trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])

@@ -1,6 +1,5 @@
 """Checks that run before a search writes anything, and what a run learns from the storage.
 
-    check_space_file(path)                       # size, encoding, YAML aliases: before parsing
     points = check_models(space)                 # every method's models merge; start recipes read
     known = stored_trial_count(url, name)        # None: no such study (creates no file)
     claim_out_dir(out_dir, url, name)            # refuses a folder holding another study's results
@@ -20,58 +19,6 @@ from typing import Any
 
 from evomerge.errors import StorageError
 from evomerge.space import SearchSpace, SpaceError, equal_params, start_points
-
-MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
-MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
-
-
-def check_space_file(path: str | Path) -> None:
-    """Refuse a space file that is too big, not UTF-8, or full of YAML aliases, before parsing
-    it (one :class:`SpaceError` line each)."""
-    path = Path(path)
-    if not path.is_file():
-        return  # load_space names the missing file
-    size = path.stat().st_size
-    if size > MAX_SPACE_BYTES:
-        raise SpaceError(f"the file is {size} bytes; a search space is at most "
-                         f"{MAX_SPACE_BYTES} bytes of YAML; check that this is the right file",
-                         str(path))
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise SpaceError(f"not UTF-8 text (byte {err.start}); save the file as UTF-8", str(path)) from None
-    import yaml
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        nodes = _expanded_size(root, {}) if root is not None else 0
-    except yaml.YAMLError:
-        return  # load_space reports the syntax error with its line
-    except RecursionError:
-        raise SpaceError("YAML nested too deeply; a search space is a few levels deep", str(path)) from None
-    if nodes > MAX_YAML_NODES:
-        raise SpaceError(f"its YAML aliases (*name) expand to over {MAX_YAML_NODES} values "
-                         f"({nodes}); a search space is small: write the values out", str(path))
-
-
-def _expanded_size(node: Any, seen: dict[int, int]) -> int:
-    """Values in the document once every alias is expanded (shared nodes counted per use,
-    computed once each: a "billion laughs" file costs its size here, not its expansion)."""
-    import yaml
-
-    key = id(node)
-    if key in seen:
-        return seen[key]
-    seen[key] = 1  # a node that contains itself counts once
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        size += sum(_expanded_size(c, seen) for c in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
-    seen[key] = min(size, 10 * MAX_YAML_NODES)
-    return seen[key]
-
 
 def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     """Check that every method of ``space`` can merge its models (architectures, shapes, files

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
 from evomerge.errors import EvomergeError
+from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
 from evomerge.search.held_out import evaluate_held_out
@@ -50,10 +51,8 @@ class RunOptions:
     placeholders: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from evomerge.search.samplers import SAMPLERS
-
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise EvomergeError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.sampler is not None and (problems := sampler_problems(self.sampler, None)):
+            raise EvomergeError(problems[0])
         if self.trials is not None and (isinstance(self.trials, bool) or self.trials < 0):
             raise EvomergeError(f"trials must be a whole number >= 0 (0: the space's budget), got {self.trials!r}")
         if self.timeout is not None and not 0 < self.timeout < float("inf"):
@@ -101,6 +100,8 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     trials = options.trials or space.budget.trials
     timeout = options.timeout if options.timeout is not None else space.budget.timeout
 
+    if problems := sampler_problems(options.sampler, len(space.objectives)):
+        raise EvomergeError(problems[0])  # before anything is written
     say("checking the models of every method")
     points = check_models(space)
     beat = Heartbeat.from_env()
@@ -118,6 +119,8 @@ def run_search(space: SearchSpace, options: RunOptions, *,
                            sampler=options.sampler, seed=sampler_seed(space.seed, known))
         if known:
             say(f"resuming study {study_name} ({count_finished(study)} finished trials)")
+        if options.placeholders:  # `evomerge export` writes portable files too
+            study.set_user_attr("placeholders", dict(options.placeholders))
         retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
         enqueue_start_points(study, space, points)
         stopped = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,

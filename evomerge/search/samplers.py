@@ -1,7 +1,8 @@
 """The one sampler registry: seeded Optuna samplers by name, the default-sampler policy, the pruner.
 
-Every sampler is seeded so one command proposes the same candidates on every run. The default
-(:func:`default_sampler`) is ``gp`` for one objective over at most :data:`GP_MAX_PARAMS`
+Every sampler is seeded: one uninterrupted run proposes the same candidates every time; a
+resumed run and each worker get their own seed (``search.preflight.sampler_seed``), so they
+propose new ones. The default (:func:`default_sampler`) is ``gp`` for one objective over at most :data:`GP_MAX_PARAMS`
 parameters, ``cmaes`` above that, and ``nsga2`` for several objectives. The space file's
 ``sampler`` and ``evomerge search --sampler`` are checked against :data:`SAMPLERS`.
 """
@@ -60,13 +61,16 @@ SAMPLERS: dict[str, SamplerKind] = {
 }
 
 
-def sampler_problems(name: str | None, n_objectives: int) -> list[str]:
-    """Why sampler ``name`` cannot optimize ``n_objectives`` objectives (empty when it can)."""
+def sampler_problems(name: str | None, n_objectives: int | None) -> list[str]:
+    """Why sampler ``name`` cannot optimize ``n_objectives`` objectives (empty when it can;
+    ``n_objectives`` None: only whether the name is known)."""
     if name is None:
         return []
     kind = SAMPLERS.get(name)
     if kind is None:
         return [f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}"]
+    if n_objectives is None:
+        return []
     if n_objectives > 1 and not kind.multi:
         able = ", ".join(n for n, k in SAMPLERS.items() if k.multi)
         return [f"sampler {name} optimizes one objective; with {n_objectives} objectives use {able}"]
@@ -84,8 +88,8 @@ def make_sampler(name: str, *, seed: int, n_objectives: int = 1, pruning: bool =
     candidate by its cheap-first score instead of dropping it from its generation). ``budget``
     (trials) sizes NSGA-II's population.
     """
-    if name not in SAMPLERS or (n_objectives > 1 and not SAMPLERS[name].multi):
-        raise EvomergeError(sampler_problems(name, n_objectives)[0])
+    if problems := sampler_problems(name, n_objectives):
+        raise EvomergeError(problems[0])
     return SAMPLERS[name].build(seed, pruning, budget)
 
 

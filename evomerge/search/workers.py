@@ -70,9 +70,18 @@ def retry_dead_trials(study: optuna.Study, beat: Heartbeat) -> list[int]:
             continue  # it finished meanwhile, or another worker failed it first
         dead.append(t.number)
         if retries < beat.max_retry:
-            carried = {k: t.user_attrs[k] for k in _CARRIED_ATTRS if k in t.user_attrs}
-            study.enqueue_trial(t.params, user_attrs={**carried, "retry_of": t.number, "retries": retries + 1})
+            requeue(study, t, retries=retries + 1)
     return dead
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial, *, retries: int | None = None) -> None:
+    """Enqueue ``trial``'s params again (a dead or interrupted attempt), keeping what belongs to
+    the candidate rather than the attempt (its start-point label) and naming the attempt it
+    retries; ``retries`` counts attempts lost to dead workers."""
+    attrs = trial.user_attrs
+    carried = {k: attrs[k] for k in _CARRIED_ATTRS if k in attrs}
+    extra = {"retries": retries} if retries is not None else {}
+    study.enqueue_trial(trial.params, user_attrs={**carried, "retry_of": trial.number, **extra})
 
 
 def _worker_gone(t: FrozenTrial, grace_period: float) -> bool:

@@ -29,7 +29,7 @@ from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace
                                    method_spec, registry_range, signed, switches)
 from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.methods.spec import MethodSpec, Param
-from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe, resolve
+from merge_engine.recipe import MergeRecipe, evaluate_setting, layer_position, parse_recipe, resolve
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def params_from_recipe(space: SearchSpace, recipe: MergeRecipe) -> dict[str, Any
     layers = knot_layers(space) if space.smooth else [a for a, _ in space.layer_groups()]
     for slot in slots(space, method):
         layer = layers[slot.group] if slot.group is not None else 0
-        t = layer / (space.num_layers - 1) if space.num_layers > 1 else 1.0
+        t = layer_position(layer, space.num_layers)
         levels = [by_path[names[slot.model]]] if slot.model is not None else []
         value = resolve([*levels, recipe.parameters], slot.param, probe.tensor(slot.filter, layer), t)
         if not isinstance(value, (int, float)):

@@ -71,7 +71,10 @@ def model_num_layers(path: str) -> int:
     config = folder / "config.json"
     if not config.is_file():
         raise SpaceError(f"model {path} has no config.json; give a transformers model directory")
-    layers = num_layers_from_config(json.loads(config.read_text()))
+    try:
+        layers = num_layers_from_config(json.loads(config.read_text()))
+    except (ValueError, OSError) as err:
+        raise SpaceError(f"model {path}: {config} is not readable JSON ({err}); check the model's files") from None
     if layers is None:
         raise SpaceError(f"model {path}: config.json has no layer count ({', '.join(LAYER_COUNT_KEYS)})")
     return layers
@@ -123,12 +126,63 @@ def parse_space(data: Any, *, source: str = "search space", base_dir: Path | Non
 
 
 def load_space(path: str | Path, variables: Mapping[str, str] | None = None) -> SearchSpace:
-    """Read a search space YAML (``${VAR}`` expanded from ``variables`` or the environment)."""
+    """Read a search space YAML (``${VAR}`` expanded from ``variables`` or the environment);
+    a file too big, not UTF-8 or full of YAML aliases is refused before it is parsed."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space file {path} does not exist; check the path", "search space")
+    check_space_file(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise SpaceError(f"not valid YAML: {str(err).splitlines()[0]}; fix the syntax", str(path)) from None
     return parse_space(data, source=str(path), base_dir=path.parent.resolve(), variables=variables)
+
+
+MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
+MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
+
+
+def check_space_file(path: str | Path) -> None:
+    """Refuse a space file that is too big, not UTF-8, or full of YAML aliases, before parsing
+    it (one :class:`SpaceError` line each)."""
+    path = Path(path)
+    if not path.is_file():
+        return  # load_space names the missing file
+    size = path.stat().st_size
+    if size > MAX_SPACE_BYTES:
+        raise SpaceError(f"the file is {size} bytes; a search space is at most "
+                         f"{MAX_SPACE_BYTES} bytes of YAML; check that this is the right file",
+                         str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpaceError(f"not UTF-8 text (byte {err.start}); save the file as UTF-8", str(path)) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = _expanded_size(root, {}) if root is not None else 0
+    except yaml.YAMLError:
+        return  # load_space reports the syntax error with its line
+    except RecursionError:
+        raise SpaceError("YAML nested too deeply; a search space is a few levels deep", str(path)) from None
+    if nodes > MAX_YAML_NODES:
+        raise SpaceError(f"its YAML aliases (*name) expand to over {MAX_YAML_NODES} values "
+                         f"({nodes}); a search space is small: write the values out", str(path))
+
+
+def _expanded_size(node: Any, seen: dict[int, int]) -> int:
+    """Values in the document once every alias is expanded (shared nodes counted per use,
+    computed once each: a "billion laughs" file costs its size here, not its expansion)."""
+
+    key = id(node)
+    if key in seen:
+        return seen[key]
+    seen[key] = 1  # a node that contains itself counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(c, seen) for c in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, seen) + _expanded_size(v, seen) for k, v in node.value)
+    seen[key] = min(size, 10 * MAX_YAML_NODES)
+    return seen[key]

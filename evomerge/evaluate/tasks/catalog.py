@@ -46,8 +46,7 @@ class TaskCatalog:
             include_defaults=include_defaults,
         )
         self._task_code = _task_code_files(self.include_paths)
-        # lm-eval resolves relative data_files against the working directory, not the YAML
-        rebase_data_files(self.manager, self.include_paths, _absolute_data_files)
+        self._rebased = False
         self.index = TaskIndex(self.manager)
 
     @classmethod
@@ -145,6 +144,12 @@ class TaskCatalog:
     # ------------------------------------------------------------------ loading
     def load(self, names: list[str]) -> TaskDict:
         """Build the Task objects (this downloads/reads their datasets). Costly: do it once."""
+        if not self._rebased:
+            # lm-eval resolves relative data_files against the working directory, not the YAML.
+            # Rebasing rebuilds a task from its full YAML, which imports its !function code: so
+            # only here, once the config (and its allow_task_code opt-in) has been validated.
+            rebase_data_files(self.manager, self.include_paths, _absolute_data_files)
+            self._rebased = True
         return self.manager.load(list(names))
 
 

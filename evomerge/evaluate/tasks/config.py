@@ -192,6 +192,9 @@ def _placement_problems(cfg: EvalConfig) -> list[str]:
         if cfg.gpu_memory_utilization is not None or cfg.tensor_parallel_size != 1:
             problems.append("gpu_memory_utilization and tensor_parallel_size are vllm backend "
                             "settings; remove them or set backend: vllm (hf: device_map: auto)")
+    if cfg.load_in is not None and cfg.device_map is not None:
+        problems.append("load_in places the quantized copy on the run's GPU; remove device_map "
+                        "(or load_in, to spread a full-precision model over several GPUs)")
     clash = sorted({"gpu_memory_utilization", "tensor_parallel_size"} & set(cfg.vllm_args))
     if clash:
         problems.append(f"vllm_args sets {clash}; set them as eval config fields instead")
