@@ -149,13 +149,14 @@ def _config_or_local(ref: ModelRef, stack: ExitStack, model_configs: Mapping[str
                      allow_pickle: bool, trust_remote_code: bool) -> Any:
     """A config-only reader for a model listed in ``model_configs``, else a local directory's."""
     from merge_engine.io.config_only import ConfigOnlyReader
-    from merge_engine.io.resolve import looks_local
+    from merge_engine.io.resolve import looks_local, resolve_model_dir
 
     key = ref.path
     if key in model_configs:
         return ConfigOnlyReader(model_configs[key], name=str(ref), trust_remote_code=trust_remote_code)
-    if Path(key).expanduser().is_dir():
-        return _checkpoint(Path(key).expanduser(), stack, allow_pickle, trust_remote_code)
+    if Path(key).expanduser().is_dir():  # resolved as a merge would (LoRA refs, @revision refused)
+        return _checkpoint(resolve_model_dir(ref, allow_pickle=allow_pickle), stack, allow_pickle,
+                           trust_remote_code)
     where = "directory does not exist" if looks_local(key) else "is not downloaded"
     raise MergeError(f"model {ref}: {where} and no config is bundled for it; "
                      f"add '{key}: DIR' (a folder with its config.json) to model_configs")

@@ -434,6 +434,10 @@ def test_task_code_behind_function_needs_an_opt_in(tmp_path, model_dirs):
     (folder / "helpers.py").write_text(  # touches the marker when imported, not only when called
         f"from pathlib import Path\n\nPath({str(ran)!r}).touch()\n\n\ndef prompt(doc):\n"
         "    return 'Question: ' + doc['question'] + '\\nAnswer:'\n")
+    # a task that gets the code through `include:` needs the opt-in too
+    (folder / "child.yaml").write_text("include: coded.yaml\ntask: smoke_mc_child\n")
+    child = validate_eval_config(EvalConfig(tasks="smoke_mc_child", include_paths=[str(folder)]))
+    assert len(child) == 1 and "smoke_mc_child" in child[0] and "allow_task_code" in child[0]
     cfg = EvalConfig(tasks="smoke_mc_coded", include_paths=[str(folder)], limit=2)
     problems = validate_eval_config(cfg)
     assert len(problems) == 1 and "smoke_mc_coded" in problems[0] and "allow_task_code" in problems[0]

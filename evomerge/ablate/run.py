@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.ablate.grid import EvalSet, Grid, Row
 from evomerge.ablate.table import load_row, save_row, write_provenance, write_table
 from evomerge.errors import EvomergeError
-from evomerge.evaluate import EvalResult, backend, weighted_score
+from evomerge.evaluate import EvalConfig, EvalResult, backend, weighted_score
 from merge_engine.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge row runs
@@ -151,7 +151,7 @@ class _Bench:
         results = {}
         for es in self.grid.evals:
             dtype = es.config.dtype if es.config.dtype != "auto" else plan.config.get("torch_dtype", "auto")
-            candidate = self._resident_for(ref_dir, plan.config, str(dtype), tok_dir)
+            candidate = self._resident_for(ref_dir, plan.config, str(dtype), tok_dir, es.config)
             candidate.apply(recipe)  # only tensors whose node changed since the last row are rewritten
             results[es.name] = self.evaluator(es).evaluate(candidate.model, self._tokenizer(tok_dir))
         return results, "in-memory"
@@ -169,17 +169,20 @@ class _Bench:
         return results
 
     def _resident_for(self, ref_dir: Path, config: Mapping[str, Any], dtype: str,
-                      tok_dir: Path) -> Candidate:
+                      tok_dir: Path, eval_cfg: EvalConfig) -> Candidate:
         from evomerge.candidate import Candidate
+        from evomerge.devices import placement
 
-        # Keyed by network, not by folder: chat and Llama-2-7B load the same resident model.
-        key = (_network_key(config), dtype)
+        # Keyed by network, not by folder: chat and Llama-2-7B load the same resident model; and
+        # by the eval set's memory plan (device_map, quantized scoring place it differently).
+        key = (_network_key(config), dtype, placement(eval_cfg, self.device))
         if self._resident is None or self._resident[0] != key:
             self._drop_resident()
             # Sources are re-read per row rather than cached: a grid has a handful of recipes,
             # and caching three 7B parents would need ~40 GB of RAM.
             self._resident = (key, Candidate.load(ref_dir, dtype=dtype, device=self.device,
-                                                  cache_sources=False, allow_pickle=self.allow_pickle))
+                                                  cache_sources=False, allow_pickle=self.allow_pickle,
+                                                  eval_cfg=eval_cfg))
         candidate = self._resident[1]
         # A merged directory carries the tokenizer source's generation_config.json (or none).
         candidate.model.generation_config = _generation_config(tok_dir, candidate.model.config)

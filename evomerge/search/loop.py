@@ -148,14 +148,24 @@ def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, c
 
 
 # ---------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class LoopOutcome:
+    """How a loop ended: why it stopped early (None: the budget was reached) and how many of
+    the candidates it ran failed."""
+
+    stopped: str | None
+    failed: int
+
+
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, evaluators: Evaluators,
                 *, trials: int, timeout: float | None, progress: Callable[[Progress], None] | None = None,
-                beat: Heartbeat | None = None) -> str | None:
-    """Evaluate candidates until ``trials`` finished trials exist; returns why it stopped early.
+                beat: Heartbeat | None = None) -> LoopOutcome:
+    """Evaluate candidates until ``trials`` finished trials exist; returns why it stopped early
+    (None: the budget was reached) and how many of this loop's candidates failed.
     ``beat`` (default: from the environment) says when a trial's worker counts as dead."""
     beat = beat or Heartbeat.from_env()
     start, failures = time.monotonic(), 0
@@ -163,9 +173,10 @@ def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, e
     done_at_start = count_finished(study)
     while (done := count_finished(study)) < trials:
         if timeout is not None and time.monotonic() - start > timeout:
-            return f"timeout of {timeout:g}s reached"
+            return LoopOutcome(f"timeout of {timeout:g}s reached", failures)
         if failures >= max_failures:
-            return f"{failures} candidates failed in this run; see the error column of trials.csv"
+            return LoopOutcome(f"{failures} candidates failed in this run; see the error column of "
+                               "trials.csv", failures)
         t0 = time.monotonic()
         trial = ask(study, beat)  # first fails the trials of dead workers and retries them
         with heartbeat(study, trial):
@@ -174,7 +185,7 @@ def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, e
         failures += state == TrialState.FAIL
         if progress is not None:
             progress(_progress(study, trial.number, state, trials, done_at_start, start, t0))
-    return None
+    return LoopOutcome(None, failures)
 
 
 def _progress(study: optuna.Study, number: int, state: TrialState, total: int, done_at_start: int,

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
 from evomerge.errors import EvomergeError
@@ -27,7 +26,7 @@ from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
 from evomerge.search.held_out import evaluate_held_out
-from evomerge.search.loop import Evaluators, Progress, count_finished, search_loop
+from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
 from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
                                    open_storage, open_study, space_from_study)
@@ -123,7 +122,7 @@ def run_search(space: SearchSpace, options: RunOptions, *,
             study.set_user_attr("placeholders", dict(options.placeholders))
         retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
         enqueue_start_points(study, space, points)
-        stopped = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
+        outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
                               progress=progress, beat=beat)
         evaluate_held_out(study, space, candidate, evals, log=say)
     say(f"writing results to {out_dir}")
@@ -131,7 +130,7 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     if options.materialize:
         say("writing the best merge as a model")
         files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)
-    return summarize(study, storage, out_dir, stopped, files)
+    return summarize(study, storage, out_dir, outcome, files)
 
 
 def run_worker(storage: str, study_name: str, *, trials: int | None = None, device: str = "cpu",
@@ -155,9 +154,9 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
     with Evaluators.for_space(space, device) as evals:
         say("loading the resident model")
         with resident_candidate(space, device) as candidate:
-            stopped = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
+            outcome = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
                                   timeout=space.budget.timeout, progress=progress, beat=beat)
-    return summarize(study, storage, Path("."), stopped, {})
+    return summarize(study, storage, Path("."), outcome, {})
 
 
 def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu") -> Path:
@@ -171,13 +170,11 @@ def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu")
     return out_dir
 
 
-def summarize(study: optuna.Study, storage: str, out_dir: Path, stopped: str | None,
+def summarize(study: optuna.Study, storage: str, out_dir: Path, outcome: LoopOutcome,
               files: dict[str, Path]) -> SearchSummary:
     stats = sample_stats(study)
-    failed = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-                 if (t.user_attrs.get("worker") or {}).get("pid") == os.getpid())
-    return SearchSummary(study.study_name, storage, out_dir, count_finished(study), failed,
-                         stats["samples"], stats["samples_without_pruning"], stopped, files)
+    return SearchSummary(study.study_name, storage, out_dir, count_finished(study), outcome.failed,
+                         stats["samples"], stats["samples_without_pruning"], outcome.stopped, files)
 
 
 @contextmanager

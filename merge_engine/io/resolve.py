@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,16 +26,28 @@ PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt")
 HUB_PROBE_TIMEOUT = 3.0
 
 
+_REACHABLE: dict[str, bool] = {}  # endpoint -> answer, once per process (a dead hub costs one wait)
+
+
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """Whether the hub endpoint (``HF_ENDPOINT``) accepts a TCP connection within ``timeout`` s.
 
-    Always False under ``HF_HUB_OFFLINE=1``. Name resolution is the system resolver's (a host
-    without DNS fails at once; a slow resolver may add its own wait)."""
+    Always False under ``HF_HUB_OFFLINE=1``; always True behind an HTTP(S) proxy (the probe
+    cannot see through it: the hub client then tries, and says what failed). Name resolution is
+    the system resolver's. The answer is kept for the process."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlsplit(constants.ENDPOINT)
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
+    if constants.ENDPOINT not in _REACHABLE:
+        _REACHABLE[constants.ENDPOINT] = _accepts_connection(constants.ENDPOINT, timeout)
+    return _REACHABLE[constants.ENDPOINT]
+
+
+def _accepts_connection(endpoint: str, timeout: float) -> bool:
+    url = urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
@@ -56,7 +69,8 @@ def resolve_model_dir(
     An existing local directory is returned as is. Anything else that does not look like a local
     path is taken for a hub repo id and fetched with ``huggingface_hub.snapshot_download`` into
     ``cache_dir`` (default: the hub cache, ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1``, or when
-    the hub does not answer within :data:`HUB_PROBE_TIMEOUT` s, only the cache is consulted. Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
+    the hub does not answer within :data:`HUB_PROBE_TIMEOUT` s, only the cache is consulted.
+    Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
     and tokenizer files are fetched. Every failure is a one-line ``CheckpointError`` with a fix.
     """
     if ref.lora:

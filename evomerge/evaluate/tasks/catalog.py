@@ -181,15 +181,35 @@ _TASK_LINE = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 
 
 def _task_code_files(roots: list[Path]) -> dict[str, Path]:
-    """``{task name: YAML file}`` for the task YAMLs under ``roots`` that use ``!function`` (read
-    as text: the tag is what matters, before lm-eval would import anything)."""
+    """``{task name: YAML file}`` for the task YAMLs under ``roots`` that use ``!function``,
+    themselves or through the YAMLs they ``include:`` (read as text: the tag is what matters,
+    before lm-eval would import anything)."""
     found: dict[str, Path] = {}
     for root in roots:
         for path in sorted(root.rglob("*.yaml")):
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            if "!function" in text:
+            text = _read(path)
+            if text is not None and _uses_task_code(path, text, set()):
                 found.update({name: path for name in _TASK_LINE.findall(text)})
     return found
+
+
+_INCLUDE_LINE = re.compile(r"^include:\s*['\"]?([^'\"#\n]+?)['\"]?\s*$", re.MULTILINE)
+
+
+def _uses_task_code(path: Path, text: str, seen: set[Path]) -> bool:
+    if "!function" in text:
+        return True
+    seen.add(path.resolve())
+    for target in _INCLUDE_LINE.findall(text):
+        included = (path.parent / target.strip()).resolve()
+        if included not in seen and (sub := _read(included)) is not None \
+                and _uses_task_code(included, sub, seen):
+            return True
+    return False
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
