@@ -75,38 +75,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`EvalConfig` the flags describe (preset fields, then explicit flags)."""
-    from pydantic import ValidationError
+    from evomerge.evaluate.tasks.config import build_eval_config
 
-    from evomerge.errors import validation_problems
-    from evomerge.evaluate import EvalConfig, EvalConfigError, TaskSpec, load_preset
-
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "backend": args.backend,
-            "limit": args.limit,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "dtype": args.dtype,
-            "apply_chat_template": args.apply_chat_template,
-            "allow_task_code": args.allow_task_code or None,  # absent: keep the preset's
-        }.items()
-        if value is not None
-    }
-    try:
-        if args.preset:
-            cfg = load_preset(args.preset, **overrides)
-        else:
-            cfg = EvalConfig(tasks=args.tasks, **overrides)
-        if args.include_path:
-            cfg = EvalConfig.model_validate(
-                {**cfg.model_dump(), "include_paths": (*cfg.include_paths, *args.include_path)}
-            )
-        if args.num_fewshot is not None:
-            tasks = tuple(
-                TaskSpec(**{**t.model_dump(), "num_fewshot": args.num_fewshot}) for t in cfg.tasks
-            )
-            cfg = EvalConfig.model_validate({**cfg.model_dump(), "tasks": tasks})
-    except ValidationError as err:
-        raise EvalConfigError(validation_problems(err)) from None
-    return cfg
+    return build_eval_config(
+        tasks=args.tasks, preset=args.preset, include_paths=args.include_path,
+        num_fewshot=args.num_fewshot, backend=args.backend, limit=args.limit, seed=args.seed,
+        batch_size=args.batch_size, dtype=args.dtype, apply_chat_template=args.apply_chat_template,
+        allow_task_code=args.allow_task_code or None)  # flags left out keep the preset's values

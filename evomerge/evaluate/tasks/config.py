@@ -10,6 +10,7 @@ exist, does it produce the metric) live in :func:`evomerge.evaluate.tasks.valida
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,3 +233,27 @@ def load_preset(name: str, **overrides: Any) -> EvalConfig:
     data.pop("description", None)
     data.update(overrides)
     return EvalConfig.model_validate(data)
+
+
+def build_eval_config(*, tasks: Any = None, preset: str | None = None, include_paths: Sequence[str] = (),
+                      num_fewshot: int | None = None, **overrides: Any) -> EvalConfig:
+    """An :class:`EvalConfig` from command-line style options: a ``preset`` (or ``tasks``), then
+    the ``overrides`` given (None values are skipped, so a preset keeps its own), extra
+    ``include_paths`` after the preset's, and ``num_fewshot`` for every task. Every schema
+    problem is raised in one :class:`EvalConfigError`."""
+    from pydantic import ValidationError
+
+    from evomerge.errors import validation_problems
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = load_preset(preset, **given) if preset else EvalConfig(tasks=tasks, **given)
+        if include_paths:
+            cfg = EvalConfig.model_validate(
+                {**cfg.model_dump(), "include_paths": (*cfg.include_paths, *include_paths)})
+        if num_fewshot is not None:
+            specs = tuple(TaskSpec(**{**t.model_dump(), "num_fewshot": num_fewshot}) for t in cfg.tasks)
+            cfg = EvalConfig.model_validate({**cfg.model_dump(), "tasks": specs})
+    except ValidationError as err:
+        raise EvalConfigError(validation_problems(err)) from None
+    return cfg
