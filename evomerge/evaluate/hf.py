@@ -9,6 +9,7 @@ from evomerge.adapters.lm_eval import resident_hflm_class
 from evomerge.candidate import load_causal_lm
 from evomerge.devices import hf_load_kwargs, resolve_device
 from evomerge.evaluate.base import Evaluator
+from evomerge.evaluate.scratch import ScratchModelDir
 from evomerge.evaluate.tasks.runner import TaskRunner
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ class HFEvaluator(Evaluator):
         self.device = resolve_device(device)  # cpu or cuda:N, never auto
         self.load_kwargs = hf_load_kwargs(cfg, self.device)  # refuses what this device cannot run
         self.runner = TaskRunner(cfg, catalog)
-        self._scratch: Path | None = None
+        self._scratch = ScratchModelDir("evomerge-quant-")
         self._lm: Any = None
         self._lm_key: tuple[int, int] | None = None
 
@@ -63,20 +64,9 @@ class HFEvaluator(Evaluator):
         self._lm = self._lm_key = None
 
     def _quantized_copy_dir(self, model: Any, tokenizer: Any) -> Path:
-        """Save the full-precision ``model`` to the scratch folder the quantized copy loads from."""
-        import os
-        import shutil
-        import tempfile
-        import weakref
-
-        if self._scratch is None:
-            parent = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._scratch = Path(tempfile.mkdtemp(prefix="evomerge-quant-", dir=parent))
-            # close() keeps the evaluator usable, so the folder goes with the evaluator
-            weakref.finalize(self, shutil.rmtree, self._scratch, True)
-        model.save_pretrained(self._scratch, safe_serialization=True)
-        tokenizer.save_pretrained(self._scratch)
-        return self._scratch
+        """Save the full-precision ``model`` to the scratch folder the quantized copy loads from
+        (it lives as long as the evaluator: ``close()`` keeps the evaluator usable)."""
+        return self._scratch.save(model, tokenizer)
 
     def _wrap(self, model: Any, tokenizer: Any) -> Any:
         key = (id(model), id(tokenizer))

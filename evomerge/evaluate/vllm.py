@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.devices import resolve_device
 from evomerge.evaluate.base import Evaluator
 from evomerge.evaluate.result import EvalResult
+from evomerge.evaluate.scratch import ScratchModelDir
 from evomerge.evaluate.tasks.runner import TaskRunner
 
 from evomerge.evaluate.tasks.config import EvalConfigError
@@ -136,8 +135,7 @@ class VLLMEvaluator(Evaluator):
         self.device = resolve_device(device)  # cpu or cuda:N, never auto
         self.requested_in_process = in_process
         self.in_process = in_process  # as started: engine_setup may need a separate process
-        self._scratch_parent = scratch_dir
-        self._scratch: Path | None = None
+        self._scratch = ScratchModelDir("evomerge-vllm-", scratch_dir)
         self._lm: Any = None
         self._engine_config: dict[str, Any] | None = None
         self.engine_starts = 0
@@ -157,9 +155,7 @@ class VLLMEvaluator(Evaluator):
 
     def close(self) -> None:
         self.close_engine()
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+        self._scratch.remove()
 
     # ------------------------------------------------------------------ loading
     def _load_dir(self, path: Path) -> None:
@@ -222,13 +218,7 @@ class VLLMEvaluator(Evaluator):
 
     def _save(self, model: Any, tokenizer: Any) -> Path:
         """Save to the scratch dir (tmpfs if available); the tokenizer only once."""
-        if self._scratch is None:
-            parent = self._scratch_parent or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-            self._scratch = Path(tempfile.mkdtemp(prefix="evomerge-vllm-", dir=parent))
-        model.save_pretrained(self._scratch, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(self._scratch)
-        return self._scratch
+        return self._scratch.save(model, tokenizer)
 
 
 def _shape_config(config: dict[str, Any]) -> dict[str, Any]:
