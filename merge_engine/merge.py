@@ -11,14 +11,16 @@ from pathlib import Path
 
 import torch
 
+from merge_engine.chat_templates import output_template
 from merge_engine.devices import pick_device
+from merge_engine.errors import CheckpointError
 from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
 from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
 from merge_engine.plan import MergeContext, MergePlan, output_shape_dtype
-from merge_engine.recipe import CHAT_TEMPLATES, MergeRecipe
+from merge_engine.recipe import MergeRecipe
 from merge_engine.session import prepare
 
 
@@ -44,13 +46,23 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe, device:
 
     writer.write_json("config.json", plan.config)
     tok_ref = recipe.tokenizer_model()
+    tok_config = None
     if isinstance(tok_ref, ModelRef):
         tok_dir = resolve_model_dir(tok_ref)
         writer.copy_files(tok_dir, tokenizer_files(tok_dir))
-    template = recipe.chat_template
-    jinja = CHAT_TEMPLATES.get(template, template) if template else None
-    if jinja:
-        writer.write_text("chat_template.jinja", jinja)
+        tok_config = tok_dir / "tokenizer_config.json"
+    template = output_template(recipe.chat_template, recipe.referenced_models(), resolve_model_dir)
+    if template is not None:
+        # transformers reads chat_template.jinja first; a template kept inside tokenizer_config.json
+        # (older transformers read only that one) is replaced too, so no reader sees the old one
+        writer.write_text("chat_template.jinja", template)
+        if tok_config is not None and tok_config.is_file():
+            try:
+                settings = json.loads(tok_config.read_text(encoding="utf-8"))
+            except ValueError:
+                raise CheckpointError(f"{tok_config} is not valid JSON; repair the tokenizer source") from None
+            if isinstance(settings, dict) and "chat_template" in settings:
+                writer.write_json("tokenizer_config.json", {**settings, "chat_template": template})
     text = recipe.to_yaml()
     writer.write_text("evomerge_recipe.yaml", text)
     card = model_card(text, [str(r) for r in recipe.referenced_models()], recipe.merge_method)

@@ -183,27 +183,29 @@ class _OutSlice:
     sources: list[_Source]
     num_layers: int
     params: Mapping[str, Any] | None
+    base: ModelRef | None  # the slice's own base_model, else the recipe's
 
 
 def _out_slices(recipe: MergeRecipe, num_layers: int) -> list[_OutSlice]:
     if recipe.models is not None:
-        return [_OutSlice([_Source(m.model, 0, m.parameters) for m in recipe.models], num_layers, None)]
+        return [_OutSlice([_Source(m.model, 0, m.parameters) for m in recipe.models], num_layers, None,
+                          recipe.base_model)]
     return [_OutSlice([_Source(s.model, s.layer_range[0], s.parameters) for s in sl.sources],
-                      sl.num_layers, sl.parameters) for sl in recipe.slices or ()]
+                      sl.num_layers, sl.parameters, recipe.base_of(sl)) for sl in recipe.slices or ()]
 
 
-def _split_base(spec: MethodSpec, recipe: MergeRecipe,
-                sources: list[_Source]) -> tuple[list[_Source], _Source | None]:
-    """Separate the base model from the other inputs, as the method's ``base`` rule says.
+def _split_base(spec: MethodSpec, sl: _OutSlice) -> tuple[list[_Source], _Source | None]:
+    """Separate the slice's base model from its other inputs, as the method's ``base`` rule says.
 
     Counts and a missing required base were checked by ``validate.check_recipe``."""
-    if spec.base == "unused" or recipe.base_model is None:
+    sources = sl.sources
+    if spec.base == "unused" or sl.base is None:
         return sources, None
-    others = [s for s in sources if s.model != recipe.base_model]
-    base = next((s for s in sources if s.model == recipe.base_model), None)
+    others = [s for s in sources if s.model != sl.base]
+    base = next((s for s in sources if s.model == sl.base), None)
     if base is None:  # a base not listed is added, aligned with the slice's first source
         first = sources[0].first_layer if sources else 0
-        base = _Source(recipe.base_model, first, None)
+        base = _Source(sl.base, first, None)
     return others, base
 
 
@@ -263,7 +265,8 @@ class _Planner:
             return out_name
         return self.layouts[src.model].rename(out_name, src.first_layer + out_layer - slice_start)
 
-    def load_nodes(self, out_name: str, names: list[tuple[_Source, str]]) -> list[LoadTensor] | None:
+    def load_nodes(self, out_name: str, names: list[tuple[_Source, str]],
+                   base: ModelRef | None) -> list[LoadTensor] | None:
         shapes = []
         for src, name in names:
             reader = self.readers[src.model]
@@ -274,15 +277,15 @@ class _Planner:
             shapes.append(tuple(reader.shape(name)))
         crop = None
         if len(set(shapes)) > 1:
-            crop = self._crop(out_name, names, shapes)
+            crop = self._crop(out_name, names, shapes, base)
             if crop is None:
                 return None
         dtype = self.recipe.dtype
         return [LoadTensor(src.model, name, dtype, crop if crop != shape else None)
                 for (src, name), shape in zip(names, shapes)]
 
-    def _crop(self, out_name: str, names: list[tuple[_Source, str]],
-              shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    def _crop(self, out_name: str, names: list[tuple[_Source, str]], shapes: list[tuple[int, ...]],
+              base: ModelRef | None) -> tuple[int, ...] | None:
         ranks = {len(s) for s in shapes}
         tails = {s[1:] for s in shapes}
         if len(ranks) > 1 or len(tails) > 1 or not self.layout.is_embedding(out_name):
@@ -290,8 +293,8 @@ class _Planner:
             self.problem(f"tensor {out_name} has different shapes across models ({listing}); "
                          "these models cannot be merged")
             return None
-        if self.spec.embed_rows == "base" and self.recipe.base_model is not None:
-            rows = next(s[0] for (src, _), s in zip(names, shapes) if src.model == self.recipe.base_model)
+        if self.spec.embed_rows == "base" and base is not None:
+            rows = next(s[0] for (src, _), s in zip(names, shapes) if src.model == base)
             if any(s[0] < rows for s in shapes):
                 small = [str(src.model) for (src, _), s in zip(names, shapes) if s[0] < rows]
                 self.problem(f"vocabulary sizes differ: {', '.join(small)} has fewer rows in {out_name} "
@@ -304,11 +307,11 @@ class _Planner:
 
     def tensor_node(self, out_name: str, sl: _OutSlice, out_layer: int | None, slice_start: int,
                     t: float) -> MergeTensor | None:
-        inputs, base = _split_base(self.spec, self.recipe, sl.sources)
+        inputs, base = _split_base(self.spec, sl)
         named = [(s, self.source_name(out_name, out_layer, s, slice_start)) for s in inputs]
         if base is not None:
             named.append((base, self.source_name(out_name, out_layer, base, slice_start)))
-        loads = self.load_nodes(out_name, named)
+        loads = self.load_nodes(out_name, named, sl.base)
         if loads is None:
             return None
         params = self.params_for(out_name, t, sl, inputs)

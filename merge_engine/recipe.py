@@ -24,16 +24,6 @@ from merge_engine.io.refs import ModelRef
 
 
 
-# chat_template values that name a template; any other value must be a Jinja string.
-# "auto" (None here) keeps the template the tokenizer source ships.
-CHAT_TEMPLATES: dict[str, str | None] = {
-    "auto": None,
-    "chatml": ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
-               " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
-               "{{ '<|im_start|>assistant\\n' }}{% endif %}"),
-}
-
-
 def _parse_ref(value: Any) -> Any:
     if isinstance(value, ModelRef):
         return value
@@ -118,9 +108,13 @@ class SliceSource(_HasParameters):
 
 
 class Slice(_HasParameters):
-    """An output slice: the layers its sources produce, merged, stacked in order."""
+    """An output slice: the layers its sources produce, merged, stacked in order.
+
+    ``base_model`` (as mergekit-evolve writes it) replaces the recipe's base for this slice's
+    tensors, and for the embeddings (first slice) and the head and final norm (last slice)."""
 
     sources: list[SliceSource] = Field(min_length=1)
+    base_model: Ref | None = None
 
     @model_validator(mode="after")
     def _same_length(self) -> Slice:
@@ -190,9 +184,15 @@ class MergeRecipe(_HasParameters):
         for m in self.models or ():
             seen[m.model] = None
         for s in self.slices or ():
+            if s.base_model is not None:
+                seen[s.base_model] = None
             for src in s.sources:
                 seen[src.model] = None
         return list(seen)
+
+    def base_of(self, sl: Slice | None) -> ModelRef | None:
+        """The base model of output slice ``sl`` (None: of a ``models`` recipe): its own, else the recipe's."""
+        return sl.base_model if sl is not None and sl.base_model is not None else self.base_model
 
     def tokenizer_model(self) -> ModelRef | Literal["union"]:
         """Which model's tokenizer the output gets."""

@@ -11,11 +11,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from merge_engine.chat_templates import setting_problem
 from merge_engine.errors import UnknownMethodError
 from merge_engine.io.refs import ModelRef
-from merge_engine.methods.registry import get_method
+from merge_engine.methods.registry import METHODS, get_method
 from merge_engine.methods.spec import MethodSpec
-from merge_engine.recipe import CHAT_TEMPLATES, FilterEntry, MergeRecipe
+from merge_engine.recipe import FilterEntry, MergeRecipe
 
 
 @dataclass
@@ -58,11 +59,19 @@ def _numbers(setting: Any) -> Iterator[Any]:
 
 
 def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
-    """Unknown names (with suggestions), values out of range, misplaced global parameters."""
+    """Unknown names (with suggestions), values out of range, misplaced global parameters.
+
+    A parameter another method takes is ignored with a warning, as mergekit ignores it:
+    mergekit-evolve writes ``normalize`` and ``int8_mask`` for every method, and ``weight`` on
+    slerp sources. A name no method takes is a problem (most often a typo)."""
     known = [p.name for p in spec.params]
     for where, model_level, params in _parameter_levels(recipe):
         for name, setting in params.items():
             p = spec.param(name)
+            if p is None and any(other.param(name) is not None for other in METHODS):
+                report.warnings.append(f"{where}: '{name}' is not a parameter of {spec.name} and is "
+                                       "ignored (as mergekit ignores it); remove it to silence this")
+                continue
             if p is None:
                 close = difflib.get_close_matches(name, known, n=2)
                 hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
@@ -78,18 +87,17 @@ def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> N
                     report.add(f"{where}: {issue}")
 
 
-def _input_groups(recipe: MergeRecipe) -> Iterator[list[ModelRef]]:
-    """The models merged together: the ``models`` list, or each slice's sources."""
+def _input_groups(recipe: MergeRecipe) -> Iterator[tuple[list[ModelRef], ModelRef | None]]:
+    """The models merged together and their base: the ``models`` list, or each slice's sources."""
     if recipe.models is not None:
-        yield [m.model for m in recipe.models]
+        yield [m.model for m in recipe.models], recipe.base_model
     for sl in recipe.slices or ():
-        yield [s.model for s in sl.sources]
+        yield [s.model for s in sl.sources], recipe.base_of(sl)
 
 
 def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
     """A base where the method needs one; as many models per merge as it takes."""
-    base = recipe.base_model
-    for refs in _input_groups(recipe):
+    for refs, base in _input_groups(recipe):
         # a base the method uses is split off the inputs (as plan._split_base does)
         n = len([r for r in refs if spec.base == "unused" or base is None or r != base])
         for text in spec.input_problems(n, base is not None,
@@ -112,10 +120,11 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
             refs = [s.model for s in sl.sources]
             if len(set(refs)) != len(refs):
                 report.add(f"slices[{i}] lists the same model twice; list each model once per slice")
-    if spec.base != "unused" and recipe.base_model is not None and recipe.slices is not None:
+    if spec.base != "unused" and recipe.slices is not None:
         for i, sl in enumerate(recipe.slices):
-            if all(s.model != recipe.base_model for s in sl.sources):
-                report.add(f"slices[{i}] does not list the base model {recipe.base_model} among its "
+            base = recipe.base_of(sl)
+            if base is not None and all(s.model != base for s in sl.sources):
+                report.add(f"slices[{i}] does not list the base model {base} among its "
                            "sources; add it with the same layer_range (mergekit requires it too)")
     if recipe.models is not None:
         refs = [m.model for m in recipe.models]
@@ -127,8 +136,8 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         report.add("tokenizer_source: union is not supported yet; use 'base' or a model reference")
     if recipe.tokenizer is not None and recipe.tokenizer.tokens:
         report.add("tokenizer.tokens is not supported yet; remove it or use tokenizer_source")
-    ct = recipe.chat_template
-    if ct is not None and ct not in CHAT_TEMPLATES and "{" not in ct:
-        report.add(f"chat_template {ct!r} is not a known template ({', '.join(CHAT_TEMPLATES)}) "
-                   "nor a Jinja string; use one of those")
+    if recipe.chat_template is not None:
+        problem = setting_problem(recipe.chat_template)
+        if problem:
+            report.add(problem)
     return report
