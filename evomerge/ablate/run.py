@@ -35,6 +35,7 @@ from merge_engine.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge row runs
     from evomerge.candidate import Candidate
+    from merge_engine.recipe import MergeRecipe
 
 # Config keys that differ between a merged directory and its reference model without changing
 # the network (the dtype is chosen separately when the resident model is loaded).
@@ -143,7 +144,7 @@ class _Bench:
             plan, _ = prepare(recipe, stack, allow_pickle=self.allow_pickle)
         ref_dir = resolve_model_dir(plan.reference)
         in_memory = (_same_network(plan.config, ref_dir)
-                     and recipe.chat_template in (None, "auto")
+                     and _keeps_tokenizer_template(recipe)
                      and all(backend(e.config.backend).scores_resident_model for e in self.grid.evals))
         if not in_memory:
             return self._through_disk(row), "disk"
@@ -220,6 +221,19 @@ class _Bench:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _keeps_tokenizer_template(recipe: MergeRecipe) -> bool:
+    """Whether the merged directory's chat template is its tokenizer source's own (the resident
+    model scores with that tokenizer; any other template goes through disk)."""
+    from merge_engine.chat_templates import output_template, shipped_template
+    from merge_engine.io.refs import ModelRef
+    from merge_engine.io.resolve import resolve_model_dir
+
+    if not isinstance(recipe.tokenizer_model(), ModelRef):
+        return False  # a built tokenizer (union): the merged directory's own, through disk
+    chosen = output_template(recipe.chat_template, list(recipe.referenced_models()), resolve_model_dir)
+    return chosen is None or chosen == shipped_template(resolve_model_dir(recipe.tokenizer_model()))
 
 
 def _network_key(config: Mapping[str, Any]) -> str:
