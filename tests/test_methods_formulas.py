@@ -1,5 +1,5 @@
 """Each method against a reference written independently here (numpy, float64, plain loops),
-plus the three mergekit bugs we fix."""
+plus the mergekit bugs we fix."""
 
 from __future__ import annotations
 
