@@ -1,5 +1,5 @@
 """Each method against a reference written independently here (numpy, float64, plain loops),
-plus the three mergekit bugs we fix."""
+plus the mergekit bugs we fix."""
 
 from __future__ import annotations
 
@@ -399,3 +399,208 @@ def test_passthrough(scale):
     (x,), _ = inputs(1)
     out = run("passthrough", [x], None, scale=scale)
     check(out, a(x) * scale, tol=0)
+
+
+# ---------------------------------------------------------------- arcee_fusion, nearswap, ram
+def quartile_fence_ref(values: np.ndarray) -> float:
+    """median + 1.5 IQR, quartile k = the sorted value at index floor(k (n - 1) / 4)."""
+    s = np.sort(values.ravel())
+    q = [s[int(np.floor(k * (s.size - 1) / 4))] for k in (1, 2, 3)]
+    return q[1] + 1.5 * (q[2] - q[0])
+
+
+def arcee_fusion_ref(other: np.ndarray, base: np.ndarray) -> np.ndarray:
+    rows_o, rows_b = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
+    kl = np.empty(len(rows_o))
+    for i, (ro, rb) in enumerate(zip(rows_o, rows_b)):
+        p = np.exp(ro - ro.max()) / np.exp(ro - ro.max()).sum() + 1e-8
+        q = np.exp(rb - rb.max()) / np.exp(rb - rb.max()).sum() + 1e-8
+        kl[i] = sum(pi * np.log(pi / qi) for pi, qi in zip(p, q))
+    score = np.abs(other - base) * kl.reshape(*other.shape[:-1], 1)
+    take = score >= quartile_fence_ref(score)
+    return np.where(take, other, base)
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (7, 33), (40,)], ids=["matrix", "odd", "vector"])
+def test_arcee_fusion(shape):
+    (x,), base = inputs(1, shape, seed=4)
+    x = x + torch.zeros(shape).index_fill_(-1, torch.tensor([2]), 3.0)  # a column of outliers
+    ref = arcee_fusion_ref(a(x), a(base))
+    assert 0 < (ref != a(base)).mean() < 0.5  # some entries taken, most kept
+    check(run("arcee_fusion", [x], base), ref)
+
+
+def test_arcee_fusion_takes_ties_at_the_fence_and_keeps_equal_inputs():
+    base = torch.zeros(8)
+    spike = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1.0])
+    # importance 0 for seven entries: every quartile is 0, so is the fence, and 0 >= 0 takes all
+    check(run("arcee_fusion", [spike], base), a(spike), tol=0)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    check(run("arcee_fusion", [x.clone()], x), a(x), tol=0)
+
+
+def test_arcee_fusion_quartiles_are_exact_above_a_million_entries():
+    """mergekit estimates them from a random sample there; ours are the exact order statistics."""
+    from merge_engine.methods.arcee_fusion import importance, outlier_fence
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1030, 1000, generator=g)
+    x = base + 0.1 * torch.randn(1030, 1000, generator=g)
+    scores = importance(x, base)
+    assert scores.numel() > 1_000_000
+    fence = float(outlier_fence(scores))
+    assert fence == pytest.approx(quartile_fence_ref(a(scores)), rel=1e-6)
+    check(run("arcee_fusion", [x], base), np.where(a(scores) >= fence, a(x), a(base)), tol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.05, 0.3, 1.0])
+def test_nearswap(t):
+    (x,), base = inputs(1, seed=6)
+    xa, ba = a(x), a(base)
+    ref = np.empty(SHAPE)
+    for idx in np.ndindex(SHAPE):
+        w = min(max(t / max(abs(ba[idx] - xa[idx]), 1e-6), 0.0), 1.0)
+        ref[idx] = w * xa[idx] + (1 - w) * ba[idx]
+    check(run("nearswap", [x], base, t=t), ref)
+
+
+def test_nearswap_by_hand():
+    base = torch.zeros(5)
+    other = torch.tensor([0.05, 0.2, -0.5, 0.0, 0.1])
+    # |diff| 0.05 < t: swapped; 0.2: halfway; 0.5: a fifth; 0 (equal): unchanged; 0.1 = t: swapped
+    check(run("nearswap", [other], base, t=0.1), np.array([0.05, 0.1, -0.1, 0.0, 0.1]), tol=1e-7)
+    check(run("nearswap", [other], base, t=0.0), np.zeros(5), tol=0)
+
+
+def ram_ref(deltas: list[np.ndarray], epsilon: float, boosts: list[float] | None = None) -> np.ndarray:
+    """Per entry: the mean of the changes larger than epsilon; a change only one model made,
+    times that model's boost (RAM+)."""
+    out = np.zeros(deltas[0].shape)
+    for idx in np.ndindex(out.shape):
+        made = [i for i, d in enumerate(deltas) if abs(d[idx]) > epsilon]
+        if len(made) == 1:
+            out[idx] = deltas[made[0]][idx] * (boosts[made[0]] if boosts else 1.0)
+        elif made:
+            out[idx] = sum(deltas[i][idx] for i in made) / len(made)
+    return out
+
+
+def boosts_ref(deltas: list[np.ndarray], epsilon: float, r: float, alpha: float) -> list[float]:
+    made = [np.abs(d) > epsilon for d in deltas]
+    count = sum(m.astype(int) for m in made)
+    out = []
+    for m in made:
+        shared, unique = int((m & (count > 1)).sum()), int((m & (count == 1)).sum())
+        rho = 0.0 if shared == 0 else shared / max(unique, epsilon)
+        out.append(1 + r * min(max(rho, 0.0), alpha))
+    return out
+
+
+# base 2; epsilon 0.25; entries: m0 alone, a change equal to epsilon (not counted), no change,
+# m0+m1, m0+m2, all three
+RAM_DELTAS = [[0.5, 0.25, 0.0, 1.0, 0.5, -1.0],
+              [0.0, 0.0, 0.0, 0.5, 0.0, 1.0],
+              [0.0, 0.0, 0.0, 0.0, 0.75, 1.0]]
+
+
+def test_ram_by_hand():
+    base = torch.full((6,), 2.0)
+    xs = [base + torch.tensor(d) for d in RAM_DELTAS]
+    want = 2.0 + np.array([0.5, 0.0, 0.0, 0.75, 0.625, 1 / 3])
+    check(run("ram", xs, base, epsilon=0.25), want, tol=1e-7)
+    np.testing.assert_allclose(ram_ref([np.array(d) for d in RAM_DELTAS], 0.25) + 2.0, want)
+
+
+def test_ramplus_tl_by_hand():
+    base = torch.zeros(8)
+    deltas = [[1, 1, 1, 1, 0.5, 0, 0, 0],  # 4 unique changes, 1 shared: rho 1/4, boost 1 + 0.5/4
+              [0, 0, 0, 0, 1.5, 0.25, 0, 0],  # 0.25 = epsilon: no change
+              [0, 0, 0, 0, 0, 0, 0, -1]]  # 1 unique, 0 shared: boost 1
+    xs = [torch.tensor(d, dtype=torch.float32) for d in deltas]
+    want = np.array([1.125] * 4 + [1.0, 0.0, 0.0, -1.0])
+    check(run("ramplus_tl", xs, base, r=0.5, alpha=0.5, epsilon=0.25), want, tol=1e-7)
+    # alpha caps rho: 1/4 -> 0.2 with the default alpha
+    want[:4] = 1.1
+    check(run("ramplus_tl", xs, base, r=0.5, epsilon=0.25), want, tol=1e-7)
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 0.2])
+def test_ram(epsilon):
+    xs, base = inputs(3, seed=8)
+    deltas = [a(x) - a(base) for x in xs]
+    check(run("ram", xs, base, epsilon=epsilon), a(base) + ram_ref(deltas, epsilon))
+
+
+@pytest.mark.parametrize("r,alpha,epsilon", [(0.1, 0.2, 1e-5), (0.5, 2.0, 0.3), (1.0, 12.0, 0.1),
+                                             (2.0, 0.15, 0.5)])
+def test_ramplus_tl(r, alpha, epsilon):
+    xs, base = inputs(3, (8, 12), seed=9)
+    deltas = [a(x) - a(base) for x in xs]
+    boosts = boosts_ref(deltas, epsilon, r, alpha)
+    assert len(set(boosts)) > 1 or epsilon == 1e-5  # rho differs by model (below the cap alpha)
+    check(run("ramplus_tl", xs, base, r=r, alpha=alpha, epsilon=epsilon),
+          a(base) + ram_ref(deltas, epsilon, boosts))
+
+
+def test_ramplus_tl_model_that_changed_nothing_is_no_op_at_epsilon_zero():
+    """mergekit divides 0 shared by 0 unique changes there (NaN everywhere); it adds nothing."""
+    xs, base = inputs(2, seed=10)
+    with_idle = run("ramplus_tl", [*xs, base.clone()], base, epsilon=0.0)
+    assert torch.isfinite(with_idle).all()
+    check(with_idle, a(run("ramplus_tl", xs, base, epsilon=0.0)), tol=0)
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_with_identical_models_or_no_change_gives_base_plus_that_change(method):
+    xs, base = inputs(1, seed=12)
+    out = run(method, [xs[0], xs[0].clone(), base.clone()], base)
+    check(out, a(xs[0]), tol=1e-6)  # two models share every change, the third made none
+
+
+# ---------------------------------------------------------------- end to end on tiny checkpoints
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from fixtures import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("tiny")
+    base = make_tiny_llama(root / "base", seed=0)
+    return {"base": base, **{m: make_tiny_llama(root / m, seed=s, perturb_from=base)
+                             for m, s in (("a", 1), ("b", 2))}}
+
+
+@pytest.mark.parametrize("method,models,top", [
+    ("arcee_fusion", ("a",), {}),
+    ("nearswap", ("a",), {"t": 0.01}),
+    ("ram", ("a", "b"), {"epsilon": 0.01}),
+    ("ramplus_tl", ("a", "b"), {"epsilon": 0.01, "r": 0.5, "alpha": 1.0}),
+])
+def test_evomerge_merge_runs_each_new_method(tiny, tmp_path, method, models, top):
+    """`evomerge merge` of a mergekit recipe: the file equals the method applied tensor by tensor,
+    loads in transformers, and the in-memory apply gives the same bytes."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.cli import main
+    from fixtures import load_state
+    from merge_engine.apply import InMemoryMerger
+    from merge_engine.recipe import parse_recipe
+
+    data = {"merge_method": method, "base_model": str(tiny["base"]), "dtype": "float32",
+            "models": [{"model": str(tiny[m])} for m in models], "parameters": top}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["merge", str(path), str(out)]) == 0
+    merged, base = load_state(out), load_state(tiny["base"])
+    inputs_ = [load_state(tiny[m]) for m in models]
+    changed = 0
+    for name in merged:
+        want = run(method, [s[name] for s in inputs_], base[name], **top)
+        assert torch.equal(merged[name], want), name
+        changed += not torch.equal(merged[name], base[name])
+    assert changed > len(merged) // 2  # the merge really moved off the base
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    with InMemoryMerger(model) as merger:
+        merger.apply(parse_recipe(data))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, merged[name]), name

@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 
 from merge_engine.errors import UnknownMethodError
-from merge_engine.methods import (breadcrumbs, dare, della, karcher, linear, model_stock,
-                                  multislerp, nuslerp, passthrough, sce, slerp, task_arithmetic,
-                                  ties)
+from merge_engine.methods import (arcee_fusion, breadcrumbs, dare, della, karcher, linear,
+                                  model_stock, multislerp, nearswap, nuslerp, passthrough, ram, sce,
+                                  slerp, task_arithmetic, ties)
 from merge_engine.methods.spec import MethodSpec
 
 METHODS: tuple[MethodSpec, ...] = (
@@ -27,6 +27,10 @@ METHODS: tuple[MethodSpec, ...] = (
     sce.SPEC,
     karcher.SPEC,
     passthrough.SPEC,
+    arcee_fusion.SPEC,
+    nearswap.SPEC,
+    ram.SPEC,
+    ram.SPEC_PLUS_TL,
 )
 
 _BY_NAME: dict[str, MethodSpec] = {}
