@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -13,7 +14,6 @@ import torch
 
 from merge_engine.devices import pick_device
 from merge_engine.graph import Executor
-from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
 from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
@@ -43,9 +43,12 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe, device:
     from merge_engine.io.resolve import resolve_model_dir
 
     writer.write_json("config.json", plan.config)
-    tok_ref = recipe.tokenizer_model()
-    if isinstance(tok_ref, ModelRef):
-        tok_dir = resolve_model_dir(tok_ref)
+    tok_dir = resolve_model_dir(recipe.tokenizer_model())
+    if plan.vocabulary is not None:  # the built tokenizer; generation_config.json from its model
+        with tempfile.TemporaryDirectory() as tmp:
+            writer.copy_files(tmp, plan.vocabulary.save(Path(tmp)))
+        writer.copy_files(tok_dir, [n for n in tokenizer_files(tok_dir) if n == "generation_config.json"])
+    else:
         writer.copy_files(tok_dir, tokenizer_files(tok_dir))
     template = recipe.chat_template
     jinja = CHAT_TEMPLATES.get(template, template) if template else None
