@@ -117,9 +117,9 @@ class MergeTensor:
         spec = get_method(self.method)
         device = ctx.device
         n_in = len(self.loads())
-        # non_blocking: a copy from pinned memory overlaps; from pageable memory it is synchronous
         if self.vocab is not None:
             values = (*self.vocab.align(values[:n_in]), *values[n_in:])
+        # non_blocking: a copy from pinned memory overlaps; from pageable memory it is synchronous
         tensors = [v.to(device, non_blocking=True) for v in values[: len(self.inputs)]]
         base = values[n_in - 1].to(device, non_blocking=True) if self.base is not None else None
         kwargs = self.kwargs()

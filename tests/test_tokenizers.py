@@ -184,3 +184,16 @@ tokenizer: {{source: union}}
     mem = model.state_dict()
     for name, tensor in disk.items():
         assert torch.equal(mem[name], tensor), name
+
+
+def test_same_vocabularies_need_no_row_plan(zoo):
+    from contextlib import ExitStack
+
+    from merge_engine.session import prepare
+
+    text = "merge_method: linear\nmodels: [{{model: {med}}}, {{model: {med2}}}]\nparameters: {{weight: 1.0}}\ntokenizer: {{}}\n"
+    recipe = parse_recipe(yaml.safe_load(text.format(**{k: str(v) for k, v in zoo.items()})))
+    with ExitStack() as stack:
+        plan = prepare(recipe, stack).plan
+    assert plan.vocabulary is not None and plan.config["vocab_size"] == 101
+    assert all(t.vocab is None for t in plan.targets)

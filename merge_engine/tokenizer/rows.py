@@ -69,10 +69,11 @@ class RowPlan:
 
 
 def plan_rows(vocab: Vocabulary, recipe: Any, models: Sequence[ModelRef], tensor_rows: Sequence[int],
-              tensor_name: str) -> RowPlan:
+              tensor_name: str) -> RowPlan | None:
     """The row plan of tensor ``tensor_name`` merged from ``models`` (in the merge's input order,
     ``tensor_rows`` their rows) under ``recipe``'s base and ``tokenizer.tokens``. Raises
-    RecipeError when a token's setting cannot be met. Cached: a search plans the same tensors
+    RecipeError when a token's setting cannot be met; None when every input's rows already are the
+    output's. Cached: a search plans the same tensors
     again and again."""
     settings = (recipe.tokenizer.tokens if recipe.tokenizer is not None else None) or {}
     return _plan(vocab, tuple(models), recipe.base_model, tuple(sorted(settings.items())),
@@ -81,7 +82,7 @@ def plan_rows(vocab: Vocabulary, recipe: Any, models: Sequence[ModelRef], tensor
 
 @functools.lru_cache(maxsize=16)
 def _plan(vocab: Vocabulary, models: tuple[ModelRef, ...], base: ModelRef | None,
-          settings: tuple[tuple[str, Any], ...], tensor_rows: tuple[int, ...], tensor_name: str) -> RowPlan:
+          settings: tuple[tuple[str, Any], ...], tensor_rows: tuple[int, ...], tensor_name: str) -> RowPlan | None:
     size = len(vocab.tokens)
     index = torch.tensor([vocab.index[m] for m in models], dtype=torch.long).view(len(models), size)
     index[index >= torch.tensor(tensor_rows).view(-1, 1)] = -1  # a tensor shorter than its config
@@ -125,6 +126,10 @@ def _plan(vocab: Vocabulary, models: tuple[ModelRef, ...], base: ModelRef | None
     takes = tuple(torch.tensor([where[tid] for tid in ids if i in defaults[tid][2]], dtype=torch.long)
                   for i in range(n))
     divisor = torch.tensor([float(defaults[tid][1]) for tid in ids], dtype=torch.float64)
+    identity = torch.arange(size)
+    if not ids and vocab.rows == size and all(r == size for r in tensor_rows) and \
+            all(torch.equal(src, identity) for _, src in own):
+        return None  # every input already has the output's rows: nothing to lay out
     return RowPlan(vocab.rows, size, tuple(own), torch.tensor(ids, dtype=torch.long), parts, divisor, takes)
 
 
