@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -15,7 +16,6 @@ from merge_engine.chat_templates import output_template
 from merge_engine.devices import pick_device
 from merge_engine.errors import CheckpointError
 from merge_engine.graph import Executor
-from merge_engine.io.refs import ModelRef
 from merge_engine.io.stream import PlannedTensor
 from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.writer import OutputWriter, model_card, tokenizer_files
@@ -45,24 +45,27 @@ def _write_extras(writer, plan: MergePlan, readers, recipe: MergeRecipe, device:
     from merge_engine.io.resolve import resolve_model_dir
 
     writer.write_json("config.json", plan.config)
-    tok_ref = recipe.tokenizer_model()
-    tok_config = None
-    if isinstance(tok_ref, ModelRef):
-        tok_dir = resolve_model_dir(tok_ref)
-        writer.copy_files(tok_dir, tokenizer_files(tok_dir))
-        tok_config = tok_dir / "tokenizer_config.json"
-    template = output_template(recipe.chat_template, recipe.referenced_models(), resolve_model_dir)
-    if template is not None:
-        # transformers reads chat_template.jinja first; a template kept inside tokenizer_config.json
-        # (older transformers read only that one) is replaced too, so no reader sees the old one
-        writer.write_text("chat_template.jinja", template)
-        if tok_config is not None and tok_config.is_file():
-            try:
-                settings = json.loads(tok_config.read_text(encoding="utf-8"))
-            except ValueError:
-                raise CheckpointError(f"{tok_config} is not valid JSON; repair the tokenizer source") from None
-            if isinstance(settings, dict) and "chat_template" in settings:
-                writer.write_json("tokenizer_config.json", {**settings, "chat_template": template})
+    tok_dir = resolve_model_dir(recipe.tokenizer_model())
+    with tempfile.TemporaryDirectory() as tmp:
+        if plan.vocabulary is not None:  # the built tokenizer; generation_config.json from its model
+            writer.copy_files(tmp, plan.vocabulary.save(Path(tmp)))
+            writer.copy_files(tok_dir, [n for n in tokenizer_files(tok_dir) if n == "generation_config.json"])
+            tok_config = Path(tmp) / "tokenizer_config.json"
+        else:
+            writer.copy_files(tok_dir, tokenizer_files(tok_dir))
+            tok_config = tok_dir / "tokenizer_config.json"
+        template = output_template(recipe.chat_template, recipe.referenced_models(), resolve_model_dir)
+        if template is not None:
+            # transformers reads chat_template.jinja first; a template kept inside
+            # tokenizer_config.json (older transformers read only that one) is replaced too
+            writer.write_text("chat_template.jinja", template)
+            if tok_config.is_file():
+                try:
+                    settings = json.loads(tok_config.read_text(encoding="utf-8"))
+                except ValueError:
+                    raise CheckpointError(f"{tok_config} is not valid JSON; repair the tokenizer source") from None
+                if isinstance(settings, dict) and "chat_template" in settings:
+                    writer.write_json("tokenizer_config.json", {**settings, "chat_template": template})
     text = recipe.to_yaml()
     writer.write_text("evomerge_recipe.yaml", text)
     card = model_card(text, [str(r) for r in recipe.referenced_models()], recipe.merge_method)

@@ -23,6 +23,7 @@ from merge_engine.methods.registry import get_method
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.randomness import TensorRandom
 from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
+from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabulary
 
 
 
@@ -97,6 +98,7 @@ class MergeTensor:
     seed: int
     out_dtype: str | None
     draws: tuple[Draw, ...] = ()
+    vocab: RowPlan | None = None  # vocabulary tensors: inputs laid out on the output tokenizer's rows
 
     def loads(self) -> tuple[LoadTensor, ...]:
         """The tensors read: the inputs, then the base if any."""
@@ -115,6 +117,8 @@ class MergeTensor:
         spec = get_method(self.method)
         device = ctx.device
         n_in = len(self.loads())
+        if self.vocab is not None:
+            values = (*self.vocab.align(values[:n_in]), *values[n_in:])
         # non_blocking: a copy from pinned memory overlaps; from pageable memory it is synchronous
         tensors = [v.to(device, non_blocking=True) for v in values[: len(self.inputs)]]
         base = values[n_in - 1].to(device, non_blocking=True) if self.base is not None else None
@@ -141,6 +145,8 @@ def output_shape_dtype(node: MergeTensor, readers: Mapping[ModelRef, Any]) -> tu
     """Shape and dtype ``node`` will produce, known from headers alone."""
     first = node.deps()[0]
     shape = first.crop or tuple(readers[first.model].shape(first.name))
+    if node.vocab is not None:
+        shape = (node.vocab.rows, *shape[1:])
     name = node.out_dtype or first.dtype
     dtype = torch_dtype(name) if name else readers[first.model].dtype(first.name)
     return tuple(shape), dtype
@@ -169,6 +175,7 @@ class MergePlan:
     layout: LayerLayout
     num_layers: int
     warnings: list[str] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None  # the output tokenizer, when the recipe sets a source
 
 
 @dataclass
@@ -219,6 +226,14 @@ class _Planner:
         self.reference = recipe.base_model or recipe.referenced_models()[0]
         self.layouts = {ref: detect_layout(r.tensor_names, r.config) for ref, r in readers.items()}
         self.layout = self.layouts[self.reference]
+        self.vocabulary: Vocabulary | None = None
+        self.vocab_unchecked = False  # a tokenizer source, but only configs to plan from
+        if recipe.tokenizer_source_setting() is not None:
+            try:
+                self.vocabulary = recipe_vocabulary(recipe, readers, self.reference, self.warnings)
+            except RecipeError as err:
+                self.problems.extend(err.problems)
+            self.vocab_unchecked = self.vocabulary is None and not self.problems
 
     def problem(self, text: str) -> None:
         if text not in self.problems:
@@ -259,6 +274,14 @@ class _Planner:
             self.problem(f"{self.spec.name}: {issue} (tensor {tensor_name}); use a value in range")
         return value
 
+    def _row_plan(self, out_name: str, loads: list[LoadTensor]) -> RowPlan | None:
+        try:
+            return plan_rows(self.vocabulary, self.recipe, [ld.model for ld in loads],
+                             [self.readers[ld.model].shape(ld.name)[0] for ld in loads], out_name)
+        except RecipeError as err:
+            self.problems.extend(t for t in err.problems if t not in self.problems)
+            return None
+
     # -- tensors -----------------------------------------------------------
     def source_name(self, out_name: str, out_layer: int | None, src: _Source, slice_start: int) -> str:
         if out_layer is None:
@@ -276,7 +299,8 @@ class _Planner:
                 return None
             shapes.append(tuple(reader.shape(name)))
         crop = None
-        if len(set(shapes)) > 1:
+        vocab_rows = (self.vocabulary is not None or self.vocab_unchecked) and self.layout.is_embedding(out_name)
+        if len(set(shapes)) > 1 and not (vocab_rows and len({s[1:] for s in shapes}) == 1):
             crop = self._crop(out_name, names, shapes, base)
             if crop is None:
                 return None
@@ -316,9 +340,12 @@ class _Planner:
             return None
         params = self.params_for(out_name, t, sl, inputs)
         out_dtype = self.recipe.out_dtype or self.recipe.dtype
+        vocab = None
+        if self.vocabulary is not None and self.layout.is_embedding(out_name):
+            vocab = self._row_plan(out_name, loads)
         node = MergeTensor(out_name, self.spec.name, tuple(loads[: len(inputs)]),
                            loads[-1] if base is not None else None, params,
-                           self.recipe.seed, out_dtype)
+                           self.recipe.seed, out_dtype, vocab=vocab)
         if self.spec.draws is None:
             return node
         shape, _ = output_shape_dtype(node, self.readers)
@@ -364,7 +391,7 @@ class _Planner:
             raise RecipeError(self.problems)
         return MergePlan(self.recipe, [t for t in targets if t is not None],
                          self._config(out_layer, slices, targets), self.reference, layout,
-                         out_layer, self.warnings)
+                         out_layer, self.warnings, self.vocabulary)
 
     def _config(self, num_layers: int, slices: list[_OutSlice], targets: list) -> dict[str, Any]:
         config = with_num_layers(copy.deepcopy(self.readers[self.reference].config), num_layers)
@@ -382,7 +409,9 @@ class _Planner:
             if "dtype" in config:
                 config["dtype"] = out_dtype
         emb = next((t for t in targets if t is not None and self.layout.is_embedding(t.out_name)), None)
-        if emb is not None and "vocab_size" in config:
+        if self.vocabulary is not None and "vocab_size" in config:
+            config["vocab_size"] = self.vocabulary.rows
+        elif emb is not None and "vocab_size" in config:
             crop = next((ld.crop for ld in emb.loads() if ld.crop), None)
             if crop:
                 config["vocab_size"] = crop[0]

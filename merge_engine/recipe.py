@@ -130,10 +130,41 @@ class Slice(_HasParameters):
         return end - start
 
 
+class ModelTokenSource(Frozen):
+    """A token's row taken from row ``token_id`` (or token ``token``'s row) of ``model``."""
+
+    kind: Literal["model_token"]
+    model: Ref
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source names exactly one of 'token_id' or 'token'")
+        return self
+
+
+class ZeroSource(Frozen):
+    """A token's row set to zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenSetting(Frozen):
+    """``tokenizer.tokens.<token>``: where the token's embedding/head rows come from; ``force``
+    applies it to every model, also those that have the token."""
+
+    source: Union[ModelTokenSource, ZeroSource, Ref, None] = Field(default=None, union_mode="left_to_right")
+    force: bool = False
+
+
 class TokenizerSettings(Frozen):
-    source: Union[Literal["base", "union"], Ref] = "base"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    """The ``tokenizer:`` block; its source defaults to ``union``, as in mergekit."""
+
+    source: Union[Literal["base", "union"], Ref] = "union"
+    tokens: dict[str, TokenSetting] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class MergeRecipe(_HasParameters):
@@ -194,12 +225,18 @@ class MergeRecipe(_HasParameters):
         """The base model of output slice ``sl`` (None: of a ``models`` recipe): its own, else the recipe's."""
         return sl.base_model if sl is not None and sl.base_model is not None else self.base_model
 
-    def tokenizer_model(self) -> ModelRef | Literal["union"]:
-        """Which model's tokenizer the output gets."""
-        src = self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
-        if src is None or src == "base":
-            return self.base_model or self.referenced_models()[0]
-        return src
+    def tokenizer_source_setting(self) -> ModelRef | Literal["base", "union"] | None:
+        """The output tokenizer's source: None when the recipe sets neither ``tokenizer_source``
+        nor ``tokenizer`` (the base's tokenizer files are copied, rows cropped as before)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    def tokenizer_model(self) -> ModelRef:
+        """The model whose tokenizer the output's starts from: the named source, else the base
+        (or first model), which ``union`` extends."""
+        src = self.tokenizer_source_setting()
+        if isinstance(src, ModelRef):
+            return src
+        return self.base_model or self.referenced_models()[0]
 
     def to_dict(self) -> dict[str, Any]:
         data = _model_first(self.model_dump(mode="json", exclude_none=True))

@@ -105,6 +105,17 @@ def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
             report.add(text)
 
 
+def check_tokens(recipe: MergeRecipe, report: Report) -> None:
+    """Each ``tokenizer.tokens`` entry takes its rows from a model the recipe merges."""
+    inputs = set(recipe.referenced_models())
+    for token, setting in ((recipe.tokenizer.tokens or {}) if recipe.tokenizer else {}).items():
+        src = setting.source
+        donor = src if isinstance(src, ModelRef) else getattr(src, "model", None)
+        if donor is not None and donor not in inputs:
+            report.add(f"tokenizer.tokens[{token!r}]: model {donor} is not merged by this recipe; "
+                       "take the row from one of its models")
+
+
 def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
     """Checks that need no model files."""
     report = report or Report()
@@ -131,11 +142,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         dup = sorted({str(r) for r in refs if refs.count(r) > 1})
         if dup:
             report.add(f"models lists {', '.join(dup)} more than once; list each model once")
-    tok = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-    if tok == "union":
-        report.add("tokenizer_source: union is not supported yet; use 'base' or a model reference")
-    if recipe.tokenizer is not None and recipe.tokenizer.tokens:
-        report.add("tokenizer.tokens is not supported yet; remove it or use tokenizer_source")
+    check_tokens(recipe, report)
     if recipe.chat_template is not None:
         problem = setting_problem(recipe.chat_template)
         if problem:

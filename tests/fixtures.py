@@ -6,6 +6,7 @@
     make_tiny_gpt2(path) / make_tiny_neox(path)  other layer layouts (transformer.h.N / gpt_neox.layers.N)
     load_state(path)                             every tensor of a saved model directory, by name
     tiny_tokenizer(vocab)                        the char-level tokenizer the builders save
+    make_vocab_variant(path, base, seed, ...)    a fine-tune of base with another vocabulary (order, added tokens)
 
 Import them as ``from fixtures import make_tiny_llama`` (tests/conftest.py puts tests/ on sys.path).
 
@@ -148,22 +149,61 @@ def load_state(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
-def tiny_tokenizer(vocab: int = 128) -> Any:  # a PreTrainedTokenizerFast (TokenizersBackend)
-    """A char-level tokenizer: 4 specials (<pad>=0, <s>=1, </s>=2, <unk>=3) + printable ASCII, cut to ``vocab``."""
-    from tokenizers import Tokenizer, decoders, models
+def tiny_tokenizer(vocab: int = 128, *, reverse: bool = False, plain: tuple[str, ...] = (),
+                   specials: tuple[str, ...] = ()) -> Any:  # a PreTrainedTokenizerFast (TokenizersBackend)
+    """A char-level tokenizer: 4 specials (<pad>=0, <s>=1, </s>=2, <unk>=3) + printable ASCII, cut to ``vocab``.
+
+    ``reverse`` lists the characters in reverse order; ``plain`` tokens follow them in the model's
+    vocabulary; ``specials`` are added special tokens after those (ids in that order)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     table = {PAD: 0, BOS: 1, EOS: 2, UNK: 3}
-    for code in range(32, 127):
-        if len(table) >= vocab:
-            break
-        table[chr(code)] = len(table)
+    chars = [chr(code) for code in range(32, 127)][: max(0, vocab - len(table))]
+    for text in (chars[::-1] if reverse else chars) + list(plain):
+        table[text] = len(table)
     # BPE with no merges splits text into characters; Fuse joins them back on decode.
     core = Tokenizer(models.BPE(vocab=table, merges=[], unk_token=UNK))
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
     tok.chat_template = CHAT_TEMPLATE
+    if specials:
+        tok.add_tokens([AddedToken(text, special=True, normalized=False) for text in specials])
     return tok
+
+
+def make_vocab_variant(path: Path | str, base: Path | str, seed: int, *, reverse: bool = False,
+                       plain: tuple[str, ...] = (), specials: tuple[str, ...] = (), scale: float = 0.02) -> Path:
+    """A "fine-tune" of the tiny Llama in ``base`` with another vocabulary (see tiny_tokenizer's
+    ``reverse``/``plain``/``specials``): every tensor is base's plus seeded noise of std
+    ``scale``; each embedding/head row of a token base has is base's row of that token (+ noise),
+    rows of new tokens are random. ``vocab_size`` is the tokenizer's length."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
+    config = LlamaConfig.from_pretrained(base)
+    tok = tiny_tokenizer(config.vocab_size, reverse=reverse, plain=plain, specials=specials)
+    vocab = tok.get_vocab()
+    config.vocab_size = len(vocab)
+    gen = torch.Generator().manual_seed(seed)
+    state = {name: t.float() + scale * torch.randn(t.shape, generator=gen)
+             for name, t in sorted(load_state(base).items())}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            old = state[name]
+            new = 0.02 * torch.randn((len(vocab), old.shape[1]), generator=gen)
+            for text, i in vocab.items():
+                if text in base_vocab:
+                    new[i] = old[base_vocab[text]]
+            state[name] = new
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 # -- internals ---------------------------------------------------------------------------------
