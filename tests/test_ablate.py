@@ -353,3 +353,25 @@ def test_zoo_grid_matches_the_zoo_and_the_medical_grid(tmp_path):
 
     assert [(r.name, shape(r.recipe)) for r in zoo.recipes] == \
         [(r.name, shape(r.recipe)) for r in medical.recipes]
+
+
+def test_parent_names_resolve_in_slice_bases_and_the_tokenizer_block(models, tmp_path):
+    """A grid recipe may name parents wherever a recipe names models: per-slice base_model, the
+    tokenizer block's source and its token sources (mergekit-evolve and tokenizer recipes)."""
+    from evomerge.ablate import load_grid
+
+    data = yaml.safe_load(GRID)
+    data["recipes"] = [{"name": "tok", "recipe": {
+        "merge_method": "ties", "base_model": "base",
+        "slices": [{"base_model": "base", "sources": [
+            {"model": "base", "layer_range": [0, 2]},
+            {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 0.5, "density": 0.5}}]}],
+        "tokenizer": {"source": "a", "tokens": {"<x>": {"source": "b"},
+                                                "<y>": {"source": {"kind": "model_token", "model": "a", "token_id": 3}}}}}}]
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_grid(path, {"M": str(models)}).recipes[0].recipe
+    assert str(recipe.slices[0].base_model) == f"{models}/base"
+    assert str(recipe.tokenizer.source) == f"{models}/a"
+    assert str(recipe.tokenizer.tokens["<x>"].source) == f"{models}/b"
+    assert str(recipe.tokenizer.tokens["<y>"].source.model) == f"{models}/a"

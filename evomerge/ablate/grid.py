@@ -179,13 +179,34 @@ def _resolve_refs(recipe: Any, names: Mapping[str, str], base_dir: Path | None) 
         out["models"] = [{**m, "model": ref(m.get("model"))} if isinstance(m, Mapping) else m
                          for m in out["models"]]
     if isinstance(out.get("slices"), list):
-        out["slices"] = [{**s, "sources": [{**src, "model": ref(src.get("model"))}
-                                           if isinstance(src, Mapping) else src
-                                           for src in s.get("sources") or []]}
+        out["slices"] = [{**s, **({"base_model": ref(s["base_model"])} if "base_model" in s else {}),
+                          "sources": [{**src, "model": ref(src.get("model"))}
+                                      if isinstance(src, Mapping) else src
+                                      for src in s.get("sources") or []]}
                          if isinstance(s, Mapping) else s for s in out["slices"]]
     if out.get("tokenizer_source") not in (None, "base", "union"):
         out["tokenizer_source"] = ref(out["tokenizer_source"])
+    tok = out.get("tokenizer")
+    if isinstance(tok, Mapping):  # the tokenizer block names models too: its source and token sources
+        tok = dict(tok)
+        if tok.get("source") not in (None, "base", "union"):
+            tok["source"] = ref(tok["source"])
+        if isinstance(tok.get("tokens"), Mapping):
+            tok["tokens"] = {name: _token_refs(setting, ref) for name, setting in tok["tokens"].items()}
+        out["tokenizer"] = tok
     return out
+
+
+def _token_refs(setting: Any, ref: Any) -> Any:
+    """A ``tokenizer.tokens`` entry with its model names resolved (a model, or ``model_token``)."""
+    if not isinstance(setting, Mapping):
+        return setting
+    source = setting.get("source")
+    if isinstance(source, str):
+        return {**setting, "source": ref(source)}
+    if isinstance(source, Mapping) and isinstance(source.get("model"), str):
+        return {**setting, "source": {**source, "model": ref(source["model"])}}
+    return setting
 
 
 def _recipes(raw: Any, names: Mapping[str, str], base_dir: Path | None, variables: Mapping[str, str],
