@@ -119,25 +119,27 @@ def _run(recipe: MergeRecipe, stack: ExitStack, report: Report, *, opened: Reade
 def _open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, cached: Mapping[ModelRef, Any],
                   model_configs: Mapping[str, str | Path] | None, allow_pickle: bool,
                   trust_remote_code: bool) -> dict[ModelRef, Any]:
-    """A reader for every model the recipe references; what cannot be opened goes to ``report``."""
+    """A reader for every model the recipe references; what cannot be opened goes to ``report``.
+
+    A ``base+adapter`` ref reads its base with the LoRA adapter applied (a LoraReader)."""
     from merge_engine.io.resolve import resolve_model_dir
 
     readers: dict[ModelRef, Any] = {}
-    for ref in recipe.referenced_models():
+    referenced = recipe.referenced_models()
+    for ref in referenced:
         try:
             if ref in cached:
                 readers[ref] = cached[ref]
             elif model_configs is not None:
                 readers[ref] = _config_or_local(ref, stack, model_configs, allow_pickle, trust_remote_code)
             else:
-                readers[ref] = _checkpoint(resolve_model_dir(ref, allow_pickle=allow_pickle), stack,
-                                           allow_pickle, trust_remote_code)
+                readers[ref] = _model(ref, stack, allow_pickle, trust_remote_code)
         except MergeError as err:
             report.add(str(err))
     tok = recipe.tokenizer_model()
-    known = tok in readers or (model_configs is not None and isinstance(tok, ModelRef)
+    known = tok in referenced or (model_configs is not None and isinstance(tok, ModelRef)
                                and tok.path in model_configs)
-    if isinstance(tok, ModelRef) and not known:
+    if isinstance(tok, ModelRef) and not known:  # a model of the recipe was opened (or reported) above
         try:
             resolve_model_dir(tok)
         except MergeError as err:
@@ -149,21 +151,27 @@ def _config_or_local(ref: ModelRef, stack: ExitStack, model_configs: Mapping[str
                      allow_pickle: bool, trust_remote_code: bool) -> Any:
     """A config-only reader for a model listed in ``model_configs``, else a local directory's."""
     from merge_engine.io.config_only import ConfigOnlyReader
-    from merge_engine.io.resolve import looks_local, resolve_model_dir
+    from merge_engine.io.resolve import looks_local
 
     key = ref.path
     if key in model_configs:
         return ConfigOnlyReader(model_configs[key], name=str(ref), trust_remote_code=trust_remote_code)
-    if Path(key).expanduser().is_dir():  # resolved as a merge would (LoRA refs, @revision refused)
-        return _checkpoint(resolve_model_dir(ref, allow_pickle=allow_pickle), stack, allow_pickle,
-                           trust_remote_code)
+    if Path(key).expanduser().is_dir():  # resolved as a merge would (LoRA applied, @revision refused)
+        return _model(ref, stack, allow_pickle, trust_remote_code)
     where = "directory does not exist" if looks_local(key) else "is not downloaded"
     raise MergeError(f"model {ref}: {where} and no config is bundled for it; "
                      f"add '{key}: DIR' (a folder with its config.json) to model_configs")
 
 
-def _checkpoint(path: Path, stack: ExitStack, allow_pickle: bool, trust_remote_code: bool) -> Any:
+def _model(ref: ModelRef, stack: ExitStack, allow_pickle: bool, trust_remote_code: bool) -> Any:
+    """The reader of ``ref``'s own files (local or from the hub), its adapter applied if it names one."""
+    from merge_engine.io.lora import LoraReader
     from merge_engine.io.reader import CheckpointReader
+    from merge_engine.io.resolve import resolve_adapter_dir, resolve_model_dir
 
-    return stack.enter_context(CheckpointReader(path, allow_pickle=allow_pickle,
-                                                trust_remote_code=trust_remote_code))
+    base = CheckpointReader(resolve_model_dir(ref, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+    if not ref.lora:
+        return stack.enter_context(base)
+    adapter = resolve_adapter_dir(ref, allow_pickle=allow_pickle)
+    return stack.enter_context(LoraReader(base, adapter, name=str(ref), allow_pickle=allow_pickle))

@@ -7,6 +7,7 @@
     load_state(path)                             every tensor of a saved model directory, by name
     tiny_tokenizer(vocab)                        the char-level tokenizer the builders save
     make_vocab_variant(path, base, seed, ...)    a fine-tune of base with another vocabulary (order, added tokens)
+    make_lora_adapter(path, base, seed, ...)     a real PEFT LoRA adapter of base (nonzero B), saved with peft
 
 Import them as ``from fixtures import make_tiny_llama`` (tests/conftest.py puts tests/ on sys.path).
 
@@ -203,6 +204,31 @@ def make_vocab_variant(path: Path | str, base: Path | str, seed: int, *, reverse
     path = Path(path)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def make_lora_adapter(path: Path | str, base: Path | str, seed: int = 0, *, r: int = 4, alpha: float = 8,
+                      targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+                      modules_to_save: tuple[str, ...] = (), **lora_kwargs: Any) -> Path:
+    """Save a PEFT LoRA adapter of the model in ``base`` to ``path`` (adapter_config.json +
+    adapter_model.safetensors), as ``PeftModel.save_pretrained`` writes it. Every A and B is
+    seeded noise of std 0.1 (peft's default init leaves B zero, which would hide the update);
+    ``modules_to_save`` copies get seeded noise too. ``lora_kwargs`` go to ``LoraConfig``
+    (``use_rslora``, ``fan_in_fan_out``, ``alpha_pattern``, ...)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                        modules_to_save=list(modules_to_save) or None, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if "lora_" in name or "modules_to_save" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    path = Path(path)
+    peft_model.save_pretrained(path)
     return path
 
 

@@ -131,7 +131,7 @@ def test_resolve_local_directory_as_is(models: dict[str, Path]) -> None:
         ("/no/such/model", "does not exist; check the path"),
         ("./missing-model", "does not exist; check the path"),
         ("~/missing-model-xyz", "does not exist; check the path"),
-        ("org/model+adapters/lora", "LoRA adapters are not supported yet; merge the adapter"),
+        ("/no/such/model+./adapters/lora", "adapter of /no/such/model: model directory adapters/lora does not exist"),
     ],
 )
 def test_resolve_refuses(ref: str, message: str) -> None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 class ModelRef:
     """Where a model lives: a local directory or a hub repo id, at an optional revision.
 
-    ``lora`` names an adapter to apply on top (parsed and kept so recipes round-trip;
-    merging adapters is refused with a clear error until supported).
+    ``lora`` names a PEFT LoRA adapter (a directory or hub id, ``[@revision]``) applied on top
+    when the model is read (merge_engine.io.lora).
     """
 
     path: str

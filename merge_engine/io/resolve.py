@@ -72,12 +72,16 @@ def resolve_model_dir(
     the hub does not answer within :data:`HUB_PROBE_TIMEOUT` s, only the cache is consulted.
     Only weights (safetensors; pickle too when ``allow_pickle``), JSON configs
     and tokenizer files are fetched. Every failure is a one-line ``CheckpointError`` with a fix.
+
+    For a ``base+adapter`` ref this is the *base* model's directory (its config, tokenizer and
+    chat template are the adapted model's); the adapter directory is resolved too, so a missing
+    adapter fails here, but its weights are applied only by a reader
+    (:class:`merge_engine.io.lora.LoraReader`, opened by the merge session). Code that loads
+    the directory's weights directly gets the base without the adapter.
     """
     if ref.lora:
-        raise CheckpointError(
-            f"model {ref}: LoRA adapters are not supported yet; "
-            "merge the adapter into its model first and reference the merged directory"
-        )
+        resolve_adapter_dir(ref, cache_dir=cache_dir, allow_pickle=allow_pickle)
+        ref = ModelRef(ref.path, ref.revision)
     local = Path(ref.path).expanduser()
     if local.is_dir():
         if ref.revision:
@@ -90,6 +94,23 @@ def resolve_model_dir(
     if looks_local(ref.path):
         raise CheckpointError(f"model directory {local} does not exist; check the path")
     return _snapshot(ref, cache_dir, allow_pickle)
+
+
+def resolve_adapter_dir(
+    ref: ModelRef, *, cache_dir: str | Path | None = None, allow_pickle: bool = False
+) -> Path:
+    """The local directory of the LoRA adapter of a ``base+adapter[@revision]`` ref: a local
+    directory, or a hub repo fetched like a model (see :func:`resolve_model_dir`)."""
+    if not ref.lora:
+        raise ValueError(f"model {ref} names no adapter")
+    try:
+        adapter = ModelRef.parse(ref.lora)
+    except ValueError as err:
+        raise CheckpointError(f"model {ref}: adapter reference {err}") from None
+    try:
+        return resolve_model_dir(adapter, cache_dir=cache_dir, allow_pickle=allow_pickle)
+    except CheckpointError as err:
+        raise CheckpointError(f"adapter of {ref.path}: {err}") from None
 
 
 def _snapshot(ref: ModelRef, cache_dir: str | Path | None, allow_pickle: bool) -> Path:
