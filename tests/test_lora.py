@@ -208,3 +208,14 @@ def test_missing_adapter_directory(zoo, tmp_path):
                       "models": [{"model": f"{zoo / 'base'}+{tmp_path / 'nope'}", "parameters": {"weight": 1.0}}]})
     (problem,) = validate(r).problems
     assert "adapter of" in problem and "does not exist; check the path" in problem
+
+
+def test_programs_that_load_a_model_refuse_an_adapter_ref_with_the_fix(zoo, capsys):
+    """`evomerge eval` (transformers loads the folder) cannot apply an adapter: one line saying
+    to merge it first, instead of silently scoring the base."""
+    from evomerge.cli import main
+
+    ref = f"{zoo / 'base'}+{zoo / 'chat'}"
+    assert main(["eval", ref, "--tasks", "smoke_mc", "--limit", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "merge it first" in err and "adapter" in err

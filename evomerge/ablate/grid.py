@@ -336,10 +336,10 @@ def validate_grid(grid: Grid, *, config_only: bool = False, check_tasks: bool = 
 
 def _resolve_problems(model: str, allow_pickle: bool) -> list[str]:
     from merge_engine.io.refs import ModelRef
-    from merge_engine.io.resolve import resolve_model_dir
+    from merge_engine.io.resolve import loadable_model_dir
 
     try:
-        resolve_model_dir(ModelRef.parse(model), allow_pickle=allow_pickle)
+        loadable_model_dir(ModelRef.parse(model), allow_pickle=allow_pickle)
     except (MergeError, ValueError) as err:
         return [str(err)]
     return []

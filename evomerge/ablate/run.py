@@ -124,9 +124,9 @@ class _Bench:
     # -- parents: loaded from their directories, exactly as `evomerge eval` does
     def parent(self, row: Row) -> tuple[dict[str, EvalResult], str]:
         from merge_engine.io.refs import ModelRef
-        from merge_engine.io.resolve import resolve_model_dir
+        from merge_engine.io.resolve import loadable_model_dir
 
-        path = resolve_model_dir(ModelRef.parse(row.model), allow_pickle=self.allow_pickle)
+        path = loadable_model_dir(ModelRef.parse(row.model), allow_pickle=self.allow_pickle)
         results = {}
         for es in self.grid.evals:
             results[es.name] = self.evaluator(es).evaluate(path)

@@ -22,13 +22,13 @@ def resolve_model(model: str | Path, *, allow_pickle: bool = False) -> Path:
     from merge_engine.errors import CheckpointError
     from merge_engine.io.reader import CheckpointReader
     from merge_engine.io.refs import ModelRef
-    from merge_engine.io.resolve import resolve_model_dir
+    from merge_engine.io.resolve import loadable_model_dir
 
     try:
         ref = ModelRef.parse(str(model))
     except ValueError as err:
         raise CheckpointError(f"model {model}: {err}") from None
-    folder = resolve_model_dir(ref, allow_pickle=allow_pickle)
+    folder = loadable_model_dir(ref, allow_pickle=allow_pickle)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{model} is not a model directory (no config.json); "
                               "give a transformers model directory or a hub id")

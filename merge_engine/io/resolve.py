@@ -171,3 +171,15 @@ def _snapshot(ref: ModelRef, cache_dir: str | Path | None, allow_pickle: bool) -
             f"could not fetch {ref} from the hub: {first_line}; {download_hint} and set HF_HUB_OFFLINE=1"
         ) from None
     return Path(folder)
+
+
+def loadable_model_dir(ref: ModelRef, *, allow_pickle: bool = False) -> Path:
+    """The directory a program that loads the model itself (transformers, vLLM) can load ``ref``
+    from. A ``+lora`` ref has none (its weights exist only as the merge engine reads them), so it
+    is refused with the fix: merge it into a folder first."""
+    if ref.lora:
+        raise CheckpointError(
+            f"model {ref}: an adapter ref is applied when a recipe is merged, not when a model is "
+            f"loaded; merge it first (a one-model linear recipe: models: [{{model: {ref}}}]) and "
+            "use the merged folder")
+    return resolve_model_dir(ref, allow_pickle=allow_pickle)
