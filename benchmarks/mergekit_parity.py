@@ -15,7 +15,14 @@ What it does
 3. Dumps each recipe through our engine (``load_recipe(p).to_yaml()``, which adds ``seed:``) and
    runs mergekit on the dump unchanged: it must be accepted and (for deterministic methods) give
    the same tensors as mergekit on the original.
-4. Writes ``results/benchmarks/merge_parity.md``.
+4. Recipes marked ``# compare: vocab`` and/or ``# compare: template`` run on a second set of tiny
+   checkpoints with tokenizers (different vocabularies and chat templates; ``VOCAB/`` in a
+   template). mergekit then copies the tokenizer as ``mergekit-yaml`` does by default, and both
+   outputs' tokenizers are compared too: the vocabulary (token -> id), ``config.vocab_size``, the ids
+   of a sample text, the raw chat template and the text it renders for a fixed conversation.
+   Where only the ids of a vocabulary differ (same tokens), embedding/head rows are compared by
+   token.
+5. Writes ``results/benchmarks/merge_parity.md``.
 
 mergekit is a peer we measure against, never a dependency: it lives in its own venv
 (``.venv-mergekit``; see benchmarks/README.md) and is only ever called as a subprocess.
@@ -46,6 +53,7 @@ DEFAULT_MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 DEFAULT_EVOMERGE = Path(sys.executable).parent / "evomerge"
 DEFAULT_REPORT = REPO / "results" / "benchmarks" / "merge_parity.md"
 MODEL_VERSION = "v2"  # bump when the tiny models change
+VOCAB_VERSION = "v1"  # bump when the tokenizer models change
 
 
 # ---------------------------------------------------------------- tiny models
@@ -83,6 +91,44 @@ def build_models(root: Path) -> Path:
         model.to(torch.float32)
     (models / "DONE").write_text("ok\n")
     return models
+
+
+# Our own short ChatML-style template (the inputs' second template, for chat_template: auto)
+CHATML_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_vocab_models(root: Path) -> Path:
+    """Tiny Llamas with tokenizers (tests/fixtures.py builders) under ``root/vocab-<version>``.
+
+    ``base``: 99 char tokens and the fixtures' chat template; ``ft``: base + noise, same tokenizer;
+    ``special``: + added specials ``<|im_start|>``, ``<|im_end|>``; ``reordered``: characters in
+    reverse order + a plain ``<think>`` and a special ``<|im_end|>``; ``ft_chatml`` and
+    ``ft_chatml_nl``: like ``ft`` with CHATML_LIKE (the second with a trailing newline).
+    ``special`` and ``reordered`` ship CHATML_LIKE too."""
+    vocab = root / f"vocab-{VOCAB_VERSION}"
+    if (vocab / "DONE").exists():
+        return vocab
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures import make_tiny_llama, make_vocab_variant
+    from transformers import AutoTokenizer
+
+    shutil.rmtree(vocab, ignore_errors=True)
+    vocab.mkdir(parents=True)
+    make_tiny_llama(vocab / "base", 0, num_layers=2, hidden=64, vocab=99)
+    make_tiny_llama(vocab / "ft", 1, perturb_from=vocab / "base", scale=0.01)
+    make_vocab_variant(vocab / "special", vocab / "base", 2, specials=("<|im_start|>", "<|im_end|>"))
+    make_vocab_variant(vocab / "reordered", vocab / "base", 3, reverse=True, plain=("<think>",),
+                       specials=("<|im_end|>",))
+    make_tiny_llama(vocab / "ft_chatml", 4, perturb_from=vocab / "base", scale=0.01)
+    make_tiny_llama(vocab / "ft_chatml_nl", 5, perturb_from=vocab / "base", scale=0.01)
+    for name, template in (("special", CHATML_LIKE), ("reordered", CHATML_LIKE),
+                           ("ft_chatml", CHATML_LIKE), ("ft_chatml_nl", CHATML_LIKE + "\n")):
+        tok = AutoTokenizer.from_pretrained(vocab / name)
+        tok.chat_template = template
+        tok.save_pretrained(vocab / name)
+    (vocab / "DONE").write_text("ok\n")
+    return vocab
 
 
 # ---------------------------------------------------------------- running
@@ -123,10 +169,10 @@ def mergekit_env() -> dict[str, str]:
     return env
 
 
-def run_mergekit(mergekit: Path, recipe: Path, out: Path, log: Path) -> Run:
+def run_mergekit(mergekit: Path, recipe: Path, out: Path, log: Path, copy_tokenizer: bool) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    return run_cmd([str(mergekit), str(recipe), str(out), "--no-copy-tokenizer", "--lazy-unpickle"],
-                   log, env=mergekit_env())
+    flags = ([] if copy_tokenizer else ["--no-copy-tokenizer"]) + ["--lazy-unpickle"]
+    return run_cmd([str(mergekit), str(recipe), str(out), *flags], log, env=mergekit_env())
 
 
 def run_evomerge(evomerge: Path, recipe: Path, out: Path, log: Path) -> Run:
@@ -146,13 +192,13 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 jobs, results = json.load(open(sys.argv[1])), []
-opts = MergeOptions(copy_tokenizer=False, lazy_unpickle=True, quiet=True)
-opts.apply_global_options()
-for recipe, out in jobs:  # same steps as mergekit-yaml RECIPE OUT --no-copy-tokenizer --lazy-unpickle
+opts = {copy: MergeOptions(copy_tokenizer=copy, lazy_unpickle=True, quiet=True) for copy in (False, True)}
+opts[False].apply_global_options()
+for recipe, out, copy in jobs:  # same steps as mergekit-yaml RECIPE OUT [--no-copy-tokenizer] --lazy-unpickle
     t = time.perf_counter()
     try:
         src = open(recipe, encoding="utf-8").read()
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts,
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts[copy],
                   config_source=src)
         results.append({"ok": True, "seconds": time.perf_counter() - t})
     except BaseException as e:
@@ -166,7 +212,7 @@ EVOMERGE_DRIVER = r"""
 import contextlib, io, json, sys, time, traceback
 from evomerge.cli import main
 jobs, results = json.load(open(sys.argv[1])), []
-for recipe, out in jobs:  # same as: evomerge merge RECIPE OUT --device cpu --force
+for recipe, out, _ in jobs:  # same as: evomerge merge RECIPE OUT --device cpu --force
     t = time.perf_counter()
     err = io.StringIO()
     try:
@@ -183,12 +229,12 @@ for recipe, out in jobs:  # same as: evomerge merge RECIPE OUT --device cpu --fo
 """
 
 
-def run_batch(python: Path, driver: str, jobs: list[tuple[Path, Path]], work: Path, tag: str,
+def run_batch(python: Path, driver: str, jobs: list[tuple[Path, Path, bool]], work: Path, tag: str,
               env: dict[str, str]) -> list[Run]:
-    for _, out in jobs:
+    for _, out, _ in jobs:
         shutil.rmtree(out, ignore_errors=True)
     jobs_file, res_file = work / f"{tag}-jobs.json", work / f"{tag}-results.json"
-    jobs_file.write_text(json.dumps([[str(r), str(o)] for r, o in jobs]))
+    jobs_file.write_text(json.dumps([[str(r), str(o), c] for r, o, c in jobs]))
     res_file.unlink(missing_ok=True)
     run = run_cmd([str(python), "-c", driver, str(jobs_file), str(res_file)], work / f"{tag}.log",
                   env=env, timeout=3600)
@@ -234,6 +280,7 @@ class Compare:
     extra: list[str] = field(default_factory=list)  # in ours, not mergekit's
     shape_mismatch: list[str] = field(default_factory=list)
     dtype_mismatch: list[str] = field(default_factory=list)
+    equal_after_cast: int = 0  # dtype mismatches whose mergekit tensor, cast to our dtype, equals ours
     per_tensor: list[tuple[str, float, int, int]] = field(default_factory=list)  # unequal ones
 
     @property
@@ -270,6 +317,7 @@ def compare_exact(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
             continue
         if a.dtype != b.dtype:
             c.dtype_mismatch.append(f"{name} {a.dtype} vs {b.dtype}")
+            c.equal_after_cast += int(torch.equal(a, b.to(a.dtype)))
         a64, b64 = a.to(torch.float64), b.to(torch.float64)
         eq = int((a64 == b64).sum())
         c.elements += a.numel()
@@ -330,6 +378,108 @@ def compare_stats(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]
     return s
 
 
+# ---------------------------------------------------------------- tokenizers and chat templates
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+SAMPLE_TEXT = "<|im_start|>user Hi <think>ok</think><|im_end|> <new>!"
+CONVERSATIONS = {  # rendered with add_generation_prompt=True
+    "with system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}],
+    "no system": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."},
+                  {"role": "user", "content": "2+2?"}],
+}
+
+
+@dataclass
+class TokSide:
+    """What one tool's output directory says about its tokenizer (read with this venv's transformers)."""
+
+    vocab: dict[str, int] = field(default_factory=dict)
+    vocab_size: int | None = None  # config.json
+    ids: list[int] = field(default_factory=list)  # of SAMPLE_TEXT
+    template: str | None = None
+    template_file: str = "—"  # where the template is stored
+    rendered: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+
+def read_tokenizer_side(out: Path) -> TokSide:
+    side = TokSide()
+    side.vocab_size = json.loads((out / "config.json").read_text()).get("vocab_size")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out)
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        side.error = f"tokenizer does not load: {type(err).__name__}: {err}"[:200]
+        return side
+    side.vocab = dict(tok.get_vocab())
+    side.ids = list(tok(SAMPLE_TEXT, add_special_tokens=False)["input_ids"])
+    side.template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    if (out / "chat_template.jinja").is_file():
+        side.template_file = "chat_template.jinja"
+    elif "chat_template" in json.loads((out / "tokenizer_config.json").read_text()):
+        side.template_file = "tokenizer_config.json"
+    for name, conv in CONVERSATIONS.items():
+        try:
+            side.rendered[name] = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - a template may reject a conversation; compared as such
+            side.rendered[name] = f"<raises {type(err).__name__}: {err}>"[:200]
+    return side
+
+
+@dataclass
+class TokCompare:
+    ours: TokSide
+    theirs: TokSide
+
+    @property
+    def vocab(self) -> str:
+        a, b = self.ours.vocab, self.theirs.vocab
+        if self.ours.error or self.theirs.error:
+            return "—"
+        if a == b:
+            return f"**same** ({len(a)} tokens)"
+        if set(a) == set(b):
+            moved = sorted(t for t in a if a[t] != b[t])
+            return (f"same {len(a)} tokens, {len(moved)} ids differ: "
+                    + ", ".join(f"`{t}` {a[t]} vs {b[t]}" for t in moved[:4]) + (" …" if len(moved) > 4 else ""))
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        return f"DIFFERENT: only ours {only_a[:4]}, only mergekit {only_b[:4]}"
+
+    @property
+    def template_same(self) -> bool:
+        return self.ours.template == self.theirs.template
+
+    @property
+    def rendered_same(self) -> bool:
+        return self.ours.rendered == self.theirs.rendered
+
+    def first_render_diff(self) -> str:
+        for name in CONVERSATIONS:
+            a, b = self.ours.rendered.get(name, ""), self.theirs.rendered.get(name, "")
+            if a != b:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                return f"{name}: first difference at char {i}: ours {a[i:i + 24]!r} vs mergekit {b[i:i + 24]!r}"
+        return ""
+
+
+def align_vocab_rows(theirs: dict[str, torch.Tensor], their_vocab: dict[str, int],
+                     our_vocab: dict[str, int]) -> bool:
+    """Reorder mergekit's embedding/head rows into our ids when both vocabularies hold the same
+    tokens under other ids (rows past the vocabulary, padding, stay). True when rows were moved."""
+    if their_vocab == our_vocab or set(their_vocab) != set(our_vocab):
+        return False
+    order = sorted(our_vocab, key=our_vocab.get)
+    src = torch.tensor([their_vocab[t] for t in order])
+    dst = torch.tensor([our_vocab[t] for t in order])
+    for name in VOCAB_TENSORS:
+        if name in theirs and theirs[name].shape[0] > int(dst.max()):
+            moved = theirs[name].clone()
+            moved[dst] = theirs[name][src]
+            theirs[name] = moved
+    return True
+
+
 # ---------------------------------------------------------------- one case
 @dataclass
 class Case:
@@ -337,6 +487,7 @@ class Case:
     method: str
     mode: str  # exact | stats
     note: str
+    compare: tuple[str, ...] = ()  # extra comparisons: "vocab", "template"
     mk: Run | None = None
     ours: Run | None = None
     cmp: Compare | None = None
@@ -344,24 +495,27 @@ class Case:
     dump: str = "not checked"
     dump_detail: str = ""
     diagnosis: str = ""
+    tok: TokCompare | None = None
+    rows_aligned: bool = False
 
 
-def read_template(path: Path, models: Path) -> tuple[str, str, str, str]:
+def read_template(path: Path, models: Path, vocab: Path) -> tuple[str, Case]:
     text = path.read_text()
     mode = (re.search(r"^# parity: (\w+)", text, re.M) or [None, "exact"])[1]
     note = (re.search(r"^# note: (.*)$", text, re.M) or [None, ""])[1]
+    compare = (re.search(r"^# compare: (.*)$", text, re.M) or [None, ""])[1]
     method = re.search(r"^merge_method: (\S+)", text, re.M)[1]
-    body = text.replace("MODELS/", str(models) + "/")
-    return body, mode, note, method
+    body = text.replace("MODELS/", str(models) + "/").replace("VOCAB/", str(vocab) + "/")
+    extra = tuple(w.strip() for w in compare.split(",") if w.strip())
+    return body, Case(path.stem, method, mode, note, extra)
 
 
-def run_cases(templates: list[Path], models: Path, work: Path, mergekit: Path, evomerge: Path,
-              dump_check: bool, keep: bool, cli: bool) -> list[Case]:
+def run_cases(templates: list[Path], models: Path, vocab: Path, work: Path, mergekit: Path,
+              evomerge: Path, dump_check: bool, keep: bool, cli: bool) -> list[Case]:
     """Write every recipe (and our dump of it), run each tool over all of them, then compare."""
     cases, dirs = [], []
     for path in templates:
-        body, mode, note, method = read_template(path, models)
-        case = Case(path.stem, method, mode, note)
+        body, case = read_template(path, models, vocab)
         cdir = work / "cases" / case.name
         shutil.rmtree(cdir, ignore_errors=True)
         cdir.mkdir(parents=True)
@@ -373,13 +527,15 @@ def run_cases(templates: list[Path], models: Path, work: Path, mergekit: Path, e
         cases.append(case)
         dirs.append(cdir)
 
-    mk_jobs = [(d / "recipe.yml", d / "out-mergekit") for d in dirs]
+    # mergekit copies the tokenizer (its CLI default) where the recipe compares tokenizers; we always do
+    copy = [bool(c.compare) for c in cases]
+    mk_jobs = [(d / "recipe.yml", d / "out-mergekit", c) for d, c in zip(dirs, copy)]
     dump_idx = [i for i, d in enumerate(dirs) if (d / "dumped.yml").exists()]
-    mk_jobs += [(dirs[i] / "dumped.yml", dirs[i] / "out-mergekit-dumped") for i in dump_idx]
-    ours_jobs = [(d / "recipe.yml", d / "out-evomerge") for d in dirs]
+    mk_jobs += [(dirs[i] / "dumped.yml", dirs[i] / "out-mergekit-dumped", copy[i]) for i in dump_idx]
+    ours_jobs = [(d / "recipe.yml", d / "out-evomerge", True) for d in dirs]
     if cli:
-        mk_runs = [run_mergekit(mergekit, r, o, o.parent / f"{o.name}.log") for r, o in mk_jobs]
-        ours_runs = [run_evomerge(evomerge, r, o, o.parent / f"{o.name}.log") for r, o in ours_jobs]
+        mk_runs = [run_mergekit(mergekit, r, o, o.parent / f"{o.name}.log", c) for r, o, c in mk_jobs]
+        ours_runs = [run_evomerge(evomerge, r, o, o.parent / f"{o.name}.log") for r, o, _ in ours_jobs]
     else:
         print(f"mergekit: {len(mk_jobs)} merges in one process ...", flush=True)
         mk_runs = run_batch(mergekit.parent / "python", MERGEKIT_DRIVER, mk_jobs, work, "mergekit",
@@ -408,6 +564,10 @@ def run_cases(templates: list[Path], models: Path, work: Path, mergekit: Path, e
         body = (cdir / "recipe.yml").read_text()
         if case.mk.ok and case.ours.ok:
             ours, theirs = load_tensors(cdir / "out-evomerge"), load_tensors(cdir / "out-mergekit")
+            if case.compare:
+                case.tok = TokCompare(read_tokenizer_side(cdir / "out-evomerge"),
+                                      read_tokenizer_side(cdir / "out-mergekit"))
+                case.rows_aligned = align_vocab_rows(theirs, case.tok.theirs.vocab, case.tok.ours.vocab)
             if case.mode == "stats":
                 base_dir = re.search(r"^base_model: (\S+)", body, re.M)[1]
                 case.stats = compare_stats(ours, theirs, load_tensors(Path(base_dir)))
@@ -421,6 +581,9 @@ def run_cases(templates: list[Path], models: Path, work: Path, mergekit: Path, e
                    f"{case.cmp.equal}/{case.cmp.total} max {case.cmp.max_abs:.3g}" if case.cmp else
                    f"stats frac {case.stats.frac_ours:.4f}/{case.stats.frac_theirs:.4f}" if case.stats else
                    f"mk={fmt_run(case.mk)} ours={fmt_run(case.ours)}")
+        if case.tok is not None:
+            verdict += (f"; vocab {'same' if case.tok.ours.vocab == case.tok.theirs.vocab else 'differs'}"
+                        f"; template {'same' if case.tok.template_same else 'differs'}")
         print(f"{case.name:28s} {verdict:40s} dump: {case.dump}", flush=True)
     return cases
 
@@ -439,7 +602,19 @@ def diagnose(case: Case, ours: dict, theirs: dict, cdir: Path) -> str:
         parts.append(f"shape: {'; '.join(c.shape_mismatch[:3])}")
     if c.dtype_mismatch:
         parts.append(f"dtype (ours vs mergekit): {'; '.join(c.dtype_mismatch[:2])}"
-                     f"{f' (+{len(c.dtype_mismatch) - 2} more)' if len(c.dtype_mismatch) > 2 else ''}")
+                     f"{f' (+{len(c.dtype_mismatch) - 2} more)' if len(c.dtype_mismatch) > 2 else ''}; "
+                     f"{c.equal_after_cast}/{len(c.dtype_mismatch)} equal once mergekit's is cast to ours")
+    if case.tok is not None:  # which embedding/head rows differ, by token
+        inv = {i: t for t, i in case.tok.ours.vocab.items()}
+        for name in VOCAB_TENSORS:
+            if name in ours and name in theirs and ours[name].shape == theirs[name].shape:
+                rows = torch.nonzero((ours[name].double() - theirs[name].double()).abs().amax(-1)).flatten().tolist()
+                if rows:
+                    toks = [inv.get(r) for r in rows]
+                    named = [repr(t) for t in toks if t is not None]
+                    pad = [r for r, t in zip(rows, toks) if t is None]
+                    parts.append(f"{name} rows differ: {', '.join(named[:6]) or 'no token rows'}"
+                                 + (f"; padding rows {pad[0]}–{pad[-1]} ({len(pad)})" if pad else ""))
     if c.per_tensor:
         kinds: dict[str, list] = {}
         for name, mx, eq, n in c.per_tensor:
@@ -474,7 +649,9 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         "vocab 384), seeded; fine-tunes = base + seeded correlated noise; float32 and bfloat16 "
         "sets. Recipes: `benchmarks/mergekit_recipes/` (`MODELS/` → the model directory). Each recipe "
         "is run by `mergekit-yaml RECIPE OUT --no-copy-tokenizer --lazy-unpickle` and by "
-        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared.",
+        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared. Tokenizer and "
+        "chat-template recipes (`VOCAB/`, see their section below) use tiny Llamas with tokenizers "
+        "(2 layers, hidden 64, 99-105 tokens) from `tests/fixtures.py`.",
         "",
         "## Deterministic methods (bit-for-bit)",
         "",
@@ -497,8 +674,9 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         m = c.cmp
         verdict = f"**exact** ({m.equal}/{m.total})" if m.exact else f"{m.equal}/{m.total}"
         el = f"{100 * m.elements_equal / max(m.elements, 1):.3f}%"
+        aligned = ". Embedding/head rows compared by token (ids differ)" if c.rows_aligned else ""
         lines.append(f"| {c.name} | {c.method} | {verdict} | {el} | {m.max_abs:.3g} | {m.max_ulp} "
-                     f"| {m.worst or '—'} | {fmt_run(c.mk)} / {fmt_run(c.ours)} | {c.note}"
+                     f"| {m.worst or '—'} | {fmt_run(c.mk)} / {fmt_run(c.ours)} | {c.note}{aligned}"
                      f"{'. ' + c.diagnosis if c.diagnosis else ''} |")
     stats = [c for c in cases if c.mode == "stats"]
     if stats:
@@ -529,6 +707,7 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
                          f"| {100 * s.max_frac_gap:.2f} pts ({s.worst}) | {rng} | "
                          f"{fmt_run(c.mk)} / {fmt_run(c.ours)} | {c.note}"
                          f"{'. ' + '; '.join(s.problems) if s.problems else ''} |")
+    lines += tokenizer_section(cases)
     if any(c.dump != "not checked" for c in cases):
         lines += [
             "",
@@ -549,6 +728,53 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         lines[-1:] = [old.split("<!-- findings -->", 1)[1].strip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def tokenizer_section(cases: list[Case]) -> list[str]:
+    """The report's table of tokenizer and chat-template comparisons (recipes with ``# compare:``)."""
+    rows = [c for c in cases if c.compare]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Tokenizers and chat templates",
+        "",
+        "Recipes on the tokenizer models (`VOCAB/`: 99 char tokens; + added specials `<|im_start|>`, "
+        "`<|im_end|>`; reversed order + a plain `<think>` and a special `<|im_end|>`; two more inputs "
+        "with a ChatML-style template, one with a trailing newline). mergekit copies the tokenizer "
+        "here (`mergekit-yaml` without `--no-copy-tokenizer`). Both outputs are read with "
+        "transformers (this venv): vocabulary token → id, `config.json` `vocab_size`, the ids of "
+        f"`{SAMPLE_TEXT}`, the raw chat template, and the text it renders "
+        "(`apply_chat_template(..., add_generation_prompt=True)`) for a conversation with and one "
+        "without a system message. Tensors are in the table above.",
+        "",
+        "| recipe | vocabulary (token → id) | vocab_size ours / mergekit | sample ids | chat template text "
+        "| rendered conversations | template stored in (ours / mergekit) | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        if c.tok is None:
+            lines.append(f"| {c.name} | — | — | — | — | — | — | {c.note}. **not compared: a merge failed** |")
+            continue
+        t, notes = c.tok, [c.note]
+        for who, side in (("ours", t.ours), ("mergekit", t.theirs)):
+            if side.error:
+                notes.append(f"**{who}: {side.error}**")
+        check = "vocab" in c.compare
+        vocab = t.vocab if check else ("same" if t.ours.vocab == t.theirs.vocab else "differs") + " (not the subject)"
+        ids = "**same**" if t.ours.ids == t.theirs.ids else f"ours {t.ours.ids[:8]} vs mergekit {t.theirs.ids[:8]}"
+        size = f"{t.ours.vocab_size} / {t.theirs.vocab_size}"
+        if t.ours.vocab_size == t.theirs.vocab_size:
+            size = f"**{size}**"
+        tmpl = "**same**" if t.template_same else (
+            "DIFFERENT" + (" (same after strip)" if (t.ours.template or "").strip() == (t.theirs.template or "").strip()
+                           else ""))
+        rendered = "**same**" if t.rendered_same else "DIFFERENT"
+        if not t.rendered_same:
+            notes.append(t.first_render_diff())
+        lines.append(f"| {c.name} | {vocab} | {size} | {ids} | {tmpl} | {rendered} | "
+                     f"{t.ours.template_file} / {t.theirs.template_file} | {'. '.join(n for n in notes if n)} |")
+    return lines
 
 
 def mergekit_versions(mergekit: Path) -> dict:
@@ -580,12 +806,12 @@ def main() -> int:
         print(f"mergekit not found at {args.mergekit}; see benchmarks/README.md to install it in "
               ".venv-mergekit", file=sys.stderr)
         return 2
-    models = build_models(args.workdir)
+    models, vocab = build_models(args.workdir), build_vocab_models(args.workdir)
     templates = sorted(RECIPES.glob("*.yml"))
     if args.only:
         wanted = set(args.only.split(","))
         templates = [t for t in templates if t.stem in wanted]
-    cases = run_cases(templates, models, args.workdir, args.mergekit, args.evomerge,
+    cases = run_cases(templates, models, vocab, args.workdir, args.mergekit, args.evomerge,
                       not args.no_dump_check, args.keep, args.cli)
     if args.only and args.report == DEFAULT_REPORT:
         print("(--only given: report not written)")
