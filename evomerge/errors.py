@@ -7,7 +7,6 @@ problems raises one :class:`ProblemsError` listing them all. Files a user keeps 
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -60,19 +59,6 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def parse_limit(text: str) -> int | float:
-    """``--limit``: a number of docs per task (``100``) or a fraction of each task (``0.1``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--limit takes a number of docs per task or a fraction below 1, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"--limit must be a positive number, got {text!r}")
-    if value >= 1 and not value.is_integer():
-        raise argparse.ArgumentTypeError(
-            f"--limit {text!r}: give a whole number of docs, or a fraction below 1")
-    return int(value) if value >= 1 else value
 
 
 class StorageError(EvomergeError):

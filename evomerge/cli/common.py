@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from evomerge.errors import parse_limit
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -47,6 +46,21 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive; use e.g. 5G, 500M")
     return size
+
+
+def parse_limit(text: str) -> int | float:
+    """``--limit``: a number of docs per task (``100``) or a fraction of each task (``0.1``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--limit takes a number of docs per task or a fraction below 1, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--limit must be a positive number, got {text!r}")
+    if value >= 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"--limit {text!r}: give a whole number of docs, or a fraction below 1")
+    return int(value) if value >= 1 else value
 
 
 def whole_number(minimum: int, meaning: str = "") -> Callable[[str], int]:

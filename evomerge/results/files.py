@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -95,8 +96,6 @@ def _home_relative(path: str) -> str:
 def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
     """A text filter writing each placeholder's folder as ``${NAME}`` where it appears as a whole
     path (followed by ``/``, a quote, a space, a comma or the end), longest folders first."""
-    import re
-
     pairs = sorted(((str(Path(v)), f"${{{k}}}") for k, v in placeholders.items()), key=lambda pair: -len(pair[0]))
     patterns = [(re.compile(re.escape(path) + r"(?=[/\"'\s,}\]]|$)", re.MULTILINE), name) for path, name in pairs]
 

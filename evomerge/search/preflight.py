@@ -20,6 +20,7 @@ from typing import Any
 from evomerge.errors import StorageError
 from evomerge.space import SearchSpace, SpaceError, equal_params, start_points
 
+
 def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     """Check that every method of ``space`` can merge its models (architectures, shapes, files
     that load safely: no pickle, no remote code) and read the start points; returns the start

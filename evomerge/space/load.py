@@ -23,6 +23,9 @@ from evomerge.space.schema import SearchSpace, SpaceError
 from merge_engine.layout import LAYER_COUNT_KEYS, num_layers_from_config
 from merge_engine.recipe import VAR, expand_vars  # noqa: F401  (one ${VAR} implementation, re-exported)
 
+MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
+MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
+
 def _unset(key: str) -> SpaceError:
     return SpaceError(f"${{{key}}} is not set; pass it (e.g. export {key}=...) or edit the space",
                       "search space")
@@ -131,24 +134,17 @@ def load_space(path: str | Path, variables: Mapping[str, str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space file {path} does not exist; check the path", "search space")
-    check_space_file(path)
+    text = read_space_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpaceError(f"not valid YAML: {str(err).splitlines()[0]}; fix the syntax", str(path)) from None
     return parse_space(data, source=str(path), base_dir=path.parent.resolve(), variables=variables)
 
 
-MAX_SPACE_BYTES = 1 << 20  # a search space is a page of YAML; anything bigger is not one
-MAX_YAML_NODES = 100_000  # values after alias expansion: aliases nest into "YAML bombs"
-
-
-def check_space_file(path: str | Path) -> None:
-    """Refuse a space file that is too big, not UTF-8, or full of YAML aliases, before parsing
-    it (one :class:`SpaceError` line each)."""
-    path = Path(path)
-    if not path.is_file():
-        return  # load_space names the missing file
+def read_space_text(path: Path) -> str:
+    """The text of space file ``path`` (an existing file), refused before it is parsed when it is
+    too big, not UTF-8, or full of YAML aliases (one :class:`SpaceError` line each)."""
     size = path.stat().st_size
     if size > MAX_SPACE_BYTES:
         raise SpaceError(f"the file is {size} bytes; a search space is at most "
@@ -163,12 +159,13 @@ def check_space_file(path: str | Path) -> None:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         nodes = _expanded_size(root, {}) if root is not None else 0
     except yaml.YAMLError:
-        return  # load_space reports the syntax error with its line
+        return text  # load_space reports the syntax error with its line
     except RecursionError:
         raise SpaceError("YAML nested too deeply; a search space is a few levels deep", str(path)) from None
     if nodes > MAX_YAML_NODES:
         raise SpaceError(f"its YAML aliases (*name) expand to over {MAX_YAML_NODES} values "
                          f"({nodes}); a search space is small: write the values out", str(path))
+    return text
 
 
 def _expanded_size(node: Any, seen: dict[int, int]) -> int:
