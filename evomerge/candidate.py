@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.devices import placement
+from evomerge.layer_stack import LayerStack
 from merge_engine.apply import ApplyStats, InMemoryMerger
 from merge_engine.recipe import MergeRecipe
 
@@ -64,6 +65,7 @@ class Candidate:
         self.device = device
         self.merger = InMemoryMerger(model, device=device, cache_sources=cache_sources,
                                      allow_pickle=allow_pickle)
+        self.stack: LayerStack | None = None  # built at the first recipe with slices
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu",
@@ -82,7 +84,15 @@ class Candidate:
 
         The engine checks every merged tensor before writing it and raises NonFiniteError naming
         the tensor (the resident model then keeps that tensor's previous values).
+
+        A recipe of another depth (``slices``, e.g. a layer path) first grows or shrinks the
+        model's layer list and config to its layer count (:class:`~evomerge.layer_stack.LayerStack`).
         """
+        if recipe.slices is not None and self.stack is None:
+            self.stack = LayerStack(self.model)
+        if self.stack is not None and self.stack.resize(recipe):
+            # the merger writes into the parameters it knows by name: tell it the new ones
+            self.merger.targets = dict(self.model.state_dict(keep_vars=True))
         return self.merger.apply(recipe)
 
     def close(self) -> None:

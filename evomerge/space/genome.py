@@ -25,6 +25,7 @@ from typing import Any
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
+from evomerge.space import layer_path
 from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace, SpaceError,
                                    method_spec, registry_range, signed, switches)
 from merge_engine.layout import LayerLayout, detect_layout
@@ -87,6 +88,8 @@ def searched_switches(space: SearchSpace, method: str) -> list[str]:
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     """Every parameter the search may suggest (union over methods), by name."""
+    if space.layer_path is not None:
+        return layer_path.distributions(space)
     dists: dict[str, BaseDistribution] = {}
     if len(space.methods) > 1:
         dists["method"] = CategoricalDistribution(space.methods)
@@ -131,7 +134,13 @@ def _distribution(space: SearchSpace, param: Param) -> BaseDistribution:
 
 # ---------------------------------------------------------------- trial → recipe
 def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
-    """The recipe ``trial`` proposes (suggests every parameter of the chosen method)."""
+    """The recipe ``trial`` proposes (suggests every parameter of the chosen method).
+
+    A layer-path space suggests its path genes instead, rejects a bad path (empty, over
+    ``max_layers``) with one line before any tensor is read, and records the candidate's
+    ``layers``/``params`` user attributes (:func:`evomerge.space.layer_path.trial_recipe`)."""
+    if space.layer_path is not None:
+        return layer_path.trial_recipe(space, trial)
     method = trial.suggest_categorical("method", space.methods) if len(space.methods) > 1 \
         else space.methods[0]
     values = {s.name: _suggest(trial, s) for s in slots(space, method)}
@@ -142,6 +151,8 @@ def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
 
 def build_recipe(space: SearchSpace, method: str, values: Mapping[str, Any]) -> MergeRecipe:
     """The recipe for ``method`` with searched ``values`` by parameter name (pure)."""
+    if space.layer_path is not None:
+        return layer_path.build_recipe(space, values)
     spec = method_spec(method)
     per_model: dict[str, dict[str, Any]] = {m.name: {} for m in space.inputs(method)}
     top: dict[str, Any] = {k: v for k, v in space.parameters.items() if spec.param(k) is not None}
@@ -202,7 +213,10 @@ def start_points(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
 
 
 def equal_params(space: SearchSpace, method: str | None = None) -> dict[str, Any]:
-    """Every model weighted the same (1/N, or the range's middle); other params at defaults."""
+    """Every model weighted the same (1/N, or the range's middle); other params at defaults.
+    A layer-path space: the path through the first model's own layers (that model, unchanged)."""
+    if space.layer_path is not None:
+        return layer_path.identity_params(space)
     method = method or space.methods[0]
     spec = method_spec(method)
     n = len(space.inputs(method))

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from evomerge.errors import ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
+from evomerge.space.layer_path import LayerPath, layer_path_problems
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
@@ -195,6 +196,7 @@ class SearchSpace(Frozen):
     normalize: Union[bool, Literal["search"], None] = None
     allow_negative_weights: bool = False
     layer_granularity: int | None = Field(default=None, ge=1)
+    layer_path: LayerPath | None = None  # search the layer path, not merge parameters
     filters: tuple[str, ...] = ()
     smooth: bool = False
     dtype: Literal[MODEL_DTYPE_NAMES] = "float32"
@@ -320,6 +322,8 @@ def space_problems(space: SearchSpace) -> list[str]:
             specs.append(method_spec(name))
         except MergeError as err:
             problems.append(str(err))
+    if space.layer_path is not None:  # the path is searched, not the method's parameters
+        specs, problems = [], problems + layer_path_problems(space)
     if len(set(space.methods)) != len(space.methods):
         problems.append(f"method lists {list(space.methods)} with repeats; list each once")
     for label, items in (("name", [m.name for m in space.all_models()]),
