@@ -70,7 +70,7 @@ def test_fixed_trial_builds_a_passthrough_slices_recipe_with_folded_scales(zoo):
     assert parse_recipe(yaml.safe_load(recipe.to_yaml())) == recipe  # what mergekit reads
     ranges = [(str(s.sources[0].model).rsplit("/", 1)[-1], s.sources[0].layer_range) for s in recipe.slices]
     assert ranges == [("math", (0, 2)), ("code", (1, 2)), ("math", (1, 3))]
-    scales = [s.sources[0].parameters and s.sources[0].parameters["scale"] for s in recipe.slices]
+    scales = [s.parameters and s.parameters["scale"] for s in recipe.slices]
     assert scales[0] is None
     assert [(e.filter, e.value) for e in scales[1]] == [
         ("mlp.down_proj", 1 / 1.7), ("self_attn.o_proj", 1 / 1.7), (None, 1.0)]
@@ -149,7 +149,7 @@ def _logits(model):
 
 
 def _folded_and_exact(zoo, scales):
-    space = space_of(zoo, repeats=2)
+    space = space_of(zoo, repeats=2, scale=[0.25, 4.0])
     values = genes(space, PATH, **scales)
     recipe = trial_recipe(space, optuna.trial.FixedTrial(values))
     with Candidate.load(zoo / "math", dtype="float32") as cand:

@@ -275,11 +275,12 @@ def build_recipe(space: SearchSpace, values: Mapping[str, Any]) -> MergeRecipe:
     slices = []
     for run in runs:
         slot, factor = run[0]
-        source: dict[str, Any] = {"model": paths[slot.model], "layer_range": [slot.layer, slot.layer + len(run)]}
-        if factor != 1.0:
-            source["parameters"] = {"scale": [*({"filter": w, "value": factor} for w in shapes[slot.model].writers),
-                                              {"value": 1.0}]}
-        slices.append({"sources": [source]})
+        piece: dict[str, Any] = {"sources": [{"model": paths[slot.model],
+                                              "layer_range": [slot.layer, slot.layer + len(run)]}]}
+        if factor != 1.0:  # a slice-level filtered scale, the form mergekit's parity run covers
+            piece["parameters"] = {"scale": [*({"filter": w, "value": factor} for w in shapes[slot.model].writers),
+                                             {"value": 1.0}]}
+        slices.append(piece)
     data = {"merge_method": "passthrough", "slices": slices, "dtype": space.dtype, "seed": space.seed}
     return parse_recipe(data, source=f"search space {space.name}")
 
