@@ -214,3 +214,25 @@ def test_in_memory_depth_changes_equal_disk_merges(zoo, tmp_path):
         cand.apply(recipes[0])
         cand.apply(identity)
         assert torch.equal(_logits(cand.model), _logits(source))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "tied_llama"])
+def test_depth_changes_on_other_layouts_equal_disk_merges(kind, tmp_path):
+    """GPT-2's transformer.h stack (n_layer) and tied embeddings grow and shrink like Llama."""
+    from fixtures import make_tiny_gpt2
+
+    if kind == "gpt2":
+        a = make_tiny_gpt2(tmp_path / "a", num_layers=2)
+        b = a
+    else:
+        a = make_tiny_llama(tmp_path / "a", 0, num_layers=2, tie=True)
+        b = make_tiny_llama(tmp_path / "b", 1, perturb_from=a, scale=0.05)
+    stacks = [[(a, 0, 2), (b, 1, 2), (a, 0, 2)], [(b, 1, 2)], [(a, 0, 1), (b, 0, 2)]]
+    with Candidate.load(a, dtype="float32") as cand:
+        for i, stack in enumerate(stacks):
+            recipe = parse_recipe({"merge_method": "passthrough", "slices": [
+                {"sources": [{"model": str(m), "layer_range": [lo, hi]}]} for m, lo, hi in stack]})
+            cand.apply(recipe)
+            run_merge(recipe, tmp_path / f"m{i}", device="cpu")
+            disk, _ = load_causal_lm(tmp_path / f"m{i}", dtype="float32")
+            assert torch.equal(_logits(cand.model), _logits(disk)), f"{kind} stack {i}"
