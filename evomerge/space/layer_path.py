@@ -173,8 +173,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def path_models(space: SearchSpace) -> list[tuple[str, ModelShape]]:
-    """(name, shape) of every model in the laid-out order: base model first, then ``models``."""
-    return [(m.name, model_shape(m.model)) for m in space.all_models()]
+    """(name, shape) of every model in the laid-out order: base model first, then ``models``.
+    With scales on, a model that cannot fold them is one :class:`LayerPathError` line here, when
+    the space's genes are first listed (before the study starts)."""
+    out = [(m.name, model_shape(m.model)) for m in space.all_models()]
+    bad = [shape.problem for _, shape in out if shape.problem]
+    if bad and space.layer_path is not None and space.layer_path.scale is not None:
+        raise LayerPathError(bad[0])
+    return out
 
 
 def path_slots(space: SearchSpace) -> list[PathSlot]:
@@ -260,10 +266,6 @@ def build_recipe(space: SearchSpace, values: Mapping[str, Any]) -> MergeRecipe:
     path = path_of(space, values)
     shapes = dict(path_models(space))
     paths = {m.name: m.model for m in space.all_models()}
-    if space.layer_path.scale is not None and any(f != 1.0 for _, f in path):
-        bad = {shapes[s.model].problem for s, _ in path if shapes[s.model].problem}
-        if bad:
-            raise LayerPathError(sorted(bad)[0])
     runs: list[list[tuple[PathSlot, float]]] = []
     for slot, factor in path:
         last = runs[-1][-1] if runs else None
