@@ -108,8 +108,9 @@ class HiddenStates:
 
         self.device = device
         self.average = average
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype,
-                                                          trust_remote_code=trust_remote_code).to(device)
+        # device_map puts each weight straight on the device: no full copy in host memory first
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map={"": str(device)},
+                                                          trust_remote_code=trust_remote_code)
         self.model.eval()
         self.layers = list(self.model.get_decoder().layers)
 
