@@ -198,3 +198,22 @@ def test_random_routers_are_seeded_and_shaped(zoo):
     r2 = build_moe_in_memory(config, device="cpu", seed=1).state["model.layers.0.block_sparse_moe.gate.weight"]
     assert r1.equal(r2) and r1.shape == (2, 64)
     assert r1.abs().max() <= 64 ** -0.5  # torch.nn.Linear's default bound
+
+
+def test_builder_keeps_models_and_prompt_states_across_builds(zoo, tmp_path):
+    from merge_engine.moe import MoEBuilder
+
+    first = two_experts(zoo, gate_mode="hidden")
+    swapped = parse_moe_config({"base_model": str(zoo["base"]), "dtype": "float32", "experts": [
+        {"source_model": str(zoo["b"]), "positive_prompts": ["hello world", "1 2 3 4"]},
+        {"source_model": str(zoo["a"]), "positive_prompts": ["abc def", "x"], "negative_prompts": ["zz top!"]}]})
+    with MoEBuilder(device="cpu", router_dtype="float32") as builder:
+        one = builder.build(first)
+        two = builder.build(swapped)
+        (states,) = builder.states.values()
+        assert states.passes == 3  # three prompt lists, each run once
+    alone = build_moe_in_memory(swapped, device="cpu", router_dtype="float32")
+    assert all(torch.equal(two.state[k], alone.state[k]) for k in alone.state)
+    r1 = one.state["model.layers.1.block_sparse_moe.gate.weight"]
+    r2 = two.state["model.layers.1.block_sparse_moe.gate.weight"]
+    assert torch.equal(r1, r2.flip(0))  # the same rows, experts swapped

@@ -106,19 +106,18 @@ def test_existing_output_is_kept_and_dry_run_writes_nothing(zoo, tmp_path, capsy
     assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / "mine.txt").exists()
 
 
-class FakeCudaHiddenStates:
-    """Stands in for the base model on a GPU this machine lacks: records the device it was
-    asked for, then fails as a model that does not fit would."""
-
-    seen: list[torch.device] = []
-
-    def __init__(self, model_dir, *, device, dtype, average, trust_remote_code=False):
-        self.seen.append((device, dtype))
-        raise RuntimeError("CUDA out of memory (fake)")
-
-
 def test_hidden_states_run_on_the_requested_device_and_a_failure_leaves_nothing(zoo, tmp_path, monkeypatch):
     from merge_engine.moe import build, build_moe, parse_moe_config, router
+
+    class FakeCudaHiddenStates(router.HiddenStates):
+        """The real class up to loading the base model on a GPU this machine lacks: records the
+        device and dtype asked for, then fails as a model that does not fit would."""
+
+        seen: list = []
+
+        def _load(self):
+            self.seen.append((self.device, self.dtype))
+            raise RuntimeError("CUDA out of memory (fake)")
 
     monkeypatch.setattr(build, "pick_device", lambda name: torch.device("cuda", 1) if name == "cuda:1" else None)
     monkeypatch.setattr(router, "HiddenStates", FakeCudaHiddenStates)

@@ -55,8 +55,11 @@ class MoEState:
 
 
 def router_rows(plan: MoEPlan, *, device: torch.device, dtype: torch.dtype, seed: int,
-                trust_remote_code: bool = False) -> torch.Tensor:
-    """(layers, gated experts, hidden) float32: routed experts' rows, then the shared expert's."""
+                trust_remote_code: bool = False, states: Any = None) -> torch.Tensor:
+    """(layers, gated experts, hidden) float32: routed experts' rows, then the shared expert's.
+
+    ``states``: a :class:`~merge_engine.moe.router.HiddenStates` of the plan's base model kept by
+    the caller across builds (hidden modes); without it one is made and released here."""
     from merge_engine.moe import router
 
     config = plan.config
@@ -66,10 +69,16 @@ def router_rows(plan: MoEPlan, *, device: torch.device, dtype: torch.dtype, seed
     sets = [(e.positive_prompts or [], e.negative_prompts or []) for e in gated]
     if config.gate_mode == "cheap_embed":
         embed = plan.readers[config.base_model].get("model.embed_tokens.weight")
-        return router.gate_rows(sets, router.cheap_embed_reduce(embed, plan.num_layers), plan.tokenizer)
-    with router.HiddenStates(plan.base_dir, device=device, dtype=dtype, average=config.gate_mode == "hidden_avg",
-                             trust_remote_code=trust_remote_code) as states:
-        return router.gate_rows(sets, states.reduce, plan.tokenizer)
+        return router.gate_rows(sets, router.cheap_embed_vector(embed, plan.tokenizer, plan.num_layers))
+    own = states is None
+    if own:
+        states = router.HiddenStates(plan.base_dir, plan.tokenizer, device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code)
+    try:
+        return router.gate_rows(sets, states.average if config.gate_mode == "hidden_avg" else states.last)
+    finally:
+        if own:
+            states.close()
 
 
 def degenerate_layers(rows: torch.Tensor, threshold: float = 5.0) -> list[int]:
@@ -167,19 +176,66 @@ def build_moe(config: MoEConfig, out_dir: str | Path, *, device: str | None = "a
         return MoEResult(Path(out_dir), total, time.perf_counter() - start, plan.arch.name, _warnings(plan, rows))
 
 
+class MoEBuilder:
+    """Builds MoEs in memory, one config after another (a search's candidates), without files.
+
+    Lifecycle: construct (``device`` resolved now) -> :meth:`build` any number of times -> close
+    (or leave the ``with`` block). Across builds the model readers stay open, the base model
+    used for the hidden gate modes stays loaded on ``device``, and each prompt list's hidden
+    states are computed once. Each build checks its config as the disk build does and gives the
+    same bits as :func:`build_moe` for the same config, ``seed`` and device type.
+    """
+
+    def __init__(self, *, device: str | None = "auto", router_dtype: str = DEFAULT_ROUTER_DTYPE, seed: int = 0,
+                 allow_same_experts: bool = False, allow_pickle: bool = False,
+                 trust_remote_code: bool = False) -> None:
+        self.device = pick_device(device)
+        self.dtype = torch_dtype(router_dtype)
+        self.seed = seed
+        self._options = {"allow_same_experts": allow_same_experts, "allow_pickle": allow_pickle,
+                         "trust_remote_code": trust_remote_code}
+        self._stack = ExitStack()
+        self._readers: dict = {}
+        self.states: dict[Path, Any] = {}  # base model folder -> its HiddenStates
+
+    def build(self, config: MoEConfig) -> MoEState:
+        """The MoE ``config`` describes, as tensors (RecipeError, one line per problem, first)."""
+        from merge_engine.moe.router import HiddenStates
+
+        plan = prepare_moe(config, self._stack, opened=self._readers, **self._options)
+        states = None
+        if config.gate_mode.startswith("hidden"):
+            states = self.states.get(plan.base_dir)
+            if states is None:
+                states = self.states[plan.base_dir] = HiddenStates(
+                    plan.base_dir, plan.tokenizer, device=self.device, dtype=self.dtype,
+                    trust_remote_code=self._options["trust_remote_code"])
+        rows = router_rows(plan, device=self.device, dtype=self.dtype, seed=self.seed, states=states)
+        # tensors read from a file are private mappings of it, valid after the readers close
+        state = dict(output_tensors(plan, rows, self.seed))
+        return MoEState(plan.out_config, state, plan.base_dir, plan.arch.name, _warnings(plan, rows))
+
+    def close(self) -> None:
+        for states in self.states.values():
+            states.close()
+        self._stack.close()
+
+    def __enter__(self) -> MoEBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def build_moe_in_memory(config: MoEConfig, *, device: str | None = "auto",
                         router_dtype: str = DEFAULT_ROUTER_DTYPE, seed: int = 0, allow_same_experts: bool = False,
                         allow_pickle: bool = False, trust_remote_code: bool = False) -> MoEState:
     """The tensors :func:`build_moe` would write, as a dict (no file written), with the same
-    checks; the same bits as the disk build for the same arguments."""
-    with ExitStack() as stack:
-        plan = prepare_moe(config, stack, allow_same_experts=allow_same_experts, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
-        rows = router_rows(plan, device=pick_device(device), dtype=torch_dtype(router_dtype), seed=seed,
-                           trust_remote_code=trust_remote_code)
-        # tensors read from a file are private mappings of it, valid after the readers close
-        state = dict(output_tensors(plan, rows, seed))
-        return MoEState(plan.out_config, state, plan.base_dir, plan.arch.name, _warnings(plan, rows))
+    checks; the same bits as the disk build for the same arguments. For many builds over the same
+    models, keep a :class:`MoEBuilder`."""
+    with MoEBuilder(device=device, router_dtype=router_dtype, seed=seed, allow_same_experts=allow_same_experts,
+                    allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) as builder:
+        return builder.build(config)
 
 
 def load_moe_model(built: MoEState, *, device: str | torch.device = "cpu"):

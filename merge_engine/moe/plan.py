@@ -59,11 +59,13 @@ class MoEPlan:
     tokenizer: Any  # the prompt tokenizer (None for random gate modes)
 
 
-def prepare_moe(config: MoEConfig, stack: ExitStack, *, allow_same_experts: bool = False,
-                allow_pickle: bool = False, trust_remote_code: bool = False) -> MoEPlan:
+def prepare_moe(config: MoEConfig, stack: ExitStack, *, opened: dict[ModelRef, Any] | None = None,
+                allow_same_experts: bool = False, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> MoEPlan:
     """Check ``config`` and its models and plan the output; RecipeError lists every problem.
 
-    Readers opened here are entered into ``stack`` (the caller closes them)."""
+    Readers opened here are entered into ``stack`` (the caller closes them). ``opened`` is the
+    caller's cache of open readers across calls: its readers are reused, new ones join it."""
     from merge_engine.io.resolve import resolve_model_dir
     from merge_engine.session import _model as open_model  # the session's one way to open a model
 
@@ -73,12 +75,15 @@ def prepare_moe(config: MoEConfig, stack: ExitStack, *, allow_same_experts: bool
     roles = [("base_model", config.base_model)]
     roles += [(f"experts[{i}]", e.source_model) for i, e in enumerate(config.experts)]
     roles += [(f"shared_experts[{i}]", e.source_model) for i, e in enumerate(config.shared_experts or [])]
+    cache = opened if opened is not None else {}
     readers: dict[ModelRef, Any] = {}
     for where, ref in roles:
         if ref in readers:
             continue
         try:
-            readers[ref] = open_model(ref, stack, allow_pickle, trust_remote_code)
+            if ref not in cache:
+                cache[ref] = open_model(ref, stack, allow_pickle, trust_remote_code)
+            readers[ref] = cache[ref]
         except MergeError as err:
             problems.append(f"{where}: {err}")
     if problems:

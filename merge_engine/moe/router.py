@@ -27,9 +27,6 @@ import torch
 
 from merge_engine.randomness import derive_seed
 
-Reduce = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # token batch -> (layers, hidden)
-
-
 def load_prompt_tokenizer(model_dir: Path):
     """The base model's tokenizer, set up as mergekit-moe uses it: left padding with BOS (EOS
     where there is no BOS)."""
@@ -56,15 +53,15 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def gate_rows(prompt_sets: Sequence[tuple[Sequence[str], Sequence[str]]], reduce: Reduce,
-              tokenizer) -> torch.Tensor:
-    """(layers, experts, hidden): per expert (positive, negative prompts), reduce(positive) -
-    reduce(negative), unit length per layer."""
+def gate_rows(prompt_sets: Sequence[tuple[Sequence[str], Sequence[str]]],
+              vector: Callable[[Sequence[str]], torch.Tensor]) -> torch.Tensor:
+    """(layers, experts, hidden): per expert (positive, negative prompts), vector(positive) -
+    vector(negative), unit length per layer."""
     rows = []
     for positive, negative in prompt_sets:
-        row = reduce(tokenize(tokenizer, positive))
+        row = vector(positive)
         if negative:
-            row = row - reduce(tokenize(tokenizer, negative))
+            row = row - vector(negative)
         rows.append(row / row.norm(dim=-1, keepdim=True).clamp(min=1e-8))
     return torch.stack(rows, dim=1)
 
@@ -80,16 +77,17 @@ def random_rows(mode: str, num_layers: int, num_experts: int, hidden: int, seed:
     return torch.rand(shape, generator=g) * 2 * bound - bound
 
 
-def cheap_embed_reduce(embed: torch.Tensor, num_layers: int) -> Reduce:
-    """Summed embeddings of the batch's real tokens, unit length, repeated for every layer."""
+def cheap_embed_vector(embed: torch.Tensor, tokenizer, num_layers: int) -> Callable[[Sequence[str]], torch.Tensor]:
+    """Summed embeddings of a prompt list's real tokens, unit length, repeated for every layer."""
     table = embed.float()
 
-    def reduce(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def vector(prompts: Sequence[str]) -> torch.Tensor:
+        batch = tokenize(tokenizer, prompts)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         total = (table[batch["input_ids"]] * mask).sum(dim=(0, 1))
         total = total / total.norm().clamp(min=1e-8)
         return total.unsqueeze(0).repeat(num_layers, 1)
-    return reduce
+    return vector
 
 
 class _Enough(Exception):
@@ -97,52 +95,82 @@ class _Enough(Exception):
 
 
 class HiddenStates:
-    """The base model loaded once on ``device`` in ``dtype``; :meth:`reduce` gives per-layer input
-    states of a prompt batch, captured by hooks on the decoder layers (the LM head never runs).
+    """Per-layer input states of prompt lists through one base model, kept across builds.
 
-    Use as a context manager: the model is released on exit."""
+    The model is loaded on first use (on ``device`` in ``dtype``; the LM head never runs: hooks
+    on the decoder layers capture their inputs and the pass stops before the last layer's work),
+    and each prompt list's vectors are computed once (a search builds many MoEs from one pool of
+    prompts). :meth:`close` (or leaving the ``with`` block) releases the model; vectors stay."""
 
-    def __init__(self, model_dir: Path, *, device: torch.device, dtype: torch.dtype, average: bool,
+    def __init__(self, model_dir: Path, tokenizer, *, device: torch.device, dtype: torch.dtype,
                  trust_remote_code: bool = False) -> None:
-        from transformers import AutoModelForCausalLM
-
+        self.model_dir = model_dir
+        self.tokenizer = tokenizer
         self.device = device
-        self.average = average
-        # device_map puts each weight straight on the device: no full copy in host memory first
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map={"": str(device)},
-                                                          trust_remote_code=trust_remote_code)
-        self.model.eval()
-        self.layers = list(self.model.get_decoder().layers)
+        self.dtype = dtype
+        self.trust_remote_code = trust_remote_code
+        self.model = None
+        self.passes = 0  # forward passes run (one per prompt list not seen before)
+        self._vectors: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __enter__(self) -> HiddenStates:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.model, self.layers
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.close()
 
-    def reduce(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-        last = len(self.layers) - 1
+    def close(self) -> None:
+        if self.model is not None:
+            self.model = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def last(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(layers, hidden): each layer's input state at the last position, averaged over prompts."""
+        return self._states(tuple(prompts))[0]
+
+    def average(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(layers, hidden): each layer's input state averaged over positions, then prompts."""
+        return self._states(tuple(prompts))[1]
+
+    def _load(self):
+        from transformers import AutoModelForCausalLM
+
+        # device_map puts each weight straight on the device: no full copy in host memory first
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype,
+                                                     device_map={"": str(self.device)},
+                                                     trust_remote_code=self.trust_remote_code)
+        return model.eval()
+
+    def _states(self, prompts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompts in self._vectors:
+            return self._vectors[prompts]
+        if self.model is None:
+            self.model = self._load()
+        decoder = self.model.get_decoder()
+        layers = list(decoder.layers)
+        last: list[torch.Tensor] = []
+        avg: list[torch.Tensor] = []
 
         def hook(index: int):
             def capture(_module, args, kwargs):
-                states = args[0] if args else kwargs["hidden_states"]
-                states = states.float()
-                picked = states.mean(dim=1) if self.average else states[:, -1, :]
-                seen.append(picked.mean(dim=0).cpu())
-                if index == last:
+                states = (args[0] if args else kwargs["hidden_states"]).float()
+                last.append(states[:, -1, :].mean(dim=0).cpu())
+                avg.append(states.mean(dim=1).mean(dim=0).cpu())
+                if index == len(layers) - 1:
                     raise _Enough
             return capture
 
-        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        batch = tokenize(self.tokenizer, prompts)
         try:
             with torch.no_grad():
-                self.model.get_decoder()(**{k: v.to(self.device) for k, v in batch.items()})
+                decoder(**{k: v.to(self.device) for k, v in batch.items()})
         except _Enough:
             pass
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack(seen)
+        self.passes += 1
+        self._vectors[prompts] = torch.stack(last), torch.stack(avg)
+        return self._vectors[prompts]
