@@ -125,3 +125,18 @@ def test_hidden_states_run_on_the_requested_device_and_a_failure_leaves_nothing(
         build_moe(parse_moe_config(config(zoo)), tmp_path / "out", device="cuda:1", router_dtype="float16")
     assert FakeCudaHiddenStates.seen == [(torch.device("cuda", 1), torch.float16)]
     assert list(tmp_path.iterdir()) == []  # the temporary output folder is gone too
+
+
+def test_attention_biases_the_output_cannot_hold(tmp_path, capsys, no_tensor_reads):
+    from fixtures import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, attention_bias=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "biased")
+    tiny_tokenizer().save_pretrained(tmp_path / "biased")
+    data = {"base_model": str(tmp_path / "biased"), "gate_mode": "random", "experts_per_token": 1,
+            "experts": [{"source_model": str(tmp_path / "biased")}]}
+    code, err = run(tmp_path, capsys, data)
+    assert code == 2 and "has biases self_attn.k_proj.bias, self_attn.o_proj.bias" in err
+    assert "which Mixtral output cannot hold" in err

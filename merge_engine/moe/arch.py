@@ -19,8 +19,9 @@ from merge_engine.moe.config import ARCHITECTURE_NAMES, RANDOM_MODES, MoEConfig
 
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # keys of dense configs that mean nothing (or something else) to the MoE configs written here
-_DENSE_ONLY_KEYS = ("mlp_bias", "attention_bias", "pretraining_tp", "architectures", "auto_map",
-                    "_name_or_path", "transformers_version")
+_DENSE_ONLY_KEYS = ("mlp_bias", "pretraining_tp", "architectures", "auto_map", "_name_or_path",
+                    "transformers_version")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class OutputArch:
     shared: str | None = None  # format string with {i}, {proj}
     shared_gate: str | None = None  # format string with {i}
     qkv_bias: bool = False  # writes q/k/v biases (zeros where the base has none)
+    attention_biases: tuple[str, ...] = ()  # projections whose biases a base may bring
 
     def problem(self, config: MoEConfig, model_types: Sequence[str]) -> str | None:
         """Why this architecture cannot be built from ``config`` and models of ``model_types``
@@ -58,7 +60,8 @@ class OutputArch:
     def config(self, base: dict[str, Any], num_experts: int, experts_per_token: int,
                dtype: str | None) -> dict[str, Any]:
         """The output config.json from the base model's: its settings plus the MoE's."""
-        out = {k: v for k, v in base.items() if k not in _DENSE_ONLY_KEYS}
+        dropped = _DENSE_ONLY_KEYS + (() if "o_proj" in self.attention_biases else ("attention_bias",))
+        out = {k: v for k, v in base.items() if k not in dropped}
         out.update(model_type=self.model_type, architectures=[self.class_name])
         out.update(self.moe_keys(base, num_experts, experts_per_token))
         if dtype is not None:
@@ -98,11 +101,12 @@ ARCHITECTURES: tuple[OutputArch, ...] = (
                expert="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
                projection_names=MLP_PROJECTIONS,
                shared="model.layers.{i}.mlp.shared_expert.{proj}.weight",
-               shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", qkv_bias=True),
+               shared_gate="model.layers.{i}.mlp.shared_expert_gate.weight", qkv_bias=True,
+               attention_biases=("q_proj", "k_proj", "v_proj")),
     OutputArch("Qwen3 MoE", ("qwen3",), 0, "qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_keys,
                router="model.layers.{i}.mlp.gate.weight",
                expert="model.layers.{i}.mlp.experts.{e}.{proj}.weight",
-               projection_names=MLP_PROJECTIONS),
+               projection_names=MLP_PROJECTIONS, attention_biases=ATTENTION_PROJECTIONS),
 )
 assert tuple(a.name for a in ARCHITECTURES) == ARCHITECTURE_NAMES
 

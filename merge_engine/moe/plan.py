@@ -98,6 +98,14 @@ def prepare_moe(config: MoEConfig, stack: ExitStack, *, opened: dict[ModelRef, A
         problems.append(str(err))
     if len(set(types)) == 1:  # models of several architectures: that one line says it all
         problems += _model_problems(config, readers, roles)
+    if arch is not None:
+        held = {f"self_attn.{p}.bias" for p in arch.attention_biases}
+        odd = sorted({n.split(".", 3)[3] for n in base.tensor_names
+                      if n.startswith("model.layers.") and n.endswith(".bias") and ".mlp." not in n}
+                     - held)
+        if odd:
+            problems.append(f"base_model {config.base_model} has biases {', '.join(odd)}, which {arch.name} "
+                            "output cannot hold; pick another architecture or base model")
     base_dir = resolve_model_dir(config.base_model)
     tokenizer = None
     if config.gate_mode not in RANDOM_MODES:
