@@ -104,7 +104,8 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], stat
         gaps = [float((ours[n].float() - theirs[n].float()).std()) for n in experts if n not in same]
         noise = f"; the rest differ by two independent noises: std {min(gaps):.4f}-{max(gaps):.4f}" if gaps else ""
         row["experts"] = f"{len(same)}/{len(experts)} equal{noise}"
-        row["routers"] = "random (shapes " + ("same" if all(ours[n].shape == theirs[n].shape for n in routers) else "differ") + ")"
+        shapes = "same" if all(ours[n].shape == theirs[n].shape for n in routers) else "differ"
+        row["routers"] = f"random (shapes {shapes})"
     else:
         row["experts"] = f"{sum(torch.equal(ours[n], theirs[n]) for n in experts)}/{len(experts)} equal"
         gaps = [float((ours[n].float() - theirs[n].float()).abs().max()) for n in routers if n in theirs]
