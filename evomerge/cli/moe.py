@@ -1,0 +1,65 @@
+"""``evomerge moe CONFIG OUT``: build a mixture-of-experts model from dense experts
+(mergekit-moe's config file, unchanged; see docs/moe.md)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from evomerge.cli.common import add_command, add_var_option, parse_size, warn
+from evomerge.devices import DEVICE_HELP, device_arg
+from merge_engine.dtypes import DTYPE_NAMES
+from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
+
+
+def cmd_moe(args: argparse.Namespace) -> int:
+    from merge_engine.moe import build_moe, load_moe_config
+
+    config = load_moe_config(args.config, variables=dict(args.var))
+    show = not args.dry_run and (sys.stderr.isatty() or bool(os.environ.get("EVOMERGE_PROGRESS")))
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if show:
+            from tqdm import tqdm
+            bar = stack.enter_context(tqdm(total=0, unit="tensor", desc="building", leave=False))
+
+        def progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        result = build_moe(config, args.out, device=args.device, router_dtype=args.router_dtype, seed=args.seed,
+                           shard_size=args.shard_size, allow_same_experts=args.allow_same_experts,
+                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                           force=args.force, dry_run=args.dry_run, progress=progress)
+    warn(result.warnings)
+    if args.dry_run:
+        print(f"{args.config}: valid; would write a {result.architecture} model of {result.tensors} tensors "
+              f"to {args.out}")
+    else:
+        print(f"built a {result.architecture} model of {result.tensors} tensors in {result.out_dir} "
+              f"in {result.seconds:.2f}s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "moe", cmd_moe, help="build a mixture-of-experts model from dense experts "
+                                              "(mergekit-moe config)")
+    p.add_argument("config", help="mergekit-moe config YAML (base_model, experts, gate_mode, ...)")
+    p.add_argument("out", help="output model directory")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="where the base model computes the prompts' hidden states; " + DEVICE_HELP)
+    p.add_argument("--router-dtype", choices=DTYPE_NAMES, default="bfloat16",
+                   help="dtype of that computation (bfloat16, as mergekit-moe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random routers and expert noise (default 0)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE,
+                   help="max shard size, e.g. 5G (default)")
+    p.add_argument("--allow-same-experts", action="store_true",
+                   help="allow every expert to be the same model (useful only before training)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickle .bin checkpoints")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="check the config and models only; write nothing")
+    add_var_option(p, "config")
