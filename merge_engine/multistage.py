@@ -38,7 +38,7 @@ from merge_engine.io.refs import ModelRef
 from merge_engine.merge import MergeResult, keep_planned, planned_bytes, planned_model, write_planned
 from merge_engine.recipe import MergeRecipe
 from merge_engine.validate import Report
-from merge_engine.stages import Stage, bind, order_stages, stage_refs, stages_yaml
+from merge_engine.stages import Stage, bind, stage_refs, stages_yaml, with_overrides
 
 Progress = Callable[[str, int, int], None]  # (stage label, tensors done, tensors in the stage)
 
@@ -130,8 +130,9 @@ class StagePipeline:
         recomputed (the old output of a stage is dropped when it is recomputed)."""
         stages = with_overrides(self.stages, overrides or {})
         *upstream, final = stages
+        needed = self._closure(stages, set(final.needs))
         for stage in upstream:
-            if stage.name in self._closure(stages, set(final.needs)):
+            if stage.name in needed:
                 self._ensure(stage, stages)
         with ExitStack() as stack:
             recipe, opened = self._bound(final, stack)
@@ -311,21 +312,6 @@ def compare_held(recipe: MergeRecipe, opened: Mapping[ModelRef, Any]) -> list[st
     return []
 
 
-def with_overrides(stages: Sequence[Stage], overrides: Mapping[str | None, MergeRecipe]) -> list[Stage]:
-    """``stages`` with the recipes of the stages named in ``overrides`` replaced (each keeps
-    its stage's name; ``None`` is the unnamed final stage), re-checked and re-ordered."""
-    names = {s.name for s in stages}
-    unknown = [n for n in overrides if n not in names]
-    if unknown:
-        raise RecipeError(f"no stage named {unknown[0]!r} to replace; stages are "
-                          f"{', '.join(str(s.name) for s in stages)}")
-    if not overrides:
-        return list(stages)
-    recipes = [overrides[s.name].model_copy(update={"name": s.name}) if s.name in overrides else s.recipe
-               for s in stages]
-    return order_stages(recipes, "stages")
-
-
 def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | None = "auto",
                memory_budget: int | None = None, keep_dir: str | Path | None = None,
                force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
@@ -392,11 +378,3 @@ def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
                     folder.mkdir()
                     planned[stage.name] = planned_model(plan, readers, recipe, stage.name, folder)
     return report
-
-
-def stage_count(path: str | Path) -> int:
-    """How many documents recipe file ``path`` holds (RecipeError if it cannot be read)."""
-    from merge_engine.recipe import read_yaml_documents
-
-    return len(read_yaml_documents(path))
-

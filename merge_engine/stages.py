@@ -191,3 +191,24 @@ def bind(recipe: MergeRecipe, where: Mapping[str, ModelRef | str | Path]) -> Mer
 def stages_yaml(stages: Sequence[Stage]) -> str:
     """The stages as one multi-document YAML text (run order), as a recipe file would hold them."""
     return "---\n".join(s.recipe.to_yaml() for s in stages)
+
+
+def with_overrides(stages: Sequence[Stage], overrides: Mapping[str | None, MergeRecipe]) -> list[Stage]:
+    """``stages`` with the recipes of the stages named in ``overrides`` replaced (each keeps
+    its stage's name; ``None`` is the unnamed final stage), re-checked and re-ordered."""
+    names = {s.name for s in stages}
+    unknown = [n for n in overrides if n not in names]
+    if unknown:
+        raise RecipeError(f"no stage named {unknown[0]!r} to replace; stages are "
+                          f"{', '.join(str(s.name) for s in stages)}")
+    if not overrides:
+        return list(stages)
+    recipes = [overrides[s.name].model_copy(update={"name": s.name}) if s.name in overrides else s.recipe
+               for s in stages]
+    return order_stages(recipes, "stages")
+
+
+def stage_count(path: str | Path) -> int:
+    """How many documents recipe file ``path`` holds (RecipeError if it cannot be read)."""
+    return len(read_yaml_documents(path))
+

@@ -14,9 +14,9 @@ import yaml
 from fixtures import load_state, make_lora_adapter, make_tiny_llama
 from merge_engine.errors import OutputExistsError, RecipeError
 from merge_engine.merge import run_merge
-from merge_engine.multistage import StagePipeline, run_stages, validate_stages, with_overrides
+from merge_engine.multistage import StagePipeline, run_stages, validate_stages
 from merge_engine.recipe import load_recipe, parse_recipe
-from merge_engine.stages import load_stages, parse_stages
+from merge_engine.stages import load_stages, parse_stages, with_overrides
 
 # files that must be byte-identical between a whole-file merge and stage-by-stage merges (the
 # recipe and model card name stages instead of folders, so they differ by design)

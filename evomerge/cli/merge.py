@@ -15,7 +15,7 @@ from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merge_engine.merge import run_merge
-    from merge_engine.stages import load_stages
+    from merge_engine.stages import load_stages, stage_count
 
     stages = load_stages(args.recipe, variables=dict(args.var))
     show = not args.dry_run and (sys.stderr.isatty() or bool(os.environ.get("EVOMERGE_PROGRESS")))
@@ -69,9 +69,9 @@ def _merge_stages(args: argparse.Namespace, stages: list, progress) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from merge_engine.errors import RecipeError
-    from merge_engine.multistage import stage_count, validate_stages
+    from merge_engine.multistage import validate_stages
     from merge_engine.session import validate
-    from merge_engine.stages import load_stages
+    from merge_engine.stages import load_stages, stage_count
     from merge_engine.validate import Report
 
     configs = _model_configs(args.model_config) if args.model_config else None
