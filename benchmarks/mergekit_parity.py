@@ -662,7 +662,9 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         "vocab 384), seeded; fine-tunes = base + seeded correlated noise; float32 and bfloat16 "
         "sets. Recipes: `benchmarks/mergekit_recipes/` (`MODELS/` → the model directory). Each recipe "
         "is run by `mergekit-yaml RECIPE OUT --no-copy-tokenizer --lazy-unpickle` and by "
-        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared. Tokenizer and "
+        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared (multi-stage "
+        "recipes, several YAML documents, by mergekit-multi's own steps, as `mergekit-multi RECIPE "
+        "-I OUT.stages --out-path OUT --no-lazy`; the method column is the final stage's). Tokenizer and "
         "chat-template recipes (`VOCAB/`, see their section below) use tiny Llamas with tokenizers "
         "(2 layers, hidden 64, 99-105 tokens) from `tests/fixtures.py`.",
         "",
