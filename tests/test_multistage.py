@@ -31,7 +31,6 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     zoo = {"base": base}
     for i, name in enumerate("abc", 1):
         zoo[name] = make_tiny_llama(root / name, seed=i, perturb_from=base)
-    zoo["lora"] = make_lora_adapter(root / "lora", zoo["a"], seed=7)
     return zoo
 
 
@@ -191,6 +190,7 @@ def test_an_interrupted_merge_leaves_nothing_behind(zoo, tmp_path):
 
 
 def test_adapter_on_a_stage_and_stage_as_tokenizer_source(zoo, tmp_path):
+    zoo = {**zoo, "lora": make_lora_adapter(tmp_path / "lora", zoo["a"], seed=7)}
     docs = [
         {"name": "first", "merge_method": "linear", "parameters": {"weight": 0.5},
          "models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}]},
