@@ -242,6 +242,11 @@ def test_cli_merge_and_validate_a_multi_stage_file(zoo, reference, tmp_path, cap
     bad[1]["base_model"] = "frist"
     assert main(["validate", str(write(tmp_path / "bad.yaml", bad))]) == 1
     assert "did you mean stage 'first'" in capsys.readouterr().err
+    bad = three_stages(zoo)
+    bad[1]["parameters"]["t"] = 2.0
+    path = write(tmp_path / "bad2.yaml", bad)
+    assert main(["merge", str(path), str(tmp_path / "out2"), "--dry-run", "--device", "cpu"]) == 2
+    assert "stage second: " in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 
 # -- the in-memory API a search uses ---------------------------------------------------------------

@@ -48,15 +48,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _merge_stages(args: argparse.Namespace, stages: list, progress) -> int:
     """``evomerge merge`` of a multi-stage recipe: every stage, the final one into OUT."""
+    from merge_engine.errors import RecipeError
     from merge_engine.multistage import run_stages, validate_stages
 
-    if args.dry_run:
+    if args.dry_run:  # problems end the command as a one-stage recipe's do (RecipeError)
         report = validate_stages(stages, allow_pickle=args.allow_pickle,
                                  trust_remote_code=args.trust_remote_code)
-        code = print_report(args.recipe, report)
-        if code == 0:
-            print(f"{args.recipe}: valid; would merge {len(stages)} stages into {args.out}")
-        return code
+        if report.problems:
+            raise RecipeError(report.problems)
+        warn(report.warnings)
+        print(f"{args.recipe}: valid; would merge {len(stages)} stages into {args.out}")
+        return 0
     result = run_stages(stages, args.out, device=args.device, memory_budget=args.stage_memory,
                         keep_dir=args.intermediate_dir, force=args.force, shard_size=args.shard_size,
                         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
