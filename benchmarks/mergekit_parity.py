@@ -172,6 +172,10 @@ def mergekit_env() -> dict[str, str]:
 def run_mergekit(mergekit: Path, recipe: Path, out: Path, log: Path, copy_tokenizer: bool) -> Run:
     shutil.rmtree(out, ignore_errors=True)
     flags = ([] if copy_tokenizer else ["--no-copy-tokenizer"]) + ["--lazy-unpickle"]
+    if recipe.read_text().count("\n---") > 0:  # a multi-stage recipe: mergekit-multi beside mergekit-yaml
+        multi = mergekit.parent / "mergekit-multi"
+        return run_cmd([str(multi), str(recipe), "--intermediate-dir", f"{out}.stages", "--out-path",
+                        str(out), "--no-lazy", *flags], log, env=mergekit_env())
     return run_cmd([str(mergekit), str(recipe), str(out), *flags], log, env=mergekit_env())
 
 
@@ -198,8 +202,16 @@ for recipe, out, copy in jobs:  # same steps as mergekit-yaml RECIPE OUT [--no-c
     t = time.perf_counter()
     try:
         src = open(recipe, encoding="utf-8").read()
-        run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts[copy],
-                  config_source=src)
+        if len([d for d in yaml.safe_load_all(src) if d is not None]) > 1:
+            # several documents: as mergekit-multi RECIPE -I OUT.stages --out-path OUT --no-lazy
+            from mergekit.graph import Executor
+            from mergekit.scripts.multimerge import load_config, make_tasks
+            configs, deps = load_config(src, out + ".stages")
+            tasks = make_tasks(configs, deps, opts[copy], out + ".stages", out, False)
+            Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="stages")
+        else:
+            run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts[copy],
+                      config_source=src)
         results.append({"ok": True, "seconds": time.perf_counter() - t})
     except BaseException as e:
         traceback.print_exc()
@@ -248,9 +260,9 @@ def run_batch(python: Path, driver: str, jobs: list[tuple[Path, Path, bool]], wo
 def dump_recipe(recipe: Path, dest: Path) -> str | None:
     """Our engine's dump of ``recipe`` (adds ``seed:``); returns an error text on failure."""
     try:
-        from merge_engine.recipe import load_recipe
+        from merge_engine.stages import load_stages, stages_yaml
 
-        dest.write_text(load_recipe(recipe).to_yaml())
+        dest.write_text(stages_yaml(load_stages(recipe)))  # one document: load_recipe(p).to_yaml()
     except Exception as err:  # noqa: BLE001 - reported in the table
         return f"{type(err).__name__}: {err}"[:300]
     return None
@@ -575,7 +587,8 @@ def run_cases(templates: list[Path], models: Path, vocab: Path, work: Path, merg
                 case.cmp = compare_exact(ours, theirs)
             case.diagnosis = diagnose(case, ours, theirs, cdir)
         if not keep:
-            for sub in ("out-mergekit", "out-evomerge", "out-mergekit-dumped"):
+            for sub in ("out-mergekit", "out-evomerge", "out-mergekit-dumped", "out-mergekit.stages",
+                        "out-mergekit-dumped.stages"):
                 shutil.rmtree(cdir / sub, ignore_errors=True)
         verdict = ("exact" if case.cmp and case.cmp.exact else
                    f"{case.cmp.equal}/{case.cmp.total} max {case.cmp.max_abs:.3g}" if case.cmp else
@@ -649,7 +662,9 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         "vocab 384), seeded; fine-tunes = base + seeded correlated noise; float32 and bfloat16 "
         "sets. Recipes: `benchmarks/mergekit_recipes/` (`MODELS/` → the model directory). Each recipe "
         "is run by `mergekit-yaml RECIPE OUT --no-copy-tokenizer --lazy-unpickle` and by "
-        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared. Tokenizer and "
+        "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared (multi-stage "
+        "recipes, several YAML documents, by mergekit-multi's own steps, as `mergekit-multi RECIPE "
+        "-I OUT.stages --out-path OUT --no-lazy`; the method column is the final stage's). Tokenizer and "
         "chat-template recipes (`VOCAB/`, see their section below) use tiny Llamas with tokenizers "
         "(2 layers, hidden 64, 99-105 tokens) from `tests/fixtures.py`.",
         "",

@@ -296,14 +296,14 @@ def expand_vars(value: Any, variables: Mapping[str, str], missing: Callable[[str
     return value
 
 
-def load_recipe(path: str | Path, variables: Mapping[str, str] | None = None) -> MergeRecipe:
-    """Read a recipe YAML file (``${NAME}`` expanded from ``variables``, then the environment);
-    a missing, malformed or invalid file, or an unset name, raises RecipeError."""
+def read_yaml_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of ``path`` (``---`` separates them; empty ones dropped); a missing,
+    malformed or binary file raises RecipeError. Single and multi-stage recipes read files here."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -311,10 +311,26 @@ def load_recipe(path: str | Path, variables: Mapping[str, str] | None = None) ->
         raise RecipeError(f"{path} is not valid YAML{where}: {problem}; fix the syntax") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path} is not a text file; give a YAML recipe") from None
+    return docs
 
+
+def unset_variable(path: str | Path) -> Callable[[str], RecipeError]:
+    """The error :func:`expand_vars` raises for a ``${NAME}`` of recipe file ``path`` that is unset."""
     def unset(name: str) -> RecipeError:
         return RecipeError(f"{path}: ${{{name}}} is not set; pass --var {name}=VALUE or export {name}=...")
-    return parse_recipe(expand_vars(data, variables or {}, unset), source=str(path))
+    return unset
+
+
+def load_recipe(path: str | Path, variables: Mapping[str, str] | None = None) -> MergeRecipe:
+    """Read a one-document recipe YAML file (``${NAME}`` expanded from ``variables``, then the
+    environment); a missing, malformed or invalid file, an unset name, or a multi-stage file
+    (several documents: :func:`merge_engine.stages.load_stages` reads those) raises RecipeError."""
+    docs = read_yaml_documents(path)
+    if len(docs) > 1:
+        raise RecipeError(f"{path} holds {len(docs)} recipes (a multi-stage recipe); merge it with "
+                          "`evomerge merge`, or keep one document where one recipe is expected")
+    data = docs[0] if docs else None
+    return parse_recipe(expand_vars(data, variables or {}, unset_variable(path)), source=str(path))
 
 
 # ---------------------------------------------------------------- parameter lookup

@@ -1,0 +1,380 @@
+"""Run multi-stage recipes: intermediate stages in memory when they fit, only the final one written.
+
+:class:`StagePipeline` owns the outputs of a recipe's stages (:mod:`merge_engine.stages` reads
+the file). A stage's output is held in memory as a :class:`~merge_engine.io.memory.MemoryModel`
+while the held outputs fit ``memory_budget`` bytes, else written as a normal model folder into
+the pipeline's work folder; with ``keep_dir`` every named stage is written to ``keep_dir/NAME``
+(as mergekit-multi's ``--intermediate-dir``) and read from there. Later stages read an output
+exactly as they would read that folder from disk, so results are bit-identical to merging the
+stages one by one through disk (weights, config and tokenizer files; the recipe and card differ
+only in naming the stages instead of folders).
+
+Two uses:
+
+- :func:`run_stages` merges a whole file into one output folder (``evomerge merge``), releasing
+  each intermediate once the last stage reading it has run, and removing the work folder.
+- A search keeps a pipeline open: :meth:`StagePipeline.materialize` computes fixed stages once,
+  :meth:`~StagePipeline.bind` points a searched recipe's stage names at their outputs and
+  :meth:`~StagePipeline.readers` hands those outputs to ``prepare(opened=...)``; or
+  :meth:`~StagePipeline.run` swaps in searched recipes for some stages and recomputes only them
+  and the stages downstream of them, returning the final output in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from merge_engine.devices import pick_device
+from merge_engine.errors import RecipeError
+from merge_engine.io import DEFAULT_SHARD_SIZE
+from merge_engine.io.memory import MemoryModel
+from merge_engine.io.refs import ModelRef
+from merge_engine.merge import MergeResult, keep_planned, planned_bytes, planned_model, write_planned
+from merge_engine.recipe import MergeRecipe
+from merge_engine.validate import Report
+from merge_engine.stages import Stage, bind, stage_refs, stages_yaml, with_overrides
+
+Progress = Callable[[str, int, int], None]  # (stage label, tensors done, tensors in the stage)
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now (Linux ``MemAvailable``; 8 GiB where it cannot be read)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 * 2**30
+
+
+class StagePipeline:
+    """The outputs of ``stages`` (run order, final last, as :func:`~merge_engine.stages.load_stages`
+    returns them), computed on demand and kept until :meth:`close`.
+
+    ``work_parent`` is where the hidden work folder goes (files of in-memory outputs: config
+    and tokenizer, a few MB; outputs over the budget); the folder is removed by :meth:`close`,
+    so a MemoryModel returned by :meth:`run` must be used before then. Not thread-safe.
+    """
+
+    def __init__(self, stages: Sequence[Stage], *, work_parent: str | Path | None = None,
+                 device: str | None = "auto", memory_budget: int | None = None,
+                 keep_dir: str | Path | None = None, force: bool = False,
+                 shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+                 trust_remote_code: bool = False, prefetch: int | None = None,
+                 progress: Progress | None = None) -> None:
+        self.stages = list(stages)
+        self.device = pick_device(device)
+        self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
+        self.keep_dir = Path(keep_dir).expanduser().absolute() if keep_dir is not None else None
+        self.force = force
+        self.shard_size = shard_size
+        self.allow_pickle = allow_pickle
+        self.trust_remote_code = trust_remote_code
+        self.prefetch = prefetch
+        self.progress = progress
+        parent = Path(work_parent).expanduser().absolute() if work_parent is not None else None
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix=".evomerge-stages-", dir=parent))
+        self._outputs: dict[str, tuple[str, Path, MemoryModel | None]] = {}  # name -> (key, folder, held)
+        self._count = 0
+        self.computed: list[str] = []  # stage names in the order they were merged (for callers and tests)
+
+    # -- the search API ----------------------------------------------------------------------
+
+    def materialize(self, names: Sequence[str] | None = None) -> dict[str, ModelRef]:
+        """Compute stages ``names`` (default: every stage but the final) and those they read,
+        unless already computed from the same recipes; returns :meth:`refs`."""
+        by_name = {s.name: s for s in self.stages}
+        wanted = [s.name for s in self.stages[:-1]] if names is None else list(names)
+        for name in wanted:
+            if name not in by_name or name is None:
+                raise RecipeError(f"no stage named {name!r}; stages are "
+                                  f"{', '.join(str(s.name) for s in self.stages)}")
+        needed = self._closure(self.stages, set(wanted))
+        for stage in self.stages:
+            if stage.name in needed:
+                self._ensure(stage, self.stages)
+        return self.refs()
+
+    def refs(self) -> dict[str, ModelRef]:
+        """Where each computed stage's output is, as the model reference bound recipes use."""
+        return {name: ModelRef(str(folder)) for name, (_, folder, _) in self._outputs.items()}
+
+    def bind(self, recipe: MergeRecipe) -> MergeRecipe:
+        """``recipe`` with references to computed stages (by name) pointing at their outputs."""
+        return bind(recipe, self.refs())
+
+    def readers(self, recipe: MergeRecipe | None = None) -> dict[ModelRef, Any]:
+        """The in-memory outputs a bound recipe reads, as ``prepare(opened=...)`` takes them
+        (default: every held output). Outputs on disk are left to the normal path."""
+        held = {ModelRef(str(folder)): model for _, folder, model in self._outputs.values()
+                if model is not None}
+        if recipe is None:
+            return held
+        return {ref: held[ModelRef(ref.path)] for ref in stage_refs(recipe)
+                if not ref.lora and ModelRef(ref.path) in held}
+
+    def run(self, overrides: Mapping[str | None, MergeRecipe] | None = None) -> tuple[MemoryModel, MergeResult]:
+        """The final stage's output in memory, with ``overrides`` (stage name -> recipe; the
+        unnamed final stage is ``None``) replacing those stages' recipes. Stages whose recipes
+        and inputs are unchanged since they were last computed are reused; the others are
+        recomputed (the old output of a stage is dropped when it is recomputed)."""
+        stages = with_overrides(self.stages, overrides or {})
+        *upstream, final = stages
+        needed = self._closure(stages, set(final.needs))
+        for stage in upstream:
+            if stage.name in needed:
+                self._ensure(stage, stages)
+        with ExitStack() as stack:
+            recipe, opened = self._bound(final, stack)
+            plan, readers = self._prepare(final, recipe, opened, stack)
+            folder = self._folder(final.name or "final")
+            start = time.perf_counter()
+            model = keep_planned(plan, readers, recipe, final.name or "final", folder, device=self.device,
+                                 prefetch=self.prefetch, progress=self._stage_progress(final))
+            self.computed.append(str(final.name))
+            return model, MergeResult(None, len(plan.targets), time.perf_counter() - start, plan.warnings)
+
+    # -- one command: the whole file to a folder -----------------------------------------------
+
+    def write_final(self, out_dir: str | Path, *, recipe_text: str | None = None) -> MergeResult:
+        """Compute every stage, writing the final one to ``out_dir`` (atomically, refusing an
+        existing folder unless ``force``); each intermediate is released after its last reader."""
+        start = time.perf_counter()
+        *upstream, final = self.stages
+        last_use = {}
+        for i, stage in enumerate(self.stages):
+            for need in stage.needs:
+                last_use[need] = i
+        warnings: list[str] = []
+        for i, stage in enumerate(upstream):
+            self._ensure(stage, self.stages, warnings)
+            self._release_done(last_use, i)
+        with ExitStack() as stack:
+            recipe, opened = self._bound(final, stack)
+            plan, readers = self._prepare(final, recipe, opened, stack)
+            warnings.extend(f"{final.label}: {w}" for w in plan.warnings)
+            inputs = sorted({str(r) for s in self.stages for r in stage_refs(s.recipe)
+                             if r.path not in {t.name for t in self.stages}})
+            peak = write_planned(plan, readers, recipe, out_dir, device=self.device, shard_size=self.shard_size,
+                                 force=self.force, prefetch=self.prefetch, progress=self._stage_progress(final),
+                                 recipe_text=recipe_text or stages_yaml(self.stages), inputs=inputs)
+            self.computed.append(str(final.name))
+            return MergeResult(Path(out_dir), len(plan.targets), time.perf_counter() - start, warnings, peak)
+
+    def close(self) -> None:
+        """Drop every held output and remove the work folder (kept intermediates stay)."""
+        for _, _, model in self._outputs.values():
+            if model is not None:
+                model.release()
+        self._outputs.clear()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> StagePipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _key(self, stage: Stage, stages: Sequence[Stage]) -> str:
+        """What a stage's output depends on: its recipe and, recursively, those it reads."""
+        by_name = {s.name: s for s in stages}
+        return stage.recipe.to_yaml() + "".join(f"\n#<{n}>\n" + self._key(by_name[n], stages)
+                                                for n in stage.needs)
+
+    def _closure(self, stages: Sequence[Stage], names: set[str]) -> set[str]:
+        by_name = {s.name: s for s in stages}
+        todo, seen = list(names), set()
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.add(name)
+                todo.extend(by_name[name].needs)
+        return seen
+
+    def _ensure(self, stage: Stage, stages: Sequence[Stage], warnings: list[str] | None = None) -> None:
+        """Compute ``stage`` (its inputs are already computed) unless its output is current."""
+        key = self._key(stage, stages)
+        old = self._outputs.get(stage.name)
+        if old is not None and old[0] == key:
+            return
+        with ExitStack() as stack:
+            recipe, opened = self._bound(stage, stack)
+            plan, readers = self._prepare(stage, recipe, opened, stack)
+            if warnings is not None:
+                warnings.extend(f"{stage.label}: {w}" for w in plan.warnings)
+            progress = self._stage_progress(stage)
+            if self.keep_dir is not None:
+                folder = self.keep_dir / stage.name
+                write_planned(plan, readers, recipe, folder, device=self.device, shard_size=self.shard_size,
+                              force=self.force, prefetch=self.prefetch, progress=progress)
+                model = None
+            elif planned_bytes(plan, readers) + self._held_bytes(except_name=stage.name) <= self.memory_budget:
+                folder = self._folder(stage.name)
+                model = keep_planned(plan, readers, recipe, stage.name, folder, device=self.device,
+                                     prefetch=self.prefetch, progress=progress)
+            else:
+                folder = self._folder(stage.name, create=False)
+                write_planned(plan, readers, recipe, folder, device=self.device, shard_size=self.shard_size,
+                              prefetch=self.prefetch, progress=progress)
+                model = None
+        self._drop(stage.name)
+        self._outputs[stage.name] = (key, folder, model)
+        self.computed.append(stage.name)
+
+    def _bound(self, stage: Stage, stack: ExitStack) -> tuple[MergeRecipe, dict[ModelRef, Any]]:
+        """``stage``'s recipe pointing at its inputs' outputs, and readers for those in memory
+        (an adapter on a stage wraps the held output in a LoraReader)."""
+        from merge_engine.io.lora import LoraReader
+        from merge_engine.io.resolve import resolve_adapter_dir
+
+        recipe = self.bind(stage.recipe)
+        held = self.readers()
+        opened: dict[ModelRef, Any] = {}
+        for ref in stage_refs(recipe):
+            model = held.get(ModelRef(ref.path))
+            if model is None or ref in opened:
+                continue
+            if ref.lora:
+                adapter = resolve_adapter_dir(ref, allow_pickle=self.allow_pickle)
+                opened[ref] = stack.enter_context(LoraReader(model, adapter, name=str(ref),
+                                                             allow_pickle=self.allow_pickle))
+            else:
+                opened[ref] = model
+        return recipe, opened
+
+    def _prepare(self, stage: Stage, recipe: MergeRecipe, opened: dict[ModelRef, Any], stack: ExitStack):
+        """:func:`merge_engine.session.prepare` for one stage, problems named by stage."""
+        from merge_engine.session import prepare
+
+        problems = compare_held(recipe, opened)
+        if problems:
+            raise RecipeError([f"{stage.label}: {p}" for p in problems])
+        try:
+            return prepare(recipe, stack, opened=dict(opened), allow_pickle=self.allow_pickle,
+                           trust_remote_code=self.trust_remote_code)
+        except RecipeError as err:
+            raise RecipeError([f"{stage.label}: {p}" for p in err.problems]) from None
+
+    def _folder(self, name: str, create: bool = True) -> Path:
+        self._count += 1
+        folder = self.work / f"{name}-{self._count}"
+        if create:
+            folder.mkdir()
+        return folder
+
+    def _held_bytes(self, except_name: str | None = None) -> int:
+        return sum(m.total_bytes() for n, (_, _, m) in self._outputs.items()
+                   if m is not None and m.has_data and n != except_name)
+
+    def _drop(self, name: str) -> None:
+        """Forget ``name``'s output: release its tensors, remove its folder unless kept."""
+        old = self._outputs.pop(name, None)
+        if old is None:
+            return
+        _, folder, model = old
+        if model is not None:
+            model.release()
+        if self.work in folder.parents:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _release_done(self, last_use: Mapping[str, int], i: int) -> None:
+        """Drop the outputs no stage after stage ``i`` reads."""
+        for name in [n for n, last in last_use.items() if last <= i and n in self._outputs]:
+            self._drop(name)
+
+    def _stage_progress(self, stage: Stage) -> Callable[[int, int], None] | None:
+        if self.progress is None:
+            return None
+        label = stage.name or "final"
+        return lambda done, total: self.progress(label, done, total)
+
+
+def compare_held(recipe: MergeRecipe, opened: Mapping[ModelRef, Any]) -> list[str]:
+    """The model comparison prepare skips when every model of ``recipe`` is in ``opened`` (it
+    takes those for compared already; stage outputs never were): problems, one line each."""
+    from merge_engine.layout import check_compatible
+
+    refs = recipe.referenced_models()
+    if refs and all(ref in opened for ref in refs):
+        return check_compatible({str(ref): opened[ref] for ref in refs})
+    return []
+
+
+def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | None = "auto",
+               memory_budget: int | None = None, keep_dir: str | Path | None = None,
+               force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
+               trust_remote_code: bool = False, prefetch: int | None = None,
+               progress: Progress | None = None) -> MergeResult:
+    """Merge every stage, writing only the final one to ``out_dir`` (atomically, as
+    :func:`merge_engine.merge.run_merge`); intermediates live in memory within ``memory_budget``
+    bytes (default :func:`default_memory_budget`), else in a hidden folder beside ``out_dir`` that
+    is removed at the end, or in ``keep_dir/NAME`` when given (kept). A stage that no later stage
+    reads and that is not the final one is merged only when ``keep_dir`` is given."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    unused = [s.name for s in stages[:-1] if not any(s.name in t.needs for t in stages)]
+    if unused and keep_dir is None:
+        raise RecipeError(f"stage {unused[0]} is read by no other stage and is not the final one; "
+                          "reference it, remove it, or keep intermediates (--intermediate-dir DIR)")
+    if out_dir.exists() and not force:  # before any stage runs, not after the last one
+        from merge_engine.errors import OutputExistsError
+        raise OutputExistsError(f"output directory {out_dir} exists; pass --force to replace it")
+    with StagePipeline(stages, work_parent=out_dir.parent, device=device, memory_budget=memory_budget,
+                       keep_dir=keep_dir, force=force, shard_size=shard_size, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, prefetch=prefetch, progress=progress) as pipe:
+        return pipe.write_final(out_dir)
+
+
+def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
+                    model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,
+                    trust_remote_code: bool = False) -> Report:
+    """Every problem of every stage, found without merging: each stage is checked as
+    :func:`merge_engine.session.prepare` checks a recipe, the stages it reads standing in as
+    their plans (names, shapes, dtypes, config, tokenizer files). A stage reading a stage with
+    problems is not checked. Problems and warnings are prefixed with the stage's label."""
+    from merge_engine.session import prepare
+    from merge_engine.validate import check_recipe
+
+    report = Report()
+    if not with_models:
+        for stage in stages:
+            sub = check_recipe(stage.recipe)
+            report.problems.extend(f"{stage.label}: {p}" for p in sub.problems)
+            report.warnings.extend(f"{stage.label}: {w}" for w in sub.warnings)
+        return report
+    planned: dict[str, MemoryModel] = {}
+    with tempfile.TemporaryDirectory(prefix="evomerge-validate-") as work:
+        for stage in stages:
+            if any(need not in planned for need in stage.needs):
+                continue  # a stage it reads has problems, already reported
+            recipe = bind(stage.recipe, {n: planned[n].model_dir for n in stage.needs})
+            opened = {ref: planned[n] for n in stage.needs for ref in stage_refs(recipe)
+                      if ref.path == str(planned[n].model_dir)}
+            problems = compare_held(recipe, opened)
+            if problems:
+                report.problems.extend(f"{stage.label}: {p}" for p in problems)
+                continue
+            with ExitStack() as stack:
+                try:
+                    plan, readers = prepare(recipe, stack, opened=opened, model_configs=model_configs,
+                                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                except RecipeError as err:
+                    report.problems.extend(f"{stage.label}: {p}" for p in err.problems)
+                    continue
+                report.warnings.extend(f"{stage.label}: {w}" for w in plan.warnings)
+                if stage.name is not None:
+                    folder = Path(work) / stage.name
+                    folder.mkdir()
+                    planned[stage.name] = planned_model(plan, readers, recipe, stage.name, folder)
+    return report
