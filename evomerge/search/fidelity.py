@@ -102,8 +102,8 @@ class RungPruner(BasePruner):
     """Asynchronous successive halving over explicit rungs (steps ``0..K-1``).
 
     At step ``k`` a trial goes on when its value is at least the ``1 - 1/reduction_factor``
-    quantile of the values at step ``k`` of the finished (complete or pruned) trials and its
-    own, or while fewer than ``startup_trials`` finished trials have a value there. Unlike
+    quantile of the values at step ``k`` of the finished (complete or pruned) trials, or while
+    fewer than ``startup_trials`` finished trials have a value there. Unlike
     Optuna's ``SuccessiveHalvingPruner`` (rungs at ``min_resource * eta**k``), the rungs are the
     space's doc counts, and the bar comes from the storage alone, so any number of workers on
     one study apply the same rule to the same data.
@@ -121,8 +121,8 @@ class RungPruner(BasePruner):
         peers = [sign * t.intermediate_values[step]
                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
                  if step in t.intermediate_values]
-        if len(peers) < self.startup_trials:
+        if not peers or len(peers) < self.startup_trials:
             return False
         value = sign * trial.intermediate_values[step]
-        bar = float(np.quantile([*peers, value], 1.0 - 1.0 / self.reduction_factor))
+        bar = float(np.quantile(peers, 1.0 - 1.0 / self.reduction_factor))
         return value < bar

@@ -1,0 +1,167 @@
+"""How well do cheap evaluations predict a candidate's full-set score on the demo zoo?
+
+    python benchmarks/fidelity_estimator.py                   # ~60 candidates, a few minutes
+    python benchmarks/fidelity_estimator.py --candidates 20   # quicker look
+
+Every input model and ``--candidates`` random candidates of the zoo space (its sampler replaced
+by a seeded random one) are scored once on the full search evaluation (``eval.limit`` docs per
+task) with per-doc results. Then, side by side on the same per-doc data, for several budgets of
+docs per task:
+
+* ``anchors``: :class:`~evomerge.evaluate.estimator.AnchorEstimator` fitted on the inputs and the
+  first ``--fit`` candidates, predicting the rest;
+* ``prefix``: the first N docs of the rung order (what a ``fidelity:`` rung scores);
+
+reported as Spearman rank correlation with the full score across the held-out candidates, mean
+absolute error of the score, and the docs it scores per candidate (the saving: 1 - N/full).
+Writes results/benchmarks/fidelity_estimator.md (+ .json with the per-doc data, reusable with
+``--reuse``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def collect(space, n_candidates: int, seed: int) -> dict:
+    """Per-doc items of every input model and of random candidates (full evaluation)."""
+    import optuna
+
+    from evomerge.search.held_out import one_model_recipe
+    from evomerge.search.loop import Evaluators
+    from evomerge.search.run import resident_candidate
+    from evomerge.space import distributions, trial_recipe
+
+    rows = []
+    with resident_candidate(space) as candidate, Evaluators.for_space(space) as evaluators:
+        ev = evaluators.search
+        full = ev.runner.doc_ids()
+
+        def score(label: str, recipe) -> None:
+            t0 = time.monotonic()
+            candidate.apply(recipe)
+            res = ev.evaluate(candidate.model, candidate.tokenizer, docs=full)
+            rows.append({"label": label, "score": res.score,
+                         "docs": {leaf: {str(i): v for i, v in got.items()} for leaf, got in res.extra["docs"].items()}})
+            print(f"{label}: {res.score:.4f} ({res.n_samples} docs, {time.monotonic() - t0:.1f}s)", file=sys.stderr)
+
+        for m in space.all_models():
+            score(f"input {m.name}", one_model_recipe(m.model, space.dtype))
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
+        dists = distributions(space)
+        for i in range(n_candidates):
+            trial = study.ask(dists)
+            score(f"candidate {i}", trial_recipe(space, trial))
+            study.tell(trial, 0.0)
+        tasks = [(s.name, s.weight, ev.runner.leaves[s.name]) for s in space.eval.tasks]
+    return {"rows": rows, "tasks": tasks, "full": full}
+
+
+def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int) -> list[dict]:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from evomerge.evaluate.estimator import AnchorEstimator
+    from evomerge.search.fidelity import _shuffled
+
+    rows = [{leaf: {int(i): float(v) for i, v in docs.items()} for leaf, docs in r["docs"].items()}
+            for r in data["rows"]]
+    truth = np.array([r["score"] for r in data["rows"]])
+    tasks = data["tasks"]
+    fit_rows, test = rows[:n_inputs + fit], list(range(n_inputs + fit, len(rows)))
+    n_full = sum(len(v) for v in data["full"].values())
+
+    def score_of(leaf_value) -> float:  # weighted score from a leaf -> value function
+        total = sum(abs(w) for _, w, _ in tasks)
+        vals = []
+        for _, w, leaves in tasks:
+            sizes = [len(data["full"][leaf]) for leaf in leaves]
+            vals.append(w * sum(leaf_value(leaf) * n for leaf, n in zip(leaves, sizes)) / sum(sizes))
+        return sum(vals) / total
+
+    out = []
+    for n in budgets:
+        est = AnchorEstimator.fit(fit_rows, n, seed=seed)
+        order = {leaf: _shuffled(ids, f"{seed}/rungs/{leaf}")[:n] for leaf, ids in data["full"].items()}
+        preds = {
+            "anchors": [score_of(lambda leaf, r=rows[i]: est.leaf_estimates(r)[leaf]) for i in test],
+            "prefix": [score_of(lambda leaf, r=rows[i]: float(np.mean([r[leaf][d] for d in order[leaf]])))
+                       for i in test],
+        }
+        docs = sum(min(n, len(v)) for v in data["full"].values())
+        for name, pred in preds.items():
+            err = np.abs(np.array(pred) - truth[test])
+            out.append({"estimator": name, "docs_per_task": n, "docs": docs, "saved": 1 - docs / n_full,
+                        "spearman": float(spearmanr(pred, truth[test])[0]),
+                        "mae": float(err.mean()), "max_err": float(err.max())})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--space", default=str(REPO / "search_spaces" / "zoo_demo.yaml"))
+    p.add_argument("--zoo", help="an already built zoo directory (default: build/reuse the demo zoo)")
+    p.add_argument("--candidates", type=int, default=60)
+    p.add_argument("--fit", type=int, default=10, help="early candidates the estimator is fitted on (plus the inputs)")
+    p.add_argument("--budgets", default="10,20,40", help="docs per task of the cheap estimates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
+    p.add_argument("--reuse", help="a fidelity_estimator.json of an earlier run: its per-doc data")
+    args = p.parse_args(argv)
+
+    start = time.monotonic()
+    if args.reuse:
+        data = json.loads(Path(args.reuse).read_text())
+    else:
+        import optuna
+
+        from evomerge.space import load_space
+        from evomerge.zoo import build_zoo, default_zoo_dir
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        zoo = Path(args.zoo) if args.zoo else default_zoo_dir("demo")
+        if not args.zoo:
+            build_zoo(zoo, variant="demo", log=lambda m: print(m, file=sys.stderr))
+        space = load_space(args.space, variables={"ZOO": str(zoo)})
+        space = space.model_copy(update={"report_eval": None, "pruning": None})
+        data = collect(space, args.candidates, args.seed)
+        data["space"] = Path(args.space).name
+    n_inputs = sum(r["label"].startswith("input") for r in data["rows"])
+    budgets = [int(b) for b in args.budgets.split(",")]
+    table = analyze(data, n_inputs, args.fit, budgets, args.seed)
+    n_full = sum(len(v) for v in data["full"].values())
+    scores = [r["score"] for r in data["rows"][n_inputs + args.fit:]]
+    lines = [
+        "# Cheap fitness estimates on the demo zoo",
+        "",
+        f"Space `{data['space']}`: {n_inputs} input models and {len(data['rows']) - n_inputs} random "
+        f"candidates, each scored once on the full search evaluation ({n_full} docs over "
+        f"{len(data['full'])} tasks; per-doc results). `anchors`: the anchor estimator fitted on the "
+        f"inputs and the first {args.fit} candidates; `prefix`: the first N docs of the rung order "
+        f"(a `fidelity:` rung). Measured on the other {len(scores)} candidates (full scores "
+        f"{min(scores):.3f}-{max(scores):.3f}, median {statistics.median(scores):.3f}).",
+        "",
+        "| estimator | docs/task | docs scored | samples saved | Spearman vs full | mean abs error | max abs error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        lines.append(f"| {r['estimator']} | {r['docs_per_task']} | {r['docs']} | {r['saved']:.0%} | "
+                     f"{r['spearman']:.3f} | {r['mae']:.4f} | {r['max_err']:.4f} |")
+    lines += ["", f"Wall time {time.monotonic() - start:.0f}s on this machine."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity_estimator.md").write_text("\n".join(lines) + "\n")
+    (out / "fidelity_estimator.json").write_text(json.dumps({**data, "table": table}) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
