@@ -8,8 +8,8 @@ by a seeded random one) are scored once on the full search evaluation (``eval.li
 task) with per-doc results. Then, side by side on the same per-doc data, for several budgets of
 docs per task:
 
-* ``anchors``: :class:`~evomerge.evaluate.estimator.AnchorEstimator` fitted on the inputs and the
-  first ``--fit`` candidates, predicting the rest;
+* ``anchors/completion`` and ``anchors/stratified``: :class:`~evomerge.evaluate.estimator.AnchorEstimator`
+  (each method) fitted on the inputs and the first ``--fit`` candidates, predicting the rest;
 * ``prefix``: the first N docs of the rung order (what a ``fidelity:`` rung scores);
 
 reported as Spearman rank correlation with the full score across the held-out candidates, mean
@@ -30,8 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def collect(space, n_candidates: int, seed: int) -> dict:
-    """Per-doc items of every input model and of random candidates (full evaluation)."""
+def collect(space, n_candidates: int, seed: int, partial: Path) -> dict:
+    """Per-doc items of every input model and of random candidates (full evaluation); after each
+    model the data so far is written to ``partial`` (usable with ``--reuse``)."""
     import optuna
 
     from evomerge.search.held_out import one_model_recipe
@@ -39,10 +40,12 @@ def collect(space, n_candidates: int, seed: int) -> dict:
     from evomerge.search.run import resident_candidate
     from evomerge.space import distributions, trial_recipe
 
-    rows = []
+    rows: list[dict] = []
     with resident_candidate(space) as candidate, Evaluators.for_space(space) as evaluators:
         ev = evaluators.search
         full = ev.runner.doc_ids()
+        tasks = [(s.name, s.weight, ev.runner.leaves[s.name]) for s in space.eval.tasks]
+        data = {"rows": rows, "tasks": tasks, "full": full, "space": space.name}
 
         def score(label: str, recipe) -> None:
             t0 = time.monotonic()
@@ -51,6 +54,7 @@ def collect(space, n_candidates: int, seed: int) -> dict:
             rows.append({"label": label, "score": res.score,
                          "docs": {leaf: {str(i): v for i, v in got.items()} for leaf, got in res.extra["docs"].items()}})
             print(f"{label}: {res.score:.4f} ({res.n_samples} docs, {time.monotonic() - t0:.1f}s)", file=sys.stderr)
+            partial.write_text(json.dumps(data) + "\n")
 
         for m in space.all_models():
             score(f"input {m.name}", one_model_recipe(m.model, space.dtype))
@@ -60,15 +64,14 @@ def collect(space, n_candidates: int, seed: int) -> dict:
             trial = study.ask(dists)
             score(f"candidate {i}", trial_recipe(space, trial))
             study.tell(trial, 0.0)
-        tasks = [(s.name, s.weight, ev.runner.leaves[s.name]) for s in space.eval.tasks]
-    return {"rows": rows, "tasks": tasks, "full": full}
+    return data
 
 
 def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int) -> list[dict]:
     import numpy as np
     from scipy.stats import spearmanr
 
-    from evomerge.evaluate.estimator import AnchorEstimator
+    from evomerge.evaluate.estimator import METHODS, AnchorEstimator
     from evomerge.search.fidelity import _shuffled
 
     rows = [{leaf: {int(i): float(v) for i, v in docs.items()} for leaf, docs in r["docs"].items()}
@@ -88,13 +91,16 @@ def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int) 
 
     out = []
     for n in budgets:
-        est = AnchorEstimator.fit(fit_rows, n, seed=seed)
         order = {leaf: _shuffled(ids, f"{seed}/rungs/{leaf}")[:n] for leaf, ids in data["full"].items()}
-        preds = {
-            "anchors": [score_of(lambda leaf, r=rows[i]: est.leaf_estimates(r)[leaf]) for i in test],
-            "prefix": [score_of(lambda leaf, r=rows[i]: float(np.mean([r[leaf][d] for d in order[leaf]])))
-                       for i in test],
-        }
+        preds = {"prefix": [score_of(lambda leaf, r=rows[i]: float(np.mean([r[leaf][d] for d in order[leaf]])))
+                            for i in test]}
+        for method in METHODS:
+            est = AnchorEstimator.fit(fit_rows, n, seed=seed, method=method)
+            seen = est.docs()  # a candidate is scored on the anchors only
+            done = [est.complete({leaf: {d: rows[i][leaf][d] for d in ids} for leaf, ids in seen.items()})
+                    for i in test]
+            preds[f"anchors/{method}"] = [score_of(lambda leaf, c=c: float(np.mean(list(c[leaf].values()))))
+                                          for c in done]
         docs = sum(min(n, len(v)) for v in data["full"].values())
         for name, pred in preds.items():
             err = np.abs(np.array(pred) - truth[test])
@@ -131,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             build_zoo(zoo, variant="demo", log=lambda m: print(m, file=sys.stderr))
         space = load_space(args.space, variables={"ZOO": str(zoo)})
         space = space.model_copy(update={"report_eval": None, "pruning": None})
-        data = collect(space, args.candidates, args.seed)
-        data["space"] = Path(args.space).name
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        data = collect(space, args.candidates, args.seed, Path(args.out) / "fidelity_estimator.partial.json")
     n_inputs = sum(r["label"].startswith("input") for r in data["rows"])
     budgets = [int(b) for b in args.budgets.split(",")]
     table = analyze(data, n_inputs, args.fit, budgets, args.seed)
@@ -143,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Space `{data['space']}`: {n_inputs} input models and {len(data['rows']) - n_inputs} random "
         f"candidates, each scored once on the full search evaluation ({n_full} docs over "
-        f"{len(data['full'])} tasks; per-doc results). `anchors`: the anchor estimator fitted on the "
-        f"inputs and the first {args.fit} candidates; `prefix`: the first N docs of the rung order "
+        f"{len(data['full'])} tasks; per-doc results). `anchors/METHOD`: the anchor estimator fitted "
+        f"on the inputs and the first {args.fit} candidates (`completion`: unscored docs predicted from "
+        f"the fitted models weighted by agreement on the anchors; `stratified`: by the anchors of "
+        f"their cluster); `prefix`: the first N docs of the rung order "
         f"(a `fidelity:` rung). Measured on the other {len(scores)} candidates (full scores "
         f"{min(scores):.3f}-{max(scores):.3f}, median {statistics.median(scores):.3f}).",
         "",
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity_estimator.md").write_text("\n".join(lines) + "\n")
     (out / "fidelity_estimator.json").write_text(json.dumps({**data, "table": table}) + "\n")
+    (out / "fidelity_estimator.partial.json").unlink(missing_ok=True)
     print("\n".join(lines))
     return 0
 

@@ -23,83 +23,119 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from evomerge.evaluate.result import TaskScore, weighted_score
 
 DocScores = Mapping[str, Mapping[int, float]]  # leaf task -> doc id -> per-doc score
+METHODS = ("completion", "stratified")
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    docs: tuple[int, ...]     # the leaf's docs in the full evaluation
+    cluster: np.ndarray       # cluster index of each doc
+    anchors: tuple[int, ...]  # anchor doc ids
+    bank: np.ndarray          # docs x scored models: their per-doc scores
 
 
 @dataclass(frozen=True)
 class AnchorEstimator:
-    """Anchor docs and their weights per leaf task (weights of a leaf sum to 1)."""
+    """Anchor docs per leaf task and what predicts the other docs from them.
 
-    anchors: dict[str, tuple[int, ...]]
-    weights: dict[str, tuple[float, ...]]
+    ``complete(items)`` turns a candidate's scores on the anchors into a score for every doc of
+    the full evaluation: the anchors keep theirs; another doc gets (``method``)
+
+    - ``completion``: the scored models' scores on it, weighted by how closely each model
+      agrees with the candidate on all anchors (a merge behaves like a mixture of known models);
+    - ``stratified``: the mean of the candidate's anchors in its cluster (unbiased for the
+      task mean when anchors are drawn at random within clusters).
+
+    Folding the completed items (``TaskRunner.fold``) gives the estimated result.
+    """
+
+    leaves: dict[str, _Leaf]
+    method: str = "completion"
+    bandwidth: float = 0.05  # agreement gap (fraction of anchors) at which a model's weight falls by e
 
     @classmethod
-    def fit(cls, scored: Sequence[DocScores], n_anchors: int, seed: int = 0) -> AnchorEstimator:
+    def fit(cls, scored: Sequence[DocScores], n_anchors: int, seed: int = 0,
+            method: str = "completion") -> AnchorEstimator:
         """Choose ``n_anchors`` docs per leaf task from the per-doc scores of ``scored`` models
-        (each scored on the same full doc set). Raises ``ValueError`` for no models or leaves
-        whose doc sets differ between models."""
+        (each scored on the same full doc set). Raises ``ValueError`` for no models, an unknown
+        method, or leaves whose doc sets differ between models."""
         if not scored:
             raise ValueError("the anchor estimator needs the per-doc scores of at least one model")
         if n_anchors < 1:
             raise ValueError(f"n_anchors must be >= 1, got {n_anchors}")
-        anchors, weights = {}, {}
+        if method not in METHODS:
+            raise ValueError(f"unknown estimator method {method!r}; use one of {', '.join(METHODS)}")
+        leaves = {}
         for leaf in scored[0]:
             docs = sorted(scored[0][leaf])
             if any(sorted(s.get(leaf, {})) != docs for s in scored):
                 raise ValueError(f"models were scored on different docs of {leaf}; score them on one doc set")
             if not docs:
                 continue
-            patterns = np.array([[float(s[leaf][d]) for s in scored] for d in docs])
-            chosen, w = _stratified_anchors(patterns, n_anchors, np.random.default_rng([seed, len(docs)]))
-            anchors[leaf] = tuple(docs[i] for i in chosen)
-            weights[leaf] = tuple(w)
-        return cls(anchors, weights)
+            bank = np.array([[float(s[leaf][d]) for s in scored] for d in docs])
+            cluster, chosen = _stratified_anchors(bank, n_anchors, np.random.default_rng([seed, len(docs)]))
+            leaves[leaf] = _Leaf(tuple(docs), cluster, tuple(docs[i] for i in chosen), bank)
+        return cls(leaves, method)
 
     def docs(self) -> dict[str, list[int]]:
         """The anchor docs to score (leaf task -> doc ids)."""
-        return {leaf: sorted(ids) for leaf, ids in self.anchors.items()}
+        return {leaf: sorted(v.anchors) for leaf, v in self.leaves.items()}
 
     @property
     def n_docs(self) -> int:
-        return sum(len(a) for a in self.anchors.values())
+        return sum(len(v.anchors) for v in self.leaves.values())
 
-    def leaf_estimates(self, items: DocScores) -> dict[str, float]:
-        """Each leaf's estimated full-set mean from its anchors' scores in ``items``."""
-        return {leaf: float(sum(w * float(items[leaf][d]) for d, w in zip(ids, self.weights[leaf])))
-                for leaf, ids in self.anchors.items()}
+    def complete(self, items: DocScores) -> dict[str, dict[int, float]]:
+        """Every doc of the full evaluation: the candidate's own score where ``items`` has one
+        (at least the anchors), a prediction elsewhere (see the class docstring)."""
+        weights = self._model_weights(items) if self.method == "completion" else None
+        out = {}
+        for leaf, v in self.leaves.items():
+            own = {d: float(x) for d, x in items[leaf].items()}
+            if weights is not None:
+                guess = v.bank @ weights
+            else:
+                index = {d: i for i, d in enumerate(v.docs)}
+                sums = np.zeros(v.cluster.max() + 1)
+                counts = np.zeros_like(sums)
+                for d in v.anchors:
+                    sums[v.cluster[index[d]]] += own[d]
+                    counts[v.cluster[index[d]]] += 1
+                guess = (sums / np.maximum(counts, 1))[v.cluster]
+            out[leaf] = {d: own.get(d, float(g)) for d, g in zip(v.docs, guess)}
+        return out
 
-    def estimate(self, items: DocScores, tasks: Sequence[Any], leaves: Mapping[str, Sequence[str]],
-                 sizes: Mapping[str, int]) -> tuple[float, tuple[TaskScore, ...]]:
-        """The estimated weighted score and task scores. ``tasks``: the eval's ``TaskSpec``s
-        with their metric keys as ``(spec, metric)`` pairs; ``leaves``: each task's leaves;
-        ``sizes``: each leaf's number of docs in the full evaluation (a group's leaves weigh by it)."""
-        per_leaf = self.leaf_estimates(items)
-        scores = []
-        for spec, metric in tasks:
-            members = [leaf for leaf in leaves[spec.name] if leaf in per_leaf]
-            total = sum(sizes[leaf] for leaf in members)
-            value = sum(per_leaf[leaf] * sizes[leaf] for leaf in members) / total if total else float("nan")
-            scores.append(TaskScore(spec.name, metric, value, spec.weight,
-                                    n_samples=sum(len(self.anchors[leaf]) for leaf in members)))
-        return weighted_score(scores), tuple(scores)
+    def _model_weights(self, items: DocScores) -> np.ndarray:
+        """Softmax over the scored models of minus their disagreement with the candidate on the
+        anchors (mean absolute difference), in units of ``bandwidth``."""
+        gaps, n = 0.0, 0
+        for leaf, v in self.leaves.items():
+            index = {d: i for i, d in enumerate(v.docs)}
+            rows = [index[d] for d in v.anchors]
+            own = np.array([float(items[leaf][d]) for d in v.anchors])
+            gaps = gaps + np.abs(v.bank[rows] - own[:, None]).sum(axis=0)
+            n += len(rows)
+        logits = -(gaps / max(n, 1)) / self.bandwidth
+        w = np.exp(logits - logits.max())
+        return w / w.sum()
 
 
-def _stratified_anchors(patterns: np.ndarray, k: int, rng: np.random.Generator) -> tuple[list[int], list[float]]:
-    """Indices of ``k`` anchor rows of ``patterns`` (docs × models) and their weights."""
+def _stratified_anchors(patterns: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """Cluster the rows of ``patterns`` (docs x models) and choose ``k`` anchor rows: per
+    cluster in proportion to its size (largest remainders, at least one each), drawn at random
+    within it. Returns (cluster of each row, chosen rows)."""
     n = len(patterns)
+    labels, _ = _kmeans(patterns, min(k, len(np.unique(patterns, axis=0))), rng)
+    _, labels = np.unique(labels, return_inverse=True)  # number the non-empty clusters 0..c-1
     if k >= n:
-        return list(range(n)), [1.0 / n] * n
-    labels, centres = _kmeans(patterns, min(k, len(np.unique(patterns, axis=0))), rng)
-    clusters = [(np.flatnonzero(labels == c), centre) for c, centre in enumerate(centres)]
-    clusters = [(members, centre) for members, centre in clusters if len(members)]
-    # anchors per cluster: proportional to its size (largest remainders), at least one each
-    share = np.array([len(members) for members, _ in clusters], dtype=float) * k / n
+        return labels, list(range(n))
+    clusters = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
+    share = np.array([len(m) for m in clusters], dtype=float) * k / n
     count = np.maximum(1, np.floor(share)).astype(int)
     for i in np.argsort(-(share - np.floor(share)), kind="stable"):
         if count.sum() >= k:
@@ -107,15 +143,9 @@ def _stratified_anchors(patterns: np.ndarray, k: int, rng: np.random.Generator) 
         count[i] += 1
     while count.sum() > k:  # the "at least one" of small clusters overshot: take from the largest
         count[int(np.argmax(count))] -= 1
-    chosen, weights = [], []
-    for (members, centre), m in zip(clusters, count):
-        m = min(int(m), len(members))
-        # the docs nearest the centre stand for the cluster (ties broken at random, seeded)
-        dist = np.linalg.norm(patterns[members] - centre, axis=1) + rng.random(len(members)) * 1e-9
-        for i in members[np.argsort(dist, kind="stable")[:m]]:
-            chosen.append(int(i))
-            weights.append(len(members) / n / m)
-    return chosen, weights
+    chosen = [int(i) for members, m in zip(clusters, count)
+              for i in rng.choice(members, min(int(m), len(members)), replace=False)]
+    return labels, sorted(chosen)
 
 
 def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:

@@ -7,16 +7,20 @@ first ``sizes[k]``; the last rung is all of them. So rung ``k``'s docs are a pre
 task), and the full rung scores exactly the docs a run without rungs scores.
 
 :func:`climb` scores one candidate rung by rung. At each rung only the docs not scored yet are
-run; the rung's score is folded from the per-doc items of all docs so far (each task's own
-aggregation over the union, so a task's docs weigh equally whichever rung scored them). After a
-cheap rung it reports the score as intermediate value ``step=k`` and asks the study's pruner
-(:class:`RungPruner` for ``fidelity:``, a percentile for ``pruning:``): the decision reads the
-finished trials' values at that step from the storage, so workers sharing one study share it.
+run; the rung's score is folded from the per-doc items of its docs (each task's own aggregation,
+so it equals one run over those docs, and the full rung equals a run without rungs, to the bit).
+After a cheap rung it reports the score as intermediate value ``step=k`` and asks the study's
+pruner (:class:`RungPruner` for ``fidelity:``, a percentile for ``pruning:``): the decision reads
+the finished trials' values at that step from the storage, so workers sharing one study share it.
+
+With ``fidelity.anchors`` an extra lowest rung (step 0) scores only the anchor docs of an
+:class:`~evomerge.evaluate.estimator.AnchorEstimator` and reports its estimate of the full score;
+it is fitted (:class:`AnchorRung`) on the per-doc results of the first complete trials.
 
 User attrs of a trial: ``samples`` (docs scored, all rungs: the cost), ``rung`` (the last rung
 reached), ``cheap_scores``/``cheap_samples`` (the last cheap rung's task scores and docs),
 ``search_scores``/``search_samples`` (the full score's), and ``doc_items`` (per-doc items of a
-trial that reached the full rung, for :mod:`evomerge.evaluate.estimator`).
+trial that reached the full rung: what the anchor estimator is fitted on).
 """
 
 from __future__ import annotations
@@ -32,24 +36,58 @@ from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from evomerge.evaluate.estimator import AnchorEstimator
+
 DocSet = dict[str, list[int]]  # leaf task -> doc ids
+
+
+@dataclass
+class AnchorRung:
+    """The anchor-estimate rung: fitted once, on the per-doc results of the first
+    ``fit_trials`` complete trials (by number, once every trial before them has finished), so
+    every worker of a study fits the same anchors."""
+
+    n_anchors: int
+    fit_trials: int
+    seed: int
+    method: str = "completion"
+    _fitted: AnchorEstimator | None = None
+
+    def estimator(self, study: optuna.Study) -> AnchorEstimator | None:
+        """The fitted estimator, or None while its trials are not all finished."""
+        if self._fitted is None:
+            bank: list[dict[str, dict[int, Any]]] = []
+            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+                if len(bank) == self.fit_trials:
+                    break
+                if not t.state.is_finished():
+                    return None
+                if t.state == TrialState.COMPLETE and (items := stored_doc_items(t)) is not None:
+                    bank.append(items)
+            if len(bank) < self.fit_trials:
+                return None
+            self._fitted = AnchorEstimator.fit(bank, self.n_anchors, seed=self.seed, method=self.method)
+        return self._fitted
 
 
 @dataclass(frozen=True)
 class RungLadder:
-    """The nested doc sets of a run's rungs (cheap rungs first, the full evaluation last) and the
-    evaluator that scores them (``evaluate(model, tokenizer, docs=...)``, ``runner.fold``)."""
+    """The nested doc sets of a run's rungs (cheap rungs first, the full evaluation last), the
+    optional anchor rung below them, and the evaluator that scores them
+    (``evaluate(model, tokenizer, docs=...)``, ``runner.fold``)."""
 
     evaluator: Any
     doc_sets: tuple[DocSet, ...]
+    anchor: AnchorRung | None = None
 
     @classmethod
-    def build(cls, evaluator: Any, sizes: tuple[int, ...], seed: int) -> RungLadder:
+    def build(cls, evaluator: Any, sizes: tuple[int, ...], seed: int,
+              anchor: AnchorRung | None = None) -> RungLadder:
         """Rungs of ``sizes`` docs per leaf task (capped at the leaf's docs), then the full set."""
         full = evaluator.runner.doc_ids()
         order = {leaf: _shuffled(ids, f"{seed}/rungs/{leaf}") for leaf, ids in full.items()}
         sets = [{leaf: sorted(ids[:n]) for leaf, ids in order.items()} for n in sizes]
-        return cls(evaluator, (*sets, {leaf: sorted(ids) for leaf, ids in full.items()}))
+        return cls(evaluator, (*sets, {leaf: sorted(ids) for leaf, ids in full.items()}), anchor)
 
     @property
     def cheap_rungs(self) -> int:
@@ -62,32 +100,63 @@ def _shuffled(ids: list[int], key: str) -> list[int]:
     return out
 
 
+class _Scored:
+    """The per-doc items of one candidate so far, and the docs scored (each once)."""
+
+    def __init__(self, trial: optuna.Trial, ladder: RungLadder, model: Any, tokenizer: Any) -> None:
+        self.trial, self.ladder, self.model, self.tokenizer = trial, ladder, model, tokenizer
+        self.items: dict[str, dict[int, Any]] = {}
+        self.spent = 0
+
+    def score(self, docs: DocSet) -> None:
+        new = {leaf: [i for i in ids if i not in self.items.get(leaf, {})] for leaf, ids in docs.items()}
+        part = self.ladder.evaluator.evaluate(self.model, self.tokenizer, docs=new)
+        for leaf, got in part.extra["docs"].items():
+            self.items.setdefault(leaf, {}).update(got)
+        self.spent += part.n_samples
+        self.trial.set_user_attr("samples", self.spent)
+
+    def on(self, docs: DocSet) -> dict[str, dict[int, Any]]:
+        return {leaf: {i: self.items[leaf][i] for i in ids} for leaf, ids in docs.items()}
+
+    def check(self, step: int, score: float, what: str) -> None:
+        self.trial.report(score, step=step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"{what} score {score:.4f} below the bar of rung {step}")
+
+
 def climb(trial: optuna.Trial, ladder: RungLadder, model: Any, tokenizer: Any) -> Any:
     """Score the candidate rung by rung (see the module docstring); returns the full-set
-    ``EvalResult``, or raises ``optuna.TrialPruned`` at the rung where the pruner stops it."""
-    items: dict[str, dict[int, Any]] = {}
-    spent = 0
+    ``EvalResult``, or raises ``optuna.TrialPruned`` at the rung where the pruner stops it.
+
+    Steps: the anchor rung (when configured) is step 0 and the doc rungs follow; a trial
+    scored before the anchor estimator is fitted skips step 0. A doc rung's score covers exactly
+    its own docs (anchors outside it are scored, kept, and count from the full rung on)."""
+    fold = ladder.evaluator.runner.fold
+    scored = _Scored(trial, ladder, model, tokenizer)
+    first = 0
+    if ladder.anchor is not None:
+        first = 1
+        estimator = ladder.anchor.estimator(trial.study)
+        if estimator is not None:
+            scored.score(estimator.docs())
+            trial.set_user_attr("rung", 0)
+            estimate = fold(estimator.complete(scored.items))
+            trial.set_user_attr("cheap_scores", {t.task: t.value for t in estimate.tasks})
+            trial.set_user_attr("cheap_samples", scored.spent)
+            scored.check(0, estimate.score, f"anchor estimate ({scored.spent} docs)")
     for k, docs in enumerate(ladder.doc_sets):
-        new = {leaf: [i for i in ids if i not in items.get(leaf, {})] for leaf, ids in docs.items()}
-        part = ladder.evaluator.evaluate(model, tokenizer, docs=new)
-        for leaf, got in part.extra["docs"].items():
-            items.setdefault(leaf, {}).update(got)
-        spent += part.n_samples
-        result = ladder.evaluator.runner.fold(items)
-        trial.set_user_attr("samples", spent)
-        trial.set_user_attr("rung", k)
+        scored.score(docs)
+        result = fold(scored.on(docs))
+        trial.set_user_attr("rung", first + k)
         stage = "search" if k == ladder.cheap_rungs else "cheap"
         trial.set_user_attr(f"{stage}_scores", {t.task: t.value for t in result.tasks})
         trial.set_user_attr(f"{stage}_samples", result.n_samples)
-        if k == ladder.cheap_rungs:
-            trial.set_user_attr("doc_items", {leaf: {str(i): v for i, v in got.items()}
-                                              for leaf, got in items.items()})
-            return result
-        trial.report(result.score, step=k)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"rung {k} score {result.score:.4f} ({result.n_samples} docs) "
-                                     "below the bar of that rung")
-    raise AssertionError("unreachable: the last rung returns")
+        if k < ladder.cheap_rungs:
+            scored.check(first + k, result.score, f"{result.n_samples}-doc")
+    trial.set_user_attr("doc_items", {leaf: {str(i): v for i, v in got.items()}
+                                      for leaf, got in scored.items.items()})
+    return result
 
 
 def stored_doc_items(trial: FrozenTrial) -> dict[str, dict[int, Any]] | None:

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
-from evomerge.search.fidelity import RungLadder, climb
+from evomerge.search.fidelity import AnchorRung, RungLadder, climb
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
@@ -65,7 +65,10 @@ class Evaluators:
         ladder = report = None
         sizes = space.fidelity.rungs if space.fidelity else (space.pruning.limit,) if space.pruning else None
         if sizes is not None:
-            ladder = RungLadder.build(search, sizes, space.eval.seed)
+            fid = space.fidelity
+            anchor = AnchorRung(fid.anchors, fid.anchor_trials, space.eval.seed, fid.anchor_method) \
+                if fid is not None and fid.anchors else None
+            ladder = RungLadder.build(search, sizes, space.eval.seed, anchor)
         if space.report_eval is not None:
             same = space.report_eval.include_paths == space.eval.include_paths
             report = make_evaluator(space.report_eval, device=device, catalog=catalog if same else None)

@@ -11,7 +11,7 @@ by a percentile instead. The names follow Optuna's ``SuccessiveHalvingPruner``/`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
@@ -29,11 +29,19 @@ class Fidelity(Frozen):
       is in the top ``1/reduction_factor`` of the finished candidates' scores at that rung.
     - ``startup_trials``: until this many finished candidates have a score at a rung, every
       candidate goes on from it (they calibrate the bar).
+    - ``anchors``: docs per task of an extra lowest rung, the anchor estimate
+      (:mod:`evomerge.evaluate.estimator`) of the full score; it starts once ``anchor_trials``
+      candidates have full per-doc results (the first ones by trial number), which it is fitted on.
+    - ``anchor_method``: how the anchor estimate fills in the other docs (``completion`` or
+      ``stratified``).
     """
 
     rungs: tuple[int, ...] = Field(min_length=1)
     reduction_factor: float = Field(default=3.0, gt=1)
     startup_trials: int = Field(default=5, ge=0)
+    anchors: int | None = Field(default=None, ge=1)
+    anchor_trials: int = Field(default=8, ge=1)
+    anchor_method: Literal["completion", "stratified"] = "completion"
 
     @field_validator("rungs")
     @classmethod
