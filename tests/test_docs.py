@@ -55,10 +55,11 @@ def test_docs_links_and_references_resolve():
 
 def test_search_space_reference_names_every_key():
     from evomerge.evaluate import EvalConfig
+    from evomerge.space.rungs import Fidelity
     from evomerge.space.schema import Budget, Pruning, SearchParam, SearchSpace, StartPoint
 
     doc = (REPO / "docs" / "search-space.md").read_text()
-    for model in (SearchSpace, EvalConfig, Budget, Pruning, SearchParam, StartPoint):
+    for model in (SearchSpace, EvalConfig, Budget, Pruning, Fidelity, SearchParam, StartPoint):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"{key}:" in doc or f"{{{key}" in doc or f", {key}" in doc, \
                 f"docs/search-space.md does not document {model.__name__}.{key}"
