@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -37,6 +37,9 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.evaluate.estimator import AnchorEstimator
+
+if TYPE_CHECKING:
+    from evomerge.space import SearchSpace
 
 DocSet = dict[str, list[int]]  # leaf task -> doc ids
 
@@ -79,6 +82,19 @@ class RungLadder:
     evaluator: Any
     doc_sets: tuple[DocSet, ...]
     anchor: AnchorRung | None = None
+
+    @classmethod
+    def for_space(cls, space: SearchSpace, evaluator: Any) -> RungLadder | None:
+        """The space's rungs (``fidelity``, or ``pruning`` as one rung) on ``evaluator``; None
+        without either."""
+        fid = space.fidelity
+        if fid is None and space.pruning is None:
+            return None
+        sizes = fid.rungs if fid is not None else (space.pruning.limit,)
+        anchor = None
+        if fid is not None and fid.anchors:
+            anchor = AnchorRung(fid.anchors, fid.anchor_trials, space.eval.seed, fid.anchor_method)
+        return cls.build(evaluator, sizes, space.eval.seed, anchor)
 
     @classmethod
     def build(cls, evaluator: Any, sizes: tuple[int, ...], seed: int,

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
-from evomerge.search.fidelity import AnchorRung, RungLadder, climb
+from evomerge.search.fidelity import RungLadder, climb
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
@@ -62,17 +62,11 @@ class Evaluators:
 
         catalog = TaskCatalog.for_config(space.eval)
         search = make_evaluator(space.eval, device=device, catalog=catalog)
-        ladder = report = None
-        sizes = space.fidelity.rungs if space.fidelity else (space.pruning.limit,) if space.pruning else None
-        if sizes is not None:
-            fid = space.fidelity
-            anchor = AnchorRung(fid.anchors, fid.anchor_trials, space.eval.seed, fid.anchor_method) \
-                if fid is not None and fid.anchors else None
-            ladder = RungLadder.build(search, sizes, space.eval.seed, anchor)
+        report = None
         if space.report_eval is not None:
             same = space.report_eval.include_paths == space.eval.include_paths
             report = make_evaluator(space.report_eval, device=device, catalog=catalog if same else None)
-        return cls(search, ladder, report)
+        return cls(search, RungLadder.for_space(space, search), report)
 
     def close(self) -> None:
         for ev in {id(e): e for e in (self.search, self.report) if e is not None}.values():
@@ -109,7 +103,7 @@ def objective_values(space: SearchSpace, result: Any) -> list[float]:
     return values
 
 
-def _record(trial: optuna.Trial, stage: str, result: Any) -> None:  # (a run without rungs)
+def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
     trial.set_user_attr(f"{stage}_scores", {t.task: t.value for t in result.tasks})
     trial.set_user_attr(f"{stage}_samples", result.n_samples)
     trial.set_user_attr(f"{stage}_seconds", round(result.wall_time_s, 3))

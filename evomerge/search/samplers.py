@@ -18,11 +18,12 @@ import optuna
 
 from evomerge.adapters.optuna import PrunedAsComplete
 from evomerge.errors import EvomergeError
+from evomerge.search.fidelity import RungPruner
 from evomerge.space.genome import distributions
+from evomerge.space.rungs import Fidelity
 
 if TYPE_CHECKING:
     from evomerge.space import Pruning, SearchSpace
-    from evomerge.space.rungs import Fidelity
 
 GP_MAX_PARAMS = 16  # up to this many searched parameters the default single-objective sampler is GP
 
@@ -108,9 +109,6 @@ def default_sampler(space: SearchSpace) -> str:
 def make_pruner(pruning: Pruning | Fidelity | None) -> optuna.pruners.BasePruner:
     """``pruning``: stop candidates whose cheap-first score is below the given percentile of
     earlier ones; ``fidelity``: successive halving at each rung (:class:`RungPruner`)."""
-    from evomerge.search.fidelity import RungPruner
-    from evomerge.space.rungs import Fidelity
-
     if pruning is None:
         return optuna.pruners.NopPruner()
     if isinstance(pruning, Fidelity):
