@@ -28,13 +28,13 @@ def block_models() -> list[dict[str, dict[int, float]]]:
 
 
 @pytest.mark.parametrize("method", ["completion", "stratified"])
-def test_anchors_cover_each_pattern_and_recover_a_known_model(method):
+def test_anchors_go_where_models_differ_and_recover_a_known_model(method):
     models = block_models()
     est = AnchorEstimator.fit(models, n_anchors=4, seed=1, method=method)
     anchors = est.docs()["t"]
     assert len(anchors) == est.n_docs == 4
-    # the 20-doc block gets 2 anchors, each 10-doc block 1 (proportional to size)
-    assert [sum(lo <= d < hi for d in anchors) for lo, hi in ((0, 20), (20, 30), (30, 40))] == [2, 1, 1]
+    # Neyman allocation: none for the block every model gets right, 2 for each block that separates them
+    assert [sum(lo <= d < hi for d in anchors) for lo, hi in ((0, 20), (20, 30), (30, 40))] == [0, 2, 2]
     for m in models:  # a candidate answering like a known model: its full score from 4 docs
         done = est.complete({"t": {d: m["t"][d] for d in anchors}})
         assert sorted(done["t"]) == list(range(40))

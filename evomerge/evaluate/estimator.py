@@ -1,19 +1,28 @@
 """A cheap fitness estimate: a candidate's full-set score predicted from a few anchor docs.
 
-Method: **stratified anchors on correctness patterns.** Each doc of a leaf task is described by
-its per-doc scores across the models scored so far on the full set (the merge inputs, then early
-candidates). Docs are clustered by that vector (k-means, seeded); each cluster gets anchors in
-proportion to its size, the docs nearest its centre; an anchor's weight is the share of the
-task's docs it stands for. A candidate's task score is estimated as the weighted sum of its
-anchor scores, and the full score by the tasks' own weights (:func:`weighted_score`).
+**Choosing anchors.** Each doc of a leaf task is described by its per-doc scores across the
+models scored so far on the full set (the merge inputs and/or the first candidates). Docs are
+clustered by that vector (k-means, seeded). Anchors are drawn at random within clusters, in
+proportion to cluster size x spread (Neyman allocation): docs every scored model answers alike
+get few anchors, docs that separate the models get more.
 
-Why this and not IRT (mergenetic, tinyBenchmarks): an IRT model fits a difficulty and a
-discrimination per doc, which needs many scored models (tinyBenchmarks fits on hundreds of
-leaderboard models). A merge search has a handful (its inputs) plus its first candidates. With
-few models the clustering uses the same signal (which docs behave alike across models) without
-fitting parameters it cannot identify; with uninformative patterns it degrades to proportional
-stratified sampling, which is unbiased for the task mean. Docs that every model answers alike form
-one large cluster and get few anchors; docs that separate the models get more.
+**Predicting.** A candidate is scored on the anchors only; every other doc gets a predicted score
+and the task score is folded over all docs as usual (:meth:`AnchorEstimator.complete`):
+
+- ``completion`` (default): the scored models' per-doc scores, each model weighted by how
+  closely it agrees with the candidate on the anchors. A merge behaves much like a mixture of
+  the models it is made of, so the docs it was not scored on are filled in from the models it
+  resembles; this halves the absolute error of a plain random subset of the same size on the
+  zoo (results/benchmarks/fidelity_estimator.md);
+- ``stratified``: the mean of the candidate's anchors in the doc's cluster (the classic
+  stratified estimator of the task mean; unbiased when anchors are random within clusters).
+
+Why not IRT (mergenetic, tinyBenchmarks): an IRT model fits a difficulty and a discrimination per
+doc, which needs many scored models (tinyBenchmarks fits on hundreds of leaderboard models). A
+merge search has a handful (its inputs) plus its first candidates; clustering and agreement
+weights use the same signal (which docs behave alike across models) without fitting per-doc
+parameters those few models cannot identify, and with uninformative patterns the stratified
+method degrades to a proportional random sample.
 
 Contract: per-doc items are numbers (0/1 accuracy or any mean-aggregated metric); an estimate
 is a mean over the task's docs, comparable with the full evaluation's value.
@@ -100,13 +109,16 @@ class AnchorEstimator:
             if weights is not None:
                 guess = v.bank @ weights
             else:
+                # the mean of the anchors of the doc's cluster; a cluster without anchors (no
+                # spread across the scored models) keeps the scored models' mean
                 index = {d: i for i, d in enumerate(v.docs)}
                 sums = np.zeros(v.cluster.max() + 1)
                 counts = np.zeros_like(sums)
                 for d in v.anchors:
                     sums[v.cluster[index[d]]] += own[d]
                     counts[v.cluster[index[d]]] += 1
-                guess = (sums / np.maximum(counts, 1))[v.cluster]
+                level = sums / np.maximum(counts, 1)
+                guess = np.where(counts[v.cluster] > 0, level[v.cluster], v.bank.mean(axis=1))
             out[leaf] = {d: own.get(d, float(g)) for d, g in zip(v.docs, guess)}
         return out
 
@@ -126,25 +138,28 @@ class AnchorEstimator:
 
 
 def _stratified_anchors(patterns: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
-    """Cluster the rows of ``patterns`` (docs x models) and choose ``k`` anchor rows: per
-    cluster in proportion to its size (largest remainders, at least one each), drawn at random
-    within it. Returns (cluster of each row, chosen rows)."""
+    """Cluster the rows of ``patterns`` (docs x models) and choose ``k`` anchor rows, drawn at
+    random within each cluster. Anchors go to clusters in proportion to size x spread (Neyman
+    allocation; the spread is the models' per-doc deviation from the docs' mean, plus the
+    Bernoulli spread of that mean), by largest remainders. Returns (cluster of each row, chosen rows)."""
     n = len(patterns)
     labels, _ = _kmeans(patterns, min(k, len(np.unique(patterns, axis=0))), rng)
     _, labels = np.unique(labels, return_inverse=True)  # number the non-empty clusters 0..c-1
     if k >= n:
         return labels, list(range(n))
     clusters = [np.flatnonzero(labels == c) for c in range(labels.max() + 1)]
-    share = np.array([len(m) for m in clusters], dtype=float) * k / n
-    count = np.maximum(1, np.floor(share)).astype(int)
+    mean = patterns.mean(axis=1)
+    spread = np.array([np.sqrt(np.mean((patterns[m] - mean[m, None]) ** 2)
+                               + np.mean(mean[m] * (1 - np.clip(mean[m], 0, 1))) + 1e-3) for m in clusters])
+    sizes = np.array([len(m) for m in clusters], dtype=float)
+    share = sizes * spread / (sizes * spread).sum() * k
+    count = np.minimum(np.floor(share), sizes).astype(int)
     for i in np.argsort(-(share - np.floor(share)), kind="stable"):
         if count.sum() >= k:
             break
-        count[i] += 1
-    while count.sum() > k:  # the "at least one" of small clusters overshot: take from the largest
-        count[int(np.argmax(count))] -= 1
-    chosen = [int(i) for members, m in zip(clusters, count)
-              for i in rng.choice(members, min(int(m), len(members)), replace=False)]
+        if count[i] < sizes[i]:
+            count[i] += 1
+    chosen = [int(i) for members, m in zip(clusters, count) for i in rng.choice(members, int(m), replace=False)]
     return labels, sorted(chosen)
 
 
