@@ -67,6 +67,21 @@ def collect(space, n_candidates: int, seed: int, partial: Path) -> dict:
     return data
 
 
+def per_doc(row: dict, full: dict) -> dict[str, dict[int, float]]:
+    """A row's per-doc scores: stored as a list in the order of ``full`` (the committed JSON) or
+    as ``{doc id: score}`` (while collecting)."""
+    return {leaf: dict(zip(full[leaf], map(float, docs))) if isinstance(docs, list)
+            else {int(i): float(v) for i, v in docs.items()} for leaf, docs in row["docs"].items()}
+
+
+def compact(data: dict) -> dict:
+    """``data`` with each row's per-doc scores as a list in the order of ``data["full"]``."""
+    rows = [{**r, "docs": {leaf: [int(v) if float(v).is_integer() else v for v in
+                                  (per_doc(r, data["full"])[leaf][d] for d in ids)]
+                           for leaf, ids in data["full"].items()}} for r in data["rows"]]
+    return {**data, "rows": rows}
+
+
 def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int, repeats: int) -> list[dict]:
     import numpy as np
     from scipy.stats import spearmanr
@@ -74,8 +89,7 @@ def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int, 
     from evomerge.evaluate.estimator import METHODS, AnchorEstimator
     from evomerge.search.fidelity import _shuffled
 
-    rows = [{leaf: {int(i): float(v) for i, v in docs.items()} for leaf, docs in r["docs"].items()}
-            for r in data["rows"]]
+    rows = [per_doc(r, data["full"]) for r in data["rows"]]
     truth = np.array([r["score"] for r in data["rows"]])
     tasks = data["tasks"]
     fit_rows, test = rows[:n_inputs + fit], list(range(n_inputs + fit, len(rows)))
@@ -182,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity_estimator.md").write_text("\n".join(lines) + "\n")
-    (out / "fidelity_estimator.json").write_text(json.dumps({**data, "table": table}) + "\n")
+    (out / "fidelity_estimator.json").write_text(json.dumps({**compact(data), "table": table},
+                                                            separators=(",", ":")) + "\n")
     (out / "fidelity_estimator.partial.json").unlink(missing_ok=True)
     print("\n".join(lines))
     return 0

@@ -147,6 +147,7 @@ def test_search_with_rungs_counts_samples_per_trial(zoo, tmp_path):
 @pytest.mark.parametrize("fidelity, problem", [
     ({"rungs": [2, 6]}, "fidelity rung 6 must be below eval.limit 6"),
     ({"rungs": [4, 2]}, "must be increasing"),
+    ({"rungs": [2, 4], "anchors": 2}, "fidelity.anchors 2 must be below the first rung 2"),
 ])
 def test_bad_rungs_are_one_line_each(zoo, fidelity, problem):
     from evomerge.errors import EvomergeError

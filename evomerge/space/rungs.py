@@ -60,7 +60,11 @@ def fidelity_problems(space: SearchSpace) -> list[str]:
         problems.append("fidelity and pruning are both set; pruning is the one-rung case of fidelity, keep one")
     if len(space.objectives) > 1:
         problems.append("fidelity (rungs of cheap evaluations) works with one objective only; remove it")
-    top = space.fidelity.rungs[-1]
+    fid = space.fidelity
+    if fid.anchors is not None and fid.anchors >= fid.rungs[0]:
+        problems.append(f"fidelity.anchors {fid.anchors} must be below the first rung {fid.rungs[0]} "
+                        "(the anchor estimate is the cheapest rung)")
+    top = fid.rungs[-1]
     if isinstance(space.eval.limit, int) and top >= space.eval.limit:
         problems.append(f"fidelity rung {top} must be below eval.limit {space.eval.limit} (the last, full rung)")
     return problems
