@@ -87,7 +87,7 @@ def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int, 
     from scipy.stats import spearmanr
 
     from evomerge.evaluate.estimator import METHODS, AnchorEstimator
-    from evomerge.search.fidelity import _shuffled
+    from evomerge.search.fidelity import rung_order
 
     rows = [per_doc(r, data["full"]) for r in data["rows"]]
     truth = np.array([r["score"] for r in data["rows"]])
@@ -107,7 +107,7 @@ def analyze(data: dict, n_inputs: int, fit: int, budgets: list[int], seed: int, 
     for n in budgets:
         stats: dict[str, list[tuple[float, float, float, bool]]] = {}
         for rep in range(repeats):
-            order = {leaf: _shuffled(ids, f"{seed + rep}/rungs/{leaf}")[:n] for leaf, ids in data["full"].items()}
+            order = {leaf: rung_order(ids, f"{seed + rep}/rungs/{leaf}")[:n] for leaf, ids in data["full"].items()}
             preds = {"prefix": [score_of(lambda leaf, r=rows[i]: float(np.mean([r[leaf][d] for d in order[leaf]])))
                                 for i in test]}
             for method in METHODS:

@@ -101,7 +101,7 @@ class RungLadder:
               anchor: AnchorRung | None = None) -> RungLadder:
         """Rungs of ``sizes`` docs per leaf task (capped at the leaf's docs), then the full set."""
         full = evaluator.runner.doc_ids()
-        order = {leaf: _shuffled(ids, f"{seed}/rungs/{leaf}") for leaf, ids in full.items()}
+        order = {leaf: rung_order(ids, f"{seed}/rungs/{leaf}") for leaf, ids in full.items()}
         sets = [{leaf: sorted(ids[:n]) for leaf, ids in order.items()} for n in sizes]
         return cls(evaluator, (*sets, {leaf: sorted(ids) for leaf, ids in full.items()}), anchor)
 
@@ -110,7 +110,8 @@ class RungLadder:
         return len(self.doc_sets) - 1
 
 
-def _shuffled(ids: list[int], key: str) -> list[int]:
+def rung_order(ids: list[int], key: str) -> list[int]:
+    """The seeded order in which rungs take a leaf's docs (``key``: ``"{seed}/rungs/{leaf}"``)."""
     out = sorted(ids)
     random.Random(key).shuffle(out)
     return out
