@@ -45,8 +45,8 @@ def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Pat
     pruning = space.pruning if sampler in ("default", "cmaes+pruning") else None
     variant = space.model_copy(update={"seed": seed, "pruning": pruning, "start": ()})
     candidate, evaluators = bench
-    # the cheap-first evaluator is used only by the variants with pruning
-    evaluators = evaluators if pruning is not None else replace(evaluators, cheap=None)
+    # the cheap-first rung is used only by the variants with pruning
+    evaluators = evaluators if pruning is not None else replace(evaluators, ladder=None)
     study = open_study(variant, storage=f"sqlite:///{storage_dir / f'{sampler}-{seed}.db'}",
                        study_name=f"{sampler}-{seed}",
                        sampler={"default": default_sampler(space),
@@ -54,7 +54,7 @@ def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Pat
     search_loop(study, variant, candidate, evaluators, trials=trials, timeout=None)
     out, spent = [], 0
     for t in study.get_trials(deepcopy=False):
-        spent += t.user_attrs.get("cheap_samples", 0) + t.user_attrs.get("search_samples", 0)
+        spent += t.user_attrs.get("samples", 0)
         if t.state.is_finished():
             out.append({"state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
                         "samples": spent})

@@ -56,10 +56,12 @@ def test_docs_links_and_references_resolve():
 def test_search_space_reference_names_every_key():
     from evomerge.evaluate import EvalConfig
     from evomerge.space.layer_path import LayerPath
+    from evomerge.space.rungs import Fidelity
     from evomerge.space.schema import Budget, Pruning, SearchParam, SearchSpace, StartPoint
 
     doc = (REPO / "docs" / "search-space.md").read_text()
-    for model in (SearchSpace, EvalConfig, Budget, Pruning, SearchParam, StartPoint, LayerPath):
+    for model in (SearchSpace, EvalConfig, Budget, Pruning, Fidelity, SearchParam, StartPoint,
+                  LayerPath):
         for key in model.model_fields:
             assert f"`{key}`" in doc or f"{key}:" in doc or f"{{{key}" in doc or f", {key}" in doc, \
                 f"docs/search-space.md does not document {model.__name__}.{key}"

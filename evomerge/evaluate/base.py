@@ -25,8 +25,10 @@ class Evaluator(abc.ABC):
     """
 
     @abc.abstractmethod
-    def evaluate(self, model: Any, tokenizer: Any = None) -> EvalResult:
-        """Score one candidate. ``tokenizer`` may be omitted when ``model`` is a directory."""
+    def evaluate(self, model: Any, tokenizer: Any = None, docs: Any = None) -> EvalResult:
+        """Score one candidate. ``tokenizer`` may be omitted when ``model`` is a directory.
+        ``docs`` (leaf task -> doc ids): score only those docs and return their per-doc items
+        too (``TaskRunner.run``)."""
 
     def close(self) -> None:
         """Release backend resources. Safe to call twice."""

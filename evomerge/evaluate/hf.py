@@ -44,7 +44,7 @@ class HFEvaluator(Evaluator):
         self._lm: Any = None
         self._lm_key: tuple[int, int] | None = None
 
-    def evaluate(self, model: Any, tokenizer: Any = None) -> EvalResult:
+    def evaluate(self, model: Any, tokenizer: Any = None, docs: Any = None) -> EvalResult:
         if self.cfg.load_in is not None and not isinstance(model, (str, Path)):
             if tokenizer is None:
                 raise ValueError("HFEvaluator.evaluate needs the tokenizer when given a model object")
@@ -55,7 +55,7 @@ class HFEvaluator(Evaluator):
         if tokenizer is None:
             raise ValueError("HFEvaluator.evaluate needs the tokenizer when given a model object")
         try:
-            return self.runner.run(self._wrap(model, tokenizer))
+            return self.runner.run(self._wrap(model, tokenizer), docs)
         finally:
             if self.cfg.load_in is not None:
                 self.close()  # the quantized copy is scored once

@@ -142,15 +142,15 @@ class VLLMEvaluator(Evaluator):
         self.weight_reloads = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def evaluate(self, model: Any, tokenizer: Any = None) -> EvalResult:
+    def evaluate(self, model: Any, tokenizer: Any = None, docs: Any = None) -> EvalResult:
         if isinstance(model, (str, Path)):
             self._load_dir(Path(model))
         else:
             if tokenizer is None and self._lm is None:
                 raise ValueError("VLLMEvaluator.evaluate needs the tokenizer for the first model")
             self._load_module(model, tokenizer)
-        result = self.runner.run(self._lm)
-        extra = {"engine_starts": self.engine_starts, "weight_reloads": self.weight_reloads}
+        result = self.runner.run(self._lm, docs)
+        extra = {**result.extra, "engine_starts": self.engine_starts, "weight_reloads": self.weight_reloads}
         return EvalResult(result.tasks, result.n_samples, result.wall_time_s, "vllm", extra)
 
     def close(self) -> None:

@@ -29,7 +29,7 @@ def trials_frame(study: optuna.Study):
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         for stage in ("search", "cheap"):
             row.update({f"{stage}_{k}": v for k, v in (t.user_attrs.get(f"{stage}_scores") or {}).items()})
-        row["samples"] = t.user_attrs.get("cheap_samples", 0) + t.user_attrs.get("search_samples", 0)
+        row["samples"] = t.user_attrs.get("samples", 0)
         for key in ("start_point", "retry_of", "error"):
             row[key] = t.user_attrs.get(key)
         row.update({f"param_{k}": v for k, v in t.params.items()})

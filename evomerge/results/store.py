@@ -71,7 +71,7 @@ def ranking_note(study: optuna.Study) -> str:
 def sample_stats(study: optuna.Study) -> dict[str, int]:
     """Evaluated samples, and what the finished trials would have cost without cheap-first pruning."""
     trials = study.get_trials(deepcopy=False)
-    spent = sum(t.user_attrs.get("cheap_samples", 0) + t.user_attrs.get("search_samples", 0) for t in trials)
+    spent = sum(t.user_attrs.get("samples", 0) for t in trials)  # docs scored, every rung
     full = sorted(t.user_attrs["search_samples"] for t in trials if "search_samples" in t.user_attrs)
     per_trial = full[len(full) // 2] if full else 0
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)

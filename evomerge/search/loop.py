@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 
 from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
+from evomerge.search.fidelity import RungLadder, climb
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
 from evomerge.space import SCORE, SearchSpace, trial_recipe
@@ -29,16 +30,18 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @dataclass
 class Evaluators:
-    """The evaluators of one run: ``search`` scores every candidate, ``cheap`` scores it first on
-    fewer docs (cheap-first pruning, or None), ``report`` scores the best ones on the held-out
-    split (or None). The loop only calls ``evaluate(model, tokenizer) -> EvalResult``.
+    """The evaluators of one run: ``search`` scores every candidate, ``ladder`` (or None) scores
+    it rung by rung on nested doc subsets of the search evaluation instead (``fidelity:``, or
+    ``pruning:`` as one cheap rung; :mod:`evomerge.search.fidelity`), ``report`` scores the best
+    ones on the held-out split (or None). The loop only calls ``evaluate(model, tokenizer) ->
+    EvalResult`` (with ``docs=`` through the ladder).
 
     Lifecycle: :meth:`for_space` once per run (builds the lm-eval tasks once); :meth:`close` at
     the end (also via ``with``).
     """
 
     search: Any
-    cheap: Any | None = None
+    ladder: RungLadder | None = None
     report: Any | None = None
 
     @classmethod
@@ -58,17 +61,15 @@ class Evaluators:
         from evomerge.evaluate import TaskCatalog, make_evaluator
 
         catalog = TaskCatalog.for_config(space.eval)
-        cheap = report = None
-        if space.pruning is not None:
-            cheap_cfg = space.eval.model_copy(update={"limit": space.pruning.limit})
-            cheap = make_evaluator(cheap_cfg, device=device, catalog=catalog)
+        search = make_evaluator(space.eval, device=device, catalog=catalog)
+        report = None
         if space.report_eval is not None:
             same = space.report_eval.include_paths == space.eval.include_paths
             report = make_evaluator(space.report_eval, device=device, catalog=catalog if same else None)
-        return cls(make_evaluator(space.eval, device=device, catalog=catalog), cheap, report)
+        return cls(search, RungLadder.for_space(space, search), report)
 
     def close(self) -> None:
-        for ev in {id(e): e for e in (self.search, self.cheap, self.report) if e is not None}.values():
+        for ev in {id(e): e for e in (self.search, self.report) if e is not None}.values():
             ev.close()
 
     def __enter__(self) -> Evaluators:
@@ -110,19 +111,19 @@ def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
 
 def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
               evaluators: Evaluators) -> list[float]:
-    """Score one candidate; raises ``optuna.TrialPruned`` when the cheap-first check stops it."""
+    """Score one candidate; raises ``optuna.TrialPruned`` when a cheap rung stops it."""
     recipe = trial_recipe(space, trial)
     trial.set_user_attr("recipe", recipe.to_yaml())
     trial.set_user_attr("seed", {"merge": recipe.seed, "eval": space.eval.seed})
     candidate.apply(recipe)
-    if evaluators.cheap is not None:
-        cheap = evaluators.cheap.evaluate(candidate.model, candidate.tokenizer)
-        _record(trial, "cheap", cheap)
-        trial.report(cheap.score, step=0)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"cheap-first score {cheap.score:.4f} below the pruning bar")
+    if evaluators.ladder is not None:
+        start = time.perf_counter()
+        result = climb(trial, evaluators.ladder, candidate.model, candidate.tokenizer)
+        trial.set_user_attr("search_seconds", round(time.perf_counter() - start, 3))
+        return objective_values(space, result)
     result = evaluators.search.evaluate(candidate.model, candidate.tokenizer)
     _record(trial, "search", result)
+    trial.set_user_attr("samples", result.n_samples)
     return objective_values(space, result)
 
 

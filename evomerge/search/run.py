@@ -86,7 +86,7 @@ def run_search(space: SearchSpace, options: RunOptions, *,
                evaluators: dict[str, Any] | None = None,
                log: Callable[[str], None] | None = None) -> SearchSummary:
     """Run (or resume) a search and write its results to ``options.out_dir``. ``evaluators``
-    (keys ``search``, ``cheap``, ``report``) replaces the real ones; ``log`` gets one line per
+    (keys ``search``, ``ladder``, ``report``) replaces the real ones; ``log`` gets one line per
     step that may take seconds (loading, building tasks, held-out scoring, writing).
 
     Everything is checked before anything is written: the tasks, every method's models, the

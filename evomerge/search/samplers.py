@@ -18,7 +18,9 @@ import optuna
 
 from evomerge.adapters.optuna import PrunedAsComplete
 from evomerge.errors import EvomergeError
+from evomerge.search.fidelity import RungPruner
 from evomerge.space.genome import distributions
+from evomerge.space.rungs import Fidelity
 
 if TYPE_CHECKING:
     from evomerge.space import Pruning, SearchSpace
@@ -104,10 +106,13 @@ def default_sampler(space: SearchSpace) -> str:
     return "gp" if len(distributions(space)) <= GP_MAX_PARAMS else "cmaes"
 
 
-def make_pruner(pruning: Pruning | None) -> optuna.pruners.BasePruner:
-    """Stop candidates whose cheap-first score is below the given percentile of earlier ones."""
+def make_pruner(pruning: Pruning | Fidelity | None) -> optuna.pruners.BasePruner:
+    """``pruning``: stop candidates whose cheap-first score is below the given percentile of
+    earlier ones; ``fidelity``: successive halving at each rung (:class:`RungPruner`)."""
     if pruning is None:
         return optuna.pruners.NopPruner()
+    if isinstance(pruning, Fidelity):
+        return RungPruner(pruning.reduction_factor, pruning.startup_trials)
     return optuna.pruners.PercentilePruner(pruning.percentile, n_startup_trials=pruning.startup_trials,
                                            n_warmup_steps=0)
 

@@ -159,9 +159,9 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         storage=storage, study_name=study_name, load_if_exists=True,
         directions=space.directions,
         sampler=make_sampler(sampler or default_sampler(space), seed=space.seed if seed is None else seed,
-                             n_objectives=len(space.objectives), pruning=space.pruning is not None,
+                             n_objectives=len(space.objectives), pruning=(space.pruning or space.fidelity) is not None,
                              budget=space.budget.trials),
-        pruner=make_pruner(space.pruning))
+        pruner=make_pruner(space.fidelity or space.pruning))
     stored = study.user_attrs.get("space")
     if stored is None:
         study.set_user_attr("space", space.model_dump(mode="json"))

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from evomerge.errors import ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
 from evomerge.space.layer_path import LayerPath, layer_path_problems
+from evomerge.space.rungs import Fidelity, fidelity_problems
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
@@ -207,6 +208,7 @@ class SearchSpace(Frozen):
     sampler: str | None = None
     budget: Budget = Budget()
     pruning: Pruning | None = None
+    fidelity: Fidelity | None = None
     start: tuple[StartPoint, ...] = (StartPoint(equal=True),)
     seed: int = 0
     top_k: int = Field(default=3, ge=1)
@@ -358,7 +360,7 @@ def space_problems(space: SearchSpace) -> list[str]:
         problems.append("pruning (cheap-first evaluation) works with one objective only; remove it")
     if space.pruning is not None and isinstance(space.eval.limit, int) and space.pruning.limit >= space.eval.limit:
         problems.append(f"pruning.limit {space.pruning.limit} must be below eval.limit {space.eval.limit}")
-    return problems
+    return problems + fidelity_problems(space)
 
 
 def _parameter_problems(space: SearchSpace, specs: list[MethodSpec]) -> list[str]:

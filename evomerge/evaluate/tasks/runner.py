@@ -3,15 +3,19 @@
 ``TaskRunner`` owns what does not depend on the weights: the Task objects (datasets read once),
 few-shot settings, the seeded doc subset, the built requests and the metric keys. ``run(lm)`` builds the requests,
 calls ``lm_eval.evaluator.evaluate`` and turns its output into an :class:`EvalResult`.
+``run(lm, docs=...)`` scores only some docs and also returns each doc's metric item, so scores
+over nested doc sets (the rungs of :mod:`evomerge.search.fidelity`) are built without scoring a
+doc twice (:meth:`TaskRunner.fold`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from evomerge.adapters.lm_eval import reuse_doc_lists, reuse_requests
@@ -22,6 +26,10 @@ from evomerge.evaluate.tasks.validate import check_eval_config, resolve_metric
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
+
+#: Per-doc metric items of a subset run: leaf task -> doc id -> the item lm-eval's aggregation
+#: takes (``EvalResult.extra["docs"]``; JSON-ready for the usual 0/1 and float metrics).
+DocItems = dict[str, dict[int, Any]]
 
 # Our defaults for lm_eval.evaluator.evaluate; cfg.lm_eval_args override them.
 _EVALUATE_DEFAULTS: dict[str, Any] = {"bootstrap_iters": 1000, "fewshot_random_seed": 1234}
@@ -41,6 +49,7 @@ class TaskRunner:
 
         self.task_dict = load_tasks(self.catalog, [s.name for s in cfg.tasks])
         self.leaves = {s.name: self._leaf_names(s.name) for s in cfg.tasks}
+        self._leaf_metric = {leaf: self.metric_keys[s.name] for s in cfg.tasks for leaf in self.leaves[s.name]}
         for spec in cfg.tasks:
             for leaf in self.leaves[spec.name]:
                 self._configure(self.task_dict["tasks"][leaf], spec.num_fewshot, gen_kwargs)
@@ -49,25 +58,79 @@ class TaskRunner:
             reuse_requests(task)  # requests and docs do not depend on the weights
             reuse_doc_lists(task)
 
-    def run(self, lm: LM) -> EvalResult:
-        """Evaluate ``lm`` on all tasks; the same docs and few-shot examples on every call."""
+    def run(self, lm: LM, docs: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
+        """Evaluate ``lm`` on all tasks; the same docs and few-shot examples on every call.
+
+        ``docs`` (leaf task -> doc ids, each one of :meth:`doc_ids`): score only those docs; the
+        result's tasks are folded from the per-doc items (:meth:`fold`, no stderr), which it
+        also carries in ``extra["docs"]``. A leaf with no ids is not run at all.
+        """
+        start = time.perf_counter()
+        if docs is None:
+            out = self._evaluate(lm, self.task_dict, self.samples or None, log_samples=False)
+            return self._to_result(out, time.perf_counter() - start)
+        wanted = {leaf: sorted(ids) for leaf, ids in docs.items() if ids}
+        if unknown := sorted(set(wanted) - set(self.task_dict["tasks"])):
+            raise ValueError(f"no leaf task {unknown} in this evaluation; leaves: {sorted(self.task_dict['tasks'])}")
+        items: DocItems = {leaf: {} for leaf in self.task_dict["tasks"]}
+        if wanted:
+            tasks = {leaf: self.task_dict["tasks"][leaf] for leaf in wanted}
+            out = self._evaluate(lm, {"tasks": tasks}, wanted, log_samples=True)
+            for leaf in wanted:
+                metric, _, filt = self._leaf_metric[leaf].partition(",")
+                items[leaf] = {int(ex["doc_id"]): ex[metric] for ex in out["samples"][leaf]
+                               if ex.get("filter") == filt}
+        result = self.fold(items)
+        return EvalResult(result.tasks, sum(len(v) for v in items.values()), time.perf_counter() - start,
+                          self.cfg.backend, {"docs": items})
+
+    def doc_ids(self) -> dict[str, list[int]]:
+        """Each leaf task's doc ids of the full evaluation (the seeded subset, else all docs)."""
+        return {leaf: list(self.samples.get(leaf, range(len(task.eval_docs))))
+                for leaf, task in self.task_dict["tasks"].items()}
+
+    def fold(self, items: Mapping[str, Mapping[int, Any]]) -> EvalResult:
+        """The result over the docs in ``items`` (per-doc items of one or several subset runs).
+
+        A leaf's value is its task's own aggregation (lm-eval's ``Task.aggregation``) over its
+        items, so for a mean metric the union of two doc sets is weighted by their sizes exactly
+        as one run over the union would be; a group's value is its leaves' values weighted by
+        their doc counts (lm-eval's ``weight_by_size``). A task with no docs is NaN.
+        """
+        scores = []
+        for spec in self.cfg.tasks:
+            key = self.metric_keys[spec.name]
+            metric = key.partition(",")[0]
+            values, sizes = [], []
+            for leaf in self.leaves[spec.name]:
+                got = items.get(leaf) or {}
+                if got:
+                    agg = self.task_dict["tasks"][leaf].aggregation()[metric]
+                    values.append(float(agg([got[i] for i in sorted(got)])))
+                    sizes.append(len(got))
+            value = sum(v * n for v, n in zip(values, sizes)) / sum(sizes) if sizes else math.nan
+            scores.append(TaskScore(task=spec.name, metric=key, value=value, weight=spec.weight,
+                                    n_samples=sum(sizes)))
+        return EvalResult(tasks=tuple(scores), n_samples=sum(s.n_samples for s in scores),
+                          wall_time_s=0.0, backend=self.cfg.backend)
+
+    def _evaluate(self, lm: LM, task_dict: Any, samples: dict[str, list[int]] | None,
+                  *, log_samples: bool) -> dict[str, Any]:
         from lm_eval.evaluator import evaluate
 
-        start = time.perf_counter()
-        for task in self.task_dict["tasks"].values():
+        for task in task_dict["tasks"].values():
             # The sampler's RNG advances while building contexts: reset it so every candidate
             # sees the same few-shot examples.
             task.set_fewshot_seed(seed=self._fewshot_seed)
         with seeded(self.cfg.seed):
-            out = evaluate(
+            return evaluate(
                 lm=lm,
-                task_dict=self.task_dict,
-                samples=self.samples or None,
-                log_samples=False,
+                task_dict=task_dict,
+                samples=samples,
+                log_samples=log_samples,
                 apply_chat_template=self.cfg.apply_chat_template,
                 **self._evaluate_args,
             )
-        return self._to_result(out, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ internals
     def _leaf_names(self, name: str) -> list[str]:
