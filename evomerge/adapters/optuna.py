@@ -4,12 +4,14 @@ Tested on :data:`SUPPORTED` (pinned in pyproject.toml); importing this module wi
 installed raises one line naming the installed and the supported versions and the fix.
 Internals used: the heartbeat helpers of ``optuna.storages._heartbeat``, a study's ``_storage``
 and ``_study_id``, a trial's ``_trial_id``, a storage's ``_get_stale_trial_ids`` and the cache
-wrapper's ``_backend``, and ``Study._get_trials`` (what samplers read trials through).
+wrapper's ``_backend``, ``Study._get_trials`` (what samplers read trials through), and the
+CMA-ES sampler's run bookkeeping (:class:`RestartingCmaEsSampler`).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -119,3 +121,50 @@ class PrunedAsComplete:
                 t.values = [t.intermediate_values[max(t.intermediate_values)]]
             out.append(t)
         return out
+
+
+class RestartingCmaEsSampler(optuna.samplers.CmaEsSampler):
+    """Optuna's CMA-ES with IPOP restarts: when the current run's optimizer says it has converged
+    (``should_stop``: its step size, its spread of values or its covariance has collapsed, which a
+    score measured on a few docs reaches quickly), the next trial starts a fresh run with twice the
+    population (Auger & Hansen 2005), at most ``max_restarts`` times.
+
+    Optuna 4.4 dropped ``restart_strategy``; this brings it back the way optuna used to store it:
+    run ``r`` keeps its optimizer and generation counter under its own system-attr prefix (run 0
+    under optuna's own ``cma:``, so a study started by the plain sampler resumes unchanged), and
+    the run a trial belongs to is read from the study, so every worker sharing the storage agrees
+    on it. Private internals used: the sampler's ``_attr_prefix``, ``_popsize``, ``_get_trials``
+    and ``_restore_optimizer``.
+    """
+
+    def __init__(self, *, popsize: int | None = None, max_restarts: int = 8, **kwargs: Any) -> None:
+        super().__init__(popsize=popsize, **kwargs)
+        self._first_prefix, self._first_popsize = self._attr_prefix, popsize
+        self.max_restarts = max_restarts
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        if search_space and len(study.directions) == 1:
+            self._enter_run(self.current_run(study, len(search_space)), len(search_space))
+        return super().sample_relative(study, trial, search_space)
+
+    def current_run(self, study: optuna.Study, dim: int) -> int:
+        """The restart a new trial belongs to: the latest run recorded in the study, or the next
+        one when that run's optimizer has converged."""
+        trials = self._get_trials(study)
+        run = max((self._run_of(t) for t in trials), default=0)
+        self._enter_run(run, dim)
+        optimizer = self._restore_optimizer(trials)
+        if optimizer is not None and optimizer.should_stop() and run < self.max_restarts:
+            run += 1
+        return run
+
+    def _enter_run(self, run: int, dim: int) -> None:
+        self._attr_prefix = self._first_prefix if run == 0 else f"{self._first_prefix}ipop{run}:"
+        base = self._first_popsize or 4 + int(3 * math.log(dim))  # the cmaes library's default
+        self._popsize = base * 2 ** run if run else self._first_popsize
+
+    def _run_of(self, trial: FrozenTrial) -> int:
+        for key in trial.system_attrs:
+            if key.startswith(f"{self._first_prefix}ipop") and key.endswith(":generation"):
+                return int(key[len(self._first_prefix) + 4:-len(":generation")])
+        return 0
