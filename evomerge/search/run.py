@@ -24,6 +24,7 @@ from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
 from evomerge.search.held_out import evaluate_held_out
+from evomerge.search.objectives import counting_evaluators
 from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
 from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
@@ -104,8 +105,8 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     beat = Heartbeat.from_env()
     with ExitStack() as stack:
         say("building the evaluation tasks")
-        evals = stack.enter_context(Evaluators(**evaluators) if evaluators is not None
-                                    else Evaluators.for_space(space, options.device))
+        evals = counting_evaluators(space, stack.enter_context(
+            Evaluators(**evaluators) if evaluators is not None else Evaluators.for_space(space, options.device)))
         known = stored_trial_count(storage, study_name)
         claim_out_dir(out_dir, storage, study_name)
         say("loading the resident model")
@@ -149,7 +150,7 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
                        seed=sampler_seed(space.seed, None, worker=claim_worker_slot(stored)))
     say(f"joining study {study_name} ({count_finished(study)} finished trials)")
     say("building the evaluation tasks")
-    with Evaluators.for_space(space, device) as evals:
+    with counting_evaluators(space, Evaluators.for_space(space, device)) as evals:
         say("loading the resident model")
         with resident_candidate(space, device) as candidate:
             outcome = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
