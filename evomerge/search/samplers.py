@@ -22,7 +22,8 @@ CMA-ES defaults for big spaces (:func:`cmaes_settings`): population 4 + floor(3 
 numeric parameters (Hansen's default), initial step a sixth of each parameter's range (all
 parameters are scaled to [0, 1]), mean at the space's equal-weights point, and IPOP restarts
 (twice the population) when a run converges. The space's start points are enqueued trials, so
-they are scored first and enter CMA-ES's first generation.
+they are scored first; the first one only teaches optuna the search space (CMA-ES starts with
+the second trial), any further ones enter CMA-ES's first generation.
 """
 
 from __future__ import annotations
