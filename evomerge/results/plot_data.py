@@ -39,7 +39,7 @@ def objective_label(study: optuna.Study, index: int) -> str:
     ``search split: mean accuracy of 3 tasks``."""
     name = objectives(study)[index]
     tasks = _search_tasks(study)
-    if name != SCORE and name not in tasks:  # a cost or a Python callable, measured on the candidate
+    if objective_label_of(name) != name:  # a cost or a Python callable, measured on the candidate
         return objective_label_of(name)
     if name != SCORE:
         metric = tasks.get(name, {}).get("metric")
