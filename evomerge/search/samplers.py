@@ -9,9 +9,11 @@ space file's ``sampler`` and ``evomerge search --sampler`` are checked against :
 
 Several workers on one study (trials still running when a worker asks):
 
-- ``gp`` proposes by expected improvement over the running trials too (optuna's qLogEI with the
-  running points believed at the GP's mean, "Kriging believer"), and publishes each proposal in
-  the storage before it is evaluated, so other workers see it at once.
+- ``gp`` proposes the point whose expected improvement is largest jointly with the running
+  trials' points (optuna's qLogEI: Monte Carlo draws from the GP's joint posterior over the
+  running points and the new one), so it does not propose again where another worker is already
+  looking; it publishes each proposal in the storage before it is evaluated, so other workers
+  see it at once.
 - ``tpe`` runs with ``constant_liar``: a running trial counts as a bad result at its point.
 - ``cmaes`` needs no liar: a generation's points are independent draws from one Gaussian that only
   changes once the whole generation is scored, so a running trial would not change the next draw
