@@ -71,7 +71,11 @@ def test_cmaes_for_a_big_space_starts_at_the_start_point_with_hansens_population
     assert isinstance(sampler, RestartingCmaEsSampler)
     popsize = 4 + int(3 * math.log(25))
     assert popsize == 13 and sampler._popsize == popsize
-    assert sampler._x0 == {n: v for n, v in equal_params(space).items() if n in numeric}
+    # the mean: the equal point, one initial step (a sixth of the range) inside each bound
+    equal = equal_params(space)
+    assert sampler._x0 == pytest.approx({n: min(equal[n], 0.85) if n.endswith("density") else equal[n]
+                                         for n in numeric})
+    assert equal["layers_00_00.mlp.math.density"] == 1.0 and equal["lambda"] == 1.0
     enqueue_start_points(study, space)
 
     for _ in range(popsize + 2):

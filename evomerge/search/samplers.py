@@ -22,7 +22,8 @@ Several workers on one study (trials still running when a worker asks):
 
 CMA-ES defaults for big spaces (:func:`cmaes_settings`): population 4 + floor(3 ln n) for n
 numeric parameters (Hansen's default), initial step a sixth of each parameter's range (all
-parameters are scaled to [0, 1]), mean at the space's equal-weights point, and IPOP restarts
+parameters are scaled to [0, 1]), mean at the space's equal-weights point (moved one step inside
+the box where it lies on a bound, as a default density of 1.0 does), and IPOP restarts
 (twice the population) when a run converges. The space's start points are enqueued trials, so
 they are scored first; the first one only teaches optuna the search space (CMA-ES starts with
 the second trial), any further ones enter CMA-ES's first generation.
@@ -80,9 +81,17 @@ def cmaes_settings(space: SearchSpace | None) -> dict[str, Any]:
     if not numeric:
         return {}
     equal = equal_params(space)
-    x0 = {n: equal.get(n, (d.low + d.high) / 2 if isinstance(d, FloatDistribution)
-                       else (d.low + d.high) // 2) for n, d in numeric.items()}
+    x0 = {n: _inside(equal.get(n, (d.low + d.high) / 2), d) for n, d in numeric.items()}
     return {"popsize": 4 + int(3 * math.log(len(numeric))), "x0": x0}
+
+
+def _inside(value: float, dist: FloatDistribution | IntDistribution) -> float | int:
+    """``value`` moved at least one initial step (a sixth of the range) away from each bound: a
+    mean on a bound (a method's default density 1.0 in [0.1, 1]) would put half of every draw
+    outside the box, where CMA-ES clips it onto the bound."""
+    step = (dist.high - dist.low) / 6
+    inner = min(max(value, dist.low + step), dist.high - step)
+    return round(inner) if isinstance(dist, IntDistribution) else inner
 
 
 def _cmaes(s: SamplerSettings) -> optuna.samplers.BaseSampler:
