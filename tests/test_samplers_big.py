@@ -4,6 +4,7 @@ with real `evomerge worker` processes sharing one SQLite storage."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -17,7 +18,7 @@ from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
 
 import evomerge
-from evomerge.adapters.optuna import RestartingCmaEsSampler
+from evomerge.adapters.optuna import RestartingCmaEsSampler, _publish
 from evomerge.search.preflight import sampler_seed
 from evomerge.search.samplers import make_sampler
 from evomerge.search.study import enqueue_start_points, open_storage, open_study
@@ -150,6 +151,36 @@ def test_gp_proposals_account_for_running_trials(tmp_path):
     q = proposal(pruning=True)
     assert math.dist(q.values(), p.values()) > 1e-3, (p, q)
     assert make_sampler("tpe", seed=0)._constant_liar
+
+
+def test_gp_moves_off_a_point_another_worker_published_while_it_computed(tmp_path):
+    """Two workers asking at the same moment fit the same data; the one that compares last
+    sees the other's published point and proposes again."""
+    storage = f"sqlite:///{tmp_path / 'race.db'}"
+    dists = {"x": optuna.distributions.FloatDistribution(0, 1), "y": optuna.distributions.FloatDistribution(0, 1)}
+    study = optuna.create_study(storage=storage, study_name="r", direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(6):
+        t = study.ask(dists)
+        study.tell(t, synthetic(t.params, 0.6))
+    other = study.ask()  # another worker's trial, its proposal not yet published
+    sampler = make_sampler("gp", seed=4)
+    real, proposals = sampler._sample_relative_impl, []
+
+    def racing(view, completed, running, space):
+        point = real(view, completed, running, space)
+        if not proposals:  # the other worker publishes the same point meanwhile
+            _publish(study, other, point, 0)
+        proposals.append(point)
+        return point
+
+    sampler._sample_relative_impl = racing
+    mine = optuna.load_study(study_name="r", storage=storage, sampler=sampler).ask(dists)
+    assert len(proposals) == 2 and proposals[1] != proposals[0]
+    assert mine.params == proposals[1]
+    # what other workers read: each trial's own point
+    published = {t.number: t.system_attrs["gp:relative_params:0"] for t in study.get_trials()[-2:]}
+    assert published == {other.number: json.dumps(proposals[0]), mine.number: json.dumps(proposals[1])}
 
 
 def test_worker_processes_on_one_sqlite_storage_claim_distinct_slots(zoo, tmp_path):

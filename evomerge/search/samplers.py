@@ -13,7 +13,8 @@ Several workers on one study (trials still running when a worker asks):
   trials' points (optuna's qLogEI: Monte Carlo draws from the GP's joint posterior over the
   running points and the new one), so it does not propose again where another worker is already
   looking; it publishes each proposal in the storage before it is evaluated, so other workers
-  see it at once.
+  see it at once, and a proposal that repeats an earlier trial's point (two workers asking at the
+  same moment) is made again (:class:`~evomerge.adapters.optuna.DistinctGPSampler`).
 - ``tpe`` runs with ``constant_liar``: a running trial counts as a bad result at its point.
 - ``cmaes`` needs no liar: a generation's points are independent draws from one Gaussian that only
   changes once the whole generation is scored, so a running trial would not change the next draw
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution
 
-from evomerge.adapters.optuna import PrunedAsComplete, RestartingCmaEsSampler
+from evomerge.adapters.optuna import DistinctGPSampler, PrunedAsComplete, RestartingCmaEsSampler
 from evomerge.errors import EvomergeError
 from evomerge.space.genome import distributions, equal_params
 
@@ -109,7 +110,7 @@ def _cmaes(s: SamplerSettings) -> optuna.samplers.BaseSampler:
 def _gp(s: SamplerSettings) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        gp = PrunedAwareGPSampler if s.pruning else optuna.samplers.GPSampler
+        gp = PrunedAwareGPSampler if s.pruning else DistinctGPSampler
         return gp(seed=s.seed, n_startup_trials=5, warn_independent_sampling=False)
 
 
@@ -176,14 +177,14 @@ def make_pruner(pruning: Pruning | None) -> optuna.pruners.BasePruner:
                                            n_warmup_steps=0)
 
 
-class PrunedAwareGPSampler(optuna.samplers.GPSampler):
-    """Optuna's GP, also fitted to pruned trials at their cheap-first score.
+class PrunedAwareGPSampler(DistinctGPSampler):
+    """The GP (:class:`~evomerge.adapters.optuna.DistinctGPSampler`), also fitted to pruned
+    trials at their cheap-first score.
 
     The stock GP only learns from complete trials, so with cheap-first pruning most of what it
     proposes teaches it nothing and it keeps proposing near the poor points
     (results/benchmarks/search_efficiency.md). CMA-ES has ``consider_pruned_trials`` for this.
     """
 
-    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                        search_space: dict) -> dict:
-        return super().sample_relative(PrunedAsComplete(study), trial, search_space)
+    def _view(self, study: optuna.Study) -> optuna.Study:
+        return PrunedAsComplete(study)
