@@ -185,9 +185,11 @@ def test_read_only_disk_while_writing_results_is_one_line_and_keeps_the_trials(z
 
 def test_sampler_seeds_differ_per_worker_and_resume_but_not_for_one_run():
     assert sampler_seed(3, None) == sampler_seed(3, 0) == 3
-    seeds = {sampler_seed(3, 5), sampler_seed(3, 6), sampler_seed(3, 5, worker="h:1"),
-             sampler_seed(3, 5, worker="h:2"), sampler_seed(3, 0, worker="h:1")}
+    seeds = {sampler_seed(3, 5), sampler_seed(3, 6), sampler_seed(3, 5, worker=1),
+             sampler_seed(3, 5, worker=2), sampler_seed(3, 0, worker=3)}
     assert len(seeds) == 5 and 3 not in seeds
+    # worker k's seed depends on the space's seed and k only: reproducible
+    assert sampler_seed(3, 9, worker=1) == sampler_seed(3, None, worker=1) != sampler_seed(4, 9, worker=1)
 
 
 def test_a_resumed_search_does_not_propose_the_same_candidates_again(zoo, tmp_path):

@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.evaluate.result import EvalResult
 from evomerge.results.store import objectives
+from evomerge.search.objectives import objective_label_of
 from evomerge.space import SCORE
 from merge_engine.recipe import MISSING, FilterEntry, MergeRecipe, layer_position, resolve
 
@@ -38,6 +39,8 @@ def objective_label(study: optuna.Study, index: int) -> str:
     ``search split: mean accuracy of 3 tasks``."""
     name = objectives(study)[index]
     tasks = _search_tasks(study)
+    if objective_label_of(name) != name:  # a cost or a Python callable, measured on the candidate
+        return objective_label_of(name)
     if name != SCORE:
         metric = tasks.get(name, {}).get("metric")
         return f"search split: {name}" + (f" ({_metric_name(metric)})" if metric else "")

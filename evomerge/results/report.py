@@ -8,6 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.results.store import objectives, ranking_note, sample_stats, task_scores, top_trials
+from evomerge.space import SCORE
 
 
 def trials_frame(study: optuna.Study):
@@ -46,7 +47,8 @@ def report_table(study: optuna.Study, k: int = 1) -> str:
     rows: list[tuple[str, dict[str, float] | None, dict[str, float] | None]] = []
     for name, data in inputs.items():
         rows.append((f"input {name}", task_scores(data.get("search")), task_scores(data.get("report"))))
-    for t in top_trials(study, k):
+    top = top_trials(study, k)
+    for t in top:
         rows.append((f"merge (trial {t.number})", t.user_attrs.get("search_scores"),
                      task_scores(report.get(str(t.number)))))
     if not rows:
@@ -61,9 +63,21 @@ def report_table(study: optuna.Study, k: int = 1) -> str:
     def mean(scores: dict[str, float] | None) -> float | None:
         return sum(scores.values()) / len(scores) if scores else None
 
-    header = ["model", *tasks, "report mean", "search mean"]
-    body = [[label, *(fmt((scores or {}).get(task)) for task in tasks), fmt(mean(rep)), fmt(mean(search))]
-            for (label, search, rep), scores in zip(rows, per_task)]
+    # objectives measured on the candidate itself (costs, Python callables): the trial's value
+    names = objectives(study)
+    space_tasks = {t.get("name") for t in (study.user_attrs.get("space") or {}).get("eval", {}).get("tasks", [])
+                   if isinstance(t, dict)}
+    own = [(i, n) for i, n in enumerate(names) if n != SCORE and n not in {*tasks, *space_tasks}]
+    values = [None] * (len(rows) - len(top)) + [t.values for t in top]
+
+    def fmt_own(row_values: list[float] | None, i: int) -> str:
+        v = None if row_values is None else row_values[i]
+        return "-" if v is None else f"{v:.0f}" if abs(v) >= 1000 or float(v).is_integer() else f"{v:.4g}"
+
+    header = ["model", *tasks, "report mean", "search mean", *(n for _, n in own)]
+    body = [[label, *(fmt((scores or {}).get(task)) for task in tasks), fmt(mean(rep)), fmt(mean(search)),
+             *(fmt_own(vals, i) for i, _ in own)]
+            for (label, search, rep), scores, vals in zip(rows, per_task, values)]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

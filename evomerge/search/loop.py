@@ -7,7 +7,6 @@ A candidate that fails is told FAIL with its cause in the trial's user attrs; th
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +18,12 @@ from optuna.trial import TrialState
 from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
 from evomerge.search.fidelity import RungLadder, climb
+from evomerge.search.objectives import objective_values
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
-from evomerge.space import SCORE, SearchSpace, trial_recipe
+from evomerge.space import SearchSpace, trial_recipe
 from evomerge.errors import EvomergeError
-from merge_engine.errors import MergeError, NonFiniteError
+from merge_engine.errors import MergeError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -95,14 +95,6 @@ class Progress:
 
 
 # ---------------------------------------------------------------- one candidate
-def objective_values(space: SearchSpace, result: Any) -> list[float]:
-    """The values told to Optuna: the weighted score and/or per-task metrics."""
-    values = [result.score if o == SCORE else result.metric(o) for o in space.objectives]
-    if not all(math.isfinite(v) for v in values):
-        raise NonFiniteError(f"the evaluation returned a non-finite objective {values}")
-    return values
-
-
 def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
     trial.set_user_attr(f"{stage}_scores", {t.task: t.value for t in result.tasks})
     trial.set_user_attr(f"{stage}_samples", result.n_samples)
@@ -120,11 +112,11 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
         start = time.perf_counter()
         result = climb(trial, evaluators.ladder, candidate.model, candidate.tokenizer)
         trial.set_user_attr("search_seconds", round(time.perf_counter() - start, 3))
-        return objective_values(space, result)
+        return objective_values(space, result, candidate.model, candidate.tokenizer)
     result = evaluators.search.evaluate(candidate.model, candidate.tokenizer)
     _record(trial, "search", result)
     trial.set_user_attr("samples", result.n_samples)
-    return objective_values(space, result)
+    return objective_values(space, result, candidate.model, candidate.tokenizer)
 
 
 def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, candidate: Candidate,

@@ -108,11 +108,16 @@ def claim_out_dir(out_dir: Path, url: str, study_name: str) -> None:
                            f"folder for study {study_name!r} (or --study {other} to resume that one)")
 
 
-def sampler_seed(space_seed: int, trials_at_start: int | None, *, worker: str | None = None) -> int:
+def sampler_seed(space_seed: int, trials_at_start: int | None, *, worker: int | None = None) -> int:
     """The sampler's seed for one process: the space's seed for a run that starts a study (one
-    uninterrupted run is reproducible); a resumed run (trials already stored) or a worker gets
-    a seed of its own, so it does not propose again what the study already holds."""
-    if not trials_at_start and worker is None:
+    uninterrupted run is reproducible); worker ``k`` (its slot in the study,
+    :func:`~evomerge.search.workers.claim_worker_slot`, from 1) gets ``space_seed + k * 0x9E3779B1``
+    mod 2**32: reproducible, and distinct for every k by construction (the multiplier is odd, so
+    k -> seed is one-to-one); a resumed run (trials already stored) gets a seed of its own, so it
+    does not propose again what the study already holds."""
+    if worker is not None:
+        return (space_seed + worker * 0x9E3779B1) % 2**32
+    if not trials_at_start:
         return space_seed
-    key = f"{space_seed}:{trials_at_start or 0}:{worker or ''}".encode()
+    key = f"{space_seed}:{trials_at_start}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")

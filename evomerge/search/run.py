@@ -10,8 +10,6 @@ Lifecycle of one run: one storage, one study, one resident :class:`~evomerge.can
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -26,11 +24,12 @@ from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
 from evomerge.search.held_out import evaluate_held_out
+from evomerge.search.objectives import counting_evaluators
 from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
 from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
                                    open_storage, open_study, space_from_study)
-from evomerge.search.workers import retry_dead_trials
+from evomerge.search.workers import claim_worker_slot, retry_dead_trials
 from evomerge.space import SearchSpace
 
 
@@ -106,8 +105,8 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     beat = Heartbeat.from_env()
     with ExitStack() as stack:
         say("building the evaluation tasks")
-        evals = stack.enter_context(Evaluators(**evaluators) if evaluators is not None
-                                    else Evaluators.for_space(space, options.device))
+        evals = counting_evaluators(space, stack.enter_context(
+            Evaluators(**evaluators) if evaluators is not None else Evaluators.for_space(space, options.device)))
         known = stored_trial_count(storage, study_name)
         claim_out_dir(out_dir, storage, study_name)
         say("loading the resident model")
@@ -139,19 +138,19 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
     """Join an existing study: evaluate candidates until it has ``trials`` finished trials
     (default: its space's budget). Needs nothing but the storage URL and the study name (not
     the start-recipe files, which only the study's creator reads); results are written by
-    ``evomerge export`` (or the process that started the search). Each worker seeds its sampler
-    from the study's size and its own host and pid, so workers propose different candidates."""
+    ``evomerge export`` (or the process that started the search). Worker k (the k-th to join,
+    :func:`~evomerge.search.workers.claim_worker_slot`) seeds its sampler from the space's seed
+    and k, so workers propose different candidates, reproducibly."""
     say = log or (lambda text: None)
     beat = Heartbeat.from_env()
     opened = open_storage(storage, heartbeat=beat)
     stored = load_stored_study(opened, study_name)
     space = space_from_study(stored)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
     study = open_study(space, storage=opened, study_name=study_name,
-                       seed=sampler_seed(space.seed, len(stored.get_trials(deepcopy=False)), worker=worker))
+                       seed=sampler_seed(space.seed, None, worker=claim_worker_slot(stored)))
     say(f"joining study {study_name} ({count_finished(study)} finished trials)")
     say("building the evaluation tasks")
-    with Evaluators.for_space(space, device) as evals:
+    with counting_evaluators(space, Evaluators.for_space(space, device)) as evals:
         say("loading the resident model")
         with resident_candidate(space, device) as candidate:
             outcome = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,

@@ -160,7 +160,7 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         directions=space.directions,
         sampler=make_sampler(sampler or default_sampler(space), seed=space.seed if seed is None else seed,
                              n_objectives=len(space.objectives), pruning=(space.pruning or space.fidelity) is not None,
-                             budget=space.budget.trials),
+                             budget=space.budget.trials, space=space),
         pruner=make_pruner(space.fidelity or space.pruning))
     stored = study.user_attrs.get("space")
     if stored is None:

@@ -13,6 +13,12 @@ the grace period (asked, then killed before it started). Each is failed with the
 ``max_retry`` times per candidate: a candidate that keeps killing its worker stops there.
 Optuna records heartbeats only inside ``Study.optimize``; our loop is ask/tell, hence
 :func:`ask` and :func:`heartbeat`.
+
+Each joining worker claims a slot (:func:`claim_worker_slot`): 1 for the first worker to join a
+study, 2 for the next, ... (the process that created the study is slot 0). Its sampler's seed is
+derived from the space's seed and the slot (:func:`~evomerge.search.preflight.sampler_seed`), so
+worker k of a study proposes the same candidates in every repetition of the run, and no two
+workers share a seed.
 """
 
 from __future__ import annotations
@@ -28,19 +34,37 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.adapters.optuna import (fail_if_running, heartbeat, heartbeat_stale_trial_ids,
-                                      set_running_trial_attr, trial_id)
+                                      set_running_trial_attr, storage_of, trial_id)
 from evomerge.search.study import Heartbeat
 
 # User attrs a retried trial keeps from the trial it retries (the rest belong to that attempt).
 _CARRIED_ATTRS = ("start_point",)
 INTERRUPTED = "interrupted: the process running it stopped; its params were enqueued again"
 
-__all__ = ["ask", "heartbeat", "retry_dead_trials", "worker_id"]
+WORKERS_SUFFIX = ".workers"  # the companion study that hands out worker slots
+
+__all__ = ["ask", "claim_worker_slot", "heartbeat", "retry_dead_trials", "worker_id"]
 
 
 def worker_id() -> dict[str, Any]:
     """What a trial records of the process running it (user attr ``worker``)."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def claim_worker_slot(study: optuna.Study) -> int:
+    """This process's slot among the workers of ``study`` (1, 2, ...; slot 0 is the process that
+    created it). Slots are the trial numbers of a companion study ``<name>.workers`` in the same
+    storage, plus one: the storage numbers trials atomically, so two workers never share a slot,
+    on any database optuna supports. Each slot's trial records the worker's host and pid."""
+    companion = optuna.create_study(storage=storage_of(study), load_if_exists=True,
+                                    study_name=study.study_name + WORKERS_SUFFIX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+        slot = companion.ask()
+    slot.set_user_attr("worker", worker_id())
+    companion.tell(slot, slot.number + 1)
+    return slot.number + 1
 
 
 def ask(study: optuna.Study, beat: Heartbeat) -> optuna.Trial:

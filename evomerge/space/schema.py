@@ -262,9 +262,10 @@ class SearchSpace(Frozen):
 
     @property
     def directions(self) -> list[str]:
-        """Optuna directions, one per objective (a negative task weight means minimize)."""
-        weights = {t.name: t.weight for t in self.eval.tasks}
-        return ["maximize" if o == SCORE or weights[o] > 0 else "minimize" for o in self.objectives]
+        """Optuna directions, one per objective (:mod:`evomerge.search.objectives`)."""
+        from evomerge.search.objectives import directions
+
+        return directions(self)
 
     def all_models(self) -> list[ModelEntry]:
         """The base model (if any) then the other models."""
@@ -315,6 +316,7 @@ def registry_range(methods: Sequence[str], name: str) -> tuple[float, float]:
 
 
 def space_problems(space: SearchSpace) -> list[str]:
+    from evomerge.search.objectives import objective_problems
     from merge_engine.errors import MergeError
 
     problems: list[str] = []
@@ -350,14 +352,7 @@ def space_problems(space: SearchSpace) -> list[str]:
                         f"{space.num_layers} layers; use 1..{space.num_layers} or omit it")
     if space.smooth and len(space.layer_groups()) < 2:
         problems.append("smooth needs at least 2 control points; set layer_granularity below num_layers")
-    tasks = {t.name for t in space.eval.tasks}
-    for o in space.objectives:
-        if o != SCORE and o not in tasks:
-            problems.append(f"objective {o!r} is neither 'score' nor a task in eval.tasks {sorted(tasks)}")
-    if len(set(space.objectives)) != len(space.objectives):
-        problems.append(f"objectives {list(space.objectives)} repeat a name")
-    if len(space.objectives) > 1 and space.pruning is not None:
-        problems.append("pruning (cheap-first evaluation) works with one objective only; remove it")
+    problems += objective_problems(space)
     if space.pruning is not None and isinstance(space.eval.limit, int) and space.pruning.limit >= space.eval.limit:
         problems.append(f"pruning.limit {space.pruning.limit} must be below eval.limit {space.eval.limit}")
     return problems + fidelity_problems(space)
