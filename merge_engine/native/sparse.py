@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -61,21 +62,26 @@ def _cuts(n: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` helper threads (a search makes thousands of calls)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-native")
+        return _pool
+
+
 def _parallel(call: Callable[[int, int, int], object], n: int) -> list[object]:
     """``call(part, start, stop)`` on each thread's range; the results in range order."""
     cuts = _cuts(n)
-    results: list[object] = [None] * len(cuts)
-
-    def one(part: int) -> None:
-        results[part] = call(part, *cuts[part])
-
-    workers = [threading.Thread(target=one, args=(p,)) for p in range(1, len(cuts))]
-    for t in workers:
-        t.start()
-    one(0)
-    for t in workers:
-        t.join()
-    return results
+    if len(cuts) == 1:
+        return [call(0, *cuts[0])]
+    futures = [_workers(len(cuts) - 1).submit(call, p, *cuts[p]) for p in range(1, len(cuts))]
+    return [call(0, *cuts[0])] + [f.result() for f in futures]
 
 
 def delta_and_histogram(x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,19 +106,45 @@ void sparse_mix_bf16(uint16_t *out, const uint16_t *base, const uint16_t *const 
             const uint16_t *d = deltas[k] + s;
             float *o = wt[k];
             const float wk = w[k];
-            switch (mode[k]) {
-            case KEEP_ALL:
+            /* bf16(bf16(v * mask) * w) == bf16((mask ? v : v * 0) * w): v * 1 and v * 0 are exact
+             * in bf16 (a NaN stays NaN and is rounded to 0x7FC0 after the weighting either way) */
+            if (mode[k] == KEEP_ALL) {
                 for (long i = 0; i < m; i++) o[i] = bf(rbf(bf(d[i]) * wk));
-                break;
-            case KEEP_ZERO:
+                continue;
+            }
+            if (mode[k] == KEEP_ZERO) {
                 for (long i = 0; i < m; i++) o[i] = bf(rbf(0.0f * wk));
-                break;
-            default:
+                continue;
+            }
+            const int l = lo[k], h = hi[k], band = mode[k] == KEEP_BAND;
+            const long lc = lo_cut[k], hc = hi_cut[k], last = s + m - 1;
+            /* the tie rule depends on the position only in the chunk holding a cut */
+            int tie_lo, tie_hi = 1;
+            if (band) {
+                tie_lo = lc <= s ? 1 : lc > last ? 0 : -1;
+                tie_hi = hc >= last ? 1 : hc < s ? 0 : -1;
+            } else {
+                tie_lo = lc >= last ? 1 : lc < s ? 0 : -1;
+            }
+            if (tie_lo < 0 || tie_hi < 0) {
                 for (long i = 0; i < m; i++) {
                     float v = bf(d[i]);
-                    v = bf(rbf(kept(mode[k], d[i] & 0x7FFF, s + i, lo[k], lo_cut[k], hi[k], hi_cut[k])
-                                   ? v * 1.0f : v * 0.0f));
+                    v = kept(mode[k], d[i] & 0x7FFF, s + i, l, lc, h, hc) ? v : v * 0.0f;
                     o[i] = bf(rbf(v * wk));
+                }
+            } else if (band) {
+                for (long i = 0; i < m; i++) {
+                    const int key = d[i] & 0x7FFF;
+                    const int keep = ((key > l) | ((key == l) & tie_lo)) & ((key < h) | ((key == h) & tie_hi));
+                    const float v = bf(d[i]);
+                    o[i] = bf(rbf((keep ? v : v * 0.0f) * wk));
+                }
+            } else {
+                for (long i = 0; i < m; i++) {
+                    const int key = d[i] & 0x7FFF;
+                    const int keep = (key > l) | ((key == l) & tie_lo);
+                    const float v = bf(d[i]);
+                    o[i] = bf(rbf((keep ? v : v * 0.0f) * wk));
                 }
             }
         }
