@@ -152,7 +152,8 @@ def run_way(model, models, method: str, way: str, n: int) -> dict:
     native_enabled(way == "after")
     rng = random.Random(0)
     times, last = [], None
-    with InMemoryMerger(model, task_vector_cache_bytes=(8 << 30) if way == "after" else 0) as merger:
+    cap = {} if way == "after" else {"task_vector_cache_bytes": 0}  # after: the default cap
+    with InMemoryMerger(model, **cap) as merger:
         first = merger.apply(recipe(models, method, rng)[0]).seconds
         for _ in range(n):
             r, params = recipe(models, method, rng)
