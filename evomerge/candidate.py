@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.devices import placement
 from evomerge.layer_stack import LayerStack
-from merge_engine.apply import ApplyStats, InMemoryMerger
+from merge_engine.apply import DEFAULT_TASK_VECTOR_CACHE_BYTES, ApplyStats, InMemoryMerger
 from merge_engine.recipe import MergeRecipe
 
 if TYPE_CHECKING:
@@ -56,28 +56,32 @@ class Candidate:
 
     ``cache_sources`` keeps every source tensor read (a search re-merges the same models many
     times); an ablation grid of a few 7B recipes turns it off to stay within RAM.
+    ``task_vector_cache_bytes`` caps the merger's per-run cache of task vectors (0: off).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str = "cpu", cache_sources: bool = True,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False,
+                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.merger = InMemoryMerger(model, device=device, cache_sources=cache_sources,
-                                     allow_pickle=allow_pickle)
+                                     allow_pickle=allow_pickle,
+                                     task_vector_cache_bytes=task_vector_cache_bytes)
         self.stack: LayerStack | None = None  # built at the first recipe with slices
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu",
              cache_sources: bool = True, allow_pickle: bool = False,
-             eval_cfg: EvalConfig | None = None) -> Candidate:
+             eval_cfg: EvalConfig | None = None,
+             task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> Candidate:
         """Load the model in ``model_dir`` (a local directory) as the resident model, where the
         memory plan of ``eval_cfg``'s backend on ``device`` puts it (None: on ``device``)."""
         where = placement(eval_cfg, device)
         extra = {"device_map": where.device_map} if where.device_map else {}
         model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=where.model_device, **extra)
         return cls(model, tokenizer, device=where.merge_device, cache_sources=cache_sources,
-                   allow_pickle=allow_pickle)
+                   allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes)
 
     def apply(self, recipe: MergeRecipe) -> ApplyStats:
         """Write ``recipe``'s merge into the resident model.

@@ -20,6 +20,9 @@ from merge_engine.graph import Executor
 from merge_engine.io.refs import ModelRef
 from merge_engine.plan import LoadTensor, MergeContext, MergeTensor, output_shape_dtype
 from merge_engine.recipe import MergeRecipe
+from merge_engine.task_vectors import TaskVectorCache, caching
+
+DEFAULT_TASK_VECTOR_CACHE_BYTES = 4 << 30  # deltas are as large as their sources (bf16)
 
 
 @dataclass
@@ -42,11 +45,19 @@ class InMemoryMerger:
     (``sources_on_device=None``, decided at the first apply), else in pinned host memory and are
     copied asynchronously per recomputed tensor; True/False forces either (see
     :func:`merge_engine.devices.source_home`). The bits are the same either way.
+
+    Work that does not depend on a candidate's parameters (each source's task vector and the
+    histogram of its magnitudes, from which any density's top-k is read) is kept for the whole
+    search in ``self.task_vectors`` (:class:`merge_engine.task_vectors.TaskVectorCache`), up to
+    ``task_vector_cache_bytes`` (0 turns it off; past the cap it is recomputed per candidate);
+    :meth:`cache_report` says what is held. It serves the bf16 CPU fast path of the sparsifying
+    methods and needs ``cache_sources`` (its entries are keyed by the cached source tensors).
     """
 
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False,
-                 cache_sources: bool = True, sources_on_device: bool | None = None) -> None:
+                 cache_sources: bool = True, sources_on_device: bool | None = None,
+                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> None:
         self.model = model
         self.targets = dict(model.state_dict(keep_vars=True))
         first = next(iter(model.parameters()))
@@ -60,6 +71,7 @@ class InMemoryMerger:
         self._readers: dict[ModelRef, object] = {}
         self._sources: dict[LoadTensor, torch.Tensor] = {}
         self._applied: dict[str, MergeTensor] = {}
+        self.task_vectors = TaskVectorCache(task_vector_cache_bytes if cache_sources else 0)
 
     def plan(self, recipe: MergeRecipe):
         """Check and plan ``recipe`` against this model (raises RecipeError listing every problem).
@@ -109,11 +121,19 @@ class InMemoryMerger:
                 self._sources[node] = value
 
         executor = Executor(todo, ctx, cached=cached, on_computed=remember)
-        with torch.no_grad():
+        with torch.no_grad(), caching(self.task_vectors if self.task_vectors.cap_bytes else None):
             for node, value in executor.run():
                 self.targets[node.out_name].copy_(value)
                 self._applied[node.out_name] = node
         return ApplyStats(len(todo), len(plan.targets) - len(todo), time.perf_counter() - start)
+
+    def cache_report(self) -> dict[str, object]:
+        """What the per-run task-vector cache holds: ``bytes``, ``cap_bytes``, ``bytes_by_model``
+        (by the model's position among the merged, non-base models), ``hits``, ``misses`` and
+        ``refused`` (entries not kept because of the cap)."""
+        c = self.task_vectors
+        return {"bytes": c.bytes, "cap_bytes": c.cap_bytes, "bytes_by_model": c.bytes_by_model(),
+                "hits": c.hits, "misses": c.misses, "refused": c.refused}
 
     def _source_bytes(self, plan) -> int:
         """Bytes of every distinct source tensor ``plan`` reads, once cast."""
@@ -157,6 +177,7 @@ class InMemoryMerger:
         self._applied.clear()
 
     def close(self) -> None:
+        self.task_vectors.clear()
         self._sources.clear()
         self._applied.clear()
         self._stack.close()

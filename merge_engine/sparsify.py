@@ -22,6 +22,7 @@ from merge_engine.errors import MergeError
 from merge_engine.methods._reduce import total
 from merge_engine.randomness import TensorRandom
 
+SMALL = 1 << 14  # top_k_mask sorts up to this many entries (a histogram pass costs more there)
 RESCALE_EPS = 1e-7  # below this L1 norm a delta is treated as empty: no rescale
 
 Trim = Callable[[int, torch.Tensor], torch.Tensor]  # (model index, delta) -> trimmed delta
@@ -77,6 +78,10 @@ def top_k_mask(scores: torch.Tensor, k: int, *, nonnegative: bool = False) -> to
     if k >= n:
         return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     keys, bits = _order_keys(flat, nonnegative)
+    if n <= SMALL:  # a stable sort of the keys: the same mask, without 65536-bucket histograms
+        mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+        mask[torch.sort(keys, descending=True, stable=True).indices[:k]] = True
+        return mask.reshape(scores.shape)
     if bits == 16:
         offset = 0 if keys.dtype == torch.int16 else 32768
         bucket, _ = _kth_bucket(keys + offset if offset else keys, k)

@@ -6,7 +6,9 @@ import torch
 
 from merge_engine.methods import _params
 from merge_engine.methods.spec import MethodSpec, Param
-from merge_engine.sparsify import breadcrumbs_trim, merge_task_vectors
+from merge_engine import selection
+from merge_engine.sparsify import breadcrumbs_trim
+from merge_engine.task_vectors import merge_trimmed
 
 GAMMA = Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0, search=(0.0, 0.1),
               help="fraction of largest-magnitude delta entries dropped as outliers")
@@ -15,9 +17,10 @@ GAMMA = Param("gamma", per_model=True, default=0.01, low=0.0, high=1.0, search=(
 def _breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float],
                  density: list[float], gamma: list[float], normalize: bool, rescale: bool,
                  lambda_: float, elect_signs: bool) -> torch.Tensor:
-    return merge_task_vectors(
+    return merge_trimmed(
         tensors, base, weight, normalize=normalize, lambda_=lambda_, elect_signs=elect_signs,
-        trim=lambda i, delta: breadcrumbs_trim(delta, density[i], gamma[i], rescale=rescale))
+        trim=lambda i, delta: breadcrumbs_trim(delta, density[i], gamma[i], rescale=rescale),
+        select=selection.breadcrumbs(density, gamma), rescale=rescale)
 
 
 def breadcrumbs(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],

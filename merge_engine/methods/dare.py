@@ -7,13 +7,14 @@ import torch
 from merge_engine.methods import _params
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.randomness import TensorRandom
-from merge_engine.sparsify import dare_drop, merge_task_vectors
+from merge_engine.sparsify import dare_drop
+from merge_engine.task_vectors import merge_trimmed
 
 
 def _dare(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float],
           density: list[float], normalize: bool, rescale: bool, lambda_: float,
           paper_rescale: bool, rng: TensorRandom, elect_signs: bool) -> torch.Tensor:
-    return merge_task_vectors(
+    return merge_trimmed(
         tensors, base, weight, normalize=normalize, lambda_=lambda_, elect_signs=elect_signs,
         trim=lambda i, delta: dare_drop(delta, density[i], rng, i, rescale=rescale,
                                         paper_rescale=paper_rescale))

@@ -7,7 +7,8 @@ import torch
 from merge_engine.methods import _params
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.randomness import TensorRandom
-from merge_engine.sparsify import della_drop, merge_task_vectors
+from merge_engine.sparsify import della_drop
+from merge_engine.task_vectors import merge_trimmed
 
 EPSILON = Param("epsilon", per_model=True, default=0.15, low=0.0, high=0.5, search=(0.01, 0.1),
                 help="keep probabilities span density - epsilon (smallest) to density + epsilon")
@@ -20,7 +21,7 @@ def _della(tensors: list[torch.Tensor], base: torch.Tensor, weight: list[float],
            density: list[float], epsilon: list[float], normalize: bool, rescale: bool,
            lambda_: float, paper_rescale: bool, rng: TensorRandom,
            elect_signs: bool) -> torch.Tensor:
-    return merge_task_vectors(
+    return merge_trimmed(
         tensors, base, weight, normalize=normalize, lambda_=lambda_, elect_signs=elect_signs,
         trim=lambda i, delta: della_drop(delta, density[i], epsilon[i], rng, i, rescale=rescale,
                                          paper_rescale=paper_rescale))

@@ -6,7 +6,9 @@ import torch
 
 from merge_engine.methods import _params
 from merge_engine.methods.spec import MethodSpec
-from merge_engine.sparsify import magnitude_trim, merge_task_vectors
+from merge_engine import selection
+from merge_engine.sparsify import magnitude_trim
+from merge_engine.task_vectors import merge_trimmed
 
 
 def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float],
@@ -17,9 +19,10 @@ def ties(tensors: list[torch.Tensor], base: torch.Tensor, *, weight: list[float]
     A model whose ``density`` keeps less than one entry keeps its largest entry;
     ``density = 0`` leaves it out (see ``sparsify.magnitude_trim``).
     """
-    return merge_task_vectors(
+    return merge_trimmed(
         tensors, base, weight, normalize=normalize, lambda_=lambda_, elect_signs=True,
-        trim=lambda i, delta: magnitude_trim(delta, density[i], rescale=rescale))
+        trim=lambda i, delta: magnitude_trim(delta, density[i], rescale=rescale),
+        select=selection.magnitude(density), rescale=rescale)
 
 
 SPEC = MethodSpec(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("weighted_sum.c")
+_SOURCES = (Path(__file__).with_name("weighted_sum.c"), Path(__file__).with_name("sparse_mix.c"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -44,8 +44,9 @@ def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
-    source = _SOURCE.read_bytes()
-    for flags in (["-O3", "-march=native"], ["-O3"]):
+    source = b"".join(path.read_bytes() for path in _SOURCES)
+    # no contraction of a*b+c: the sparse kernels round every step as the torch path does
+    for flags in (["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"]):
         key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]
         target = _cache_dir() / f"weighted_sum-{key}.so"
         try:
@@ -53,7 +54,7 @@ def _build() -> ctypes.CDLL | None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
                 os.close(fd)
-                done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, str(_SOURCE), "-lm"],
+                done = subprocess.run([cc, *flags, "-fPIC", "-shared", "-o", tmp, *map(str, _SOURCES), "-lm"],
                                       capture_output=True, timeout=120)
                 if done.returncode != 0:
                     os.unlink(tmp)

@@ -1,0 +1,147 @@
+"""ctypes wrappers of the sparse task-vector kernels (``sparse_mix.c``), run on torch's threads.
+
+Each wrapper takes contiguous bfloat16 CPU tensors and splits the flat range between
+``torch.get_num_threads()`` Python threads (ctypes releases the GIL, so they run in parallel);
+every entry's result depends only on that entry (and on whole-tensor selections fixed before
+the call), so the split never changes the bits. Callers check :func:`usable` first and keep
+the torch path as the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from merge_engine import native
+
+KEYS = 32768  # |bf16| magnitude bits: 15
+MAX_MODELS = 64
+KEEP_ALL, KEEP_ZERO, KEEP_TOP, KEEP_BAND = 0, 1, 2, 3
+
+_declared: set[int] = set()
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "delta_hist_bf16": ([_P, _P, _P, _P, _L, _L], None),
+    "hist_bf16": ([_P, _P, _L, _L], None),
+    "count_key_bf16": ([_P, _L, _L, _I], _L),
+    "nth_key_bf16": ([_P, _L, _L, _I, _L], _L),
+    "select_bf16": ([_P, _P, _I, _I, _L, _I, _L, _L, _L], None),
+    "sparse_mix_bf16": ([_P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _F, _I, _F, _L, _L], None),
+}
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = native._library()
+    if lib is not None and id(lib) not in _declared:
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _declared.add(id(lib))
+    return lib
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are built and every tensor is a contiguous bf16 CPU tensor of one
+    size, large enough to be worth the thread start."""
+    first = tensors[0]
+    if first.numel() < native.MIN_ENTRIES or len(tensors) > MAX_MODELS + 1:
+        return False
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous()
+           or t.numel() != first.numel() for t in tensors):
+        return False
+    return _lib() is not None
+
+
+def _cuts(n: int) -> list[tuple[int, int]]:
+    threads = max(1, min(torch.get_num_threads(), n // native.MIN_ENTRIES))
+    bounds = [n * i // threads for i in range(threads + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` helper threads (a search makes thousands of calls)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="evomerge-native")
+        return _pool
+
+
+def _parallel(call: Callable[[int, int, int], object], n: int) -> list[object]:
+    """``call(part, start, stop)`` on each thread's range; the results in range order."""
+    cuts = _cuts(n)
+    if len(cuts) == 1:
+        return [call(0, *cuts[0])]
+    futures = [_workers(len(cuts) - 1).submit(call, p, *cuts[p]) for p in range(1, len(cuts))]
+    return [call(0, *cuts[0])] + [f.result() for f in futures]
+
+
+def delta_and_histogram(x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x - base`` in bf16 (the bits of torch's subtraction) and the int64 histogram [KEYS] of
+    its magnitude bits. Both flat."""
+    lib = _lib()
+    n = x.numel()
+    delta = torch.empty(n, dtype=torch.bfloat16)
+    parts = torch.zeros(len(_cuts(n)), KEYS, dtype=torch.int64)
+    _parallel(lambda p, a, b: lib.delta_hist_bf16(delta.data_ptr(), parts[p].data_ptr(),
+                                                  x.data_ptr(), base.data_ptr(), a, b), n)
+    return delta, parts.sum(0)
+
+
+def histogram(delta: torch.Tensor) -> torch.Tensor:
+    """The int64 histogram [KEYS] of a bf16 tensor's magnitude bits."""
+    lib = _lib()
+    n = delta.numel()
+    parts = torch.zeros(len(_cuts(n)), KEYS, dtype=torch.int64)
+    _parallel(lambda p, a, b: lib.hist_bf16(parts[p].data_ptr(), delta.data_ptr(), a, b), n)
+    return parts.sum(0)
+
+
+def nth_with_key(delta: torch.Tensor, key: int, nth: int) -> int:
+    """Flat index of the ``nth`` (1-based) entry whose magnitude bits are ``key``."""
+    lib = _lib()
+    n, ptr = delta.numel(), delta.data_ptr()
+    cuts = _cuts(n)
+    counts = _parallel(lambda p, a, b: lib.count_key_bf16(ptr, a, b, key), n) if len(cuts) > 1 else [nth]
+    for (a, b), count in zip(cuts, counts):
+        if nth <= count:
+            return int(lib.nth_key_bf16(ptr, a, b, key, nth))
+        nth -= count
+    raise ValueError(f"fewer than the requested entries have magnitude bits {key}")
+
+
+def select(delta: torch.Tensor, sel: Sequence[int]) -> torch.Tensor:
+    """``delta * mask`` for a selection ``(mode, lo, lo_cut, hi, hi_cut)`` of KEEP_TOP/KEEP_BAND."""
+    lib = _lib()
+    out = torch.empty_like(delta)
+    _parallel(lambda p, a, b: lib.select_bf16(out.data_ptr(), delta.data_ptr(), *sel, a, b),
+              delta.numel())
+    return out
+
+
+def sparse_mix(deltas: Sequence[torch.Tensor], selections: Sequence[Sequence[int]],
+               base: torch.Tensor, weights: Sequence[float], *, elect: bool, normalize: bool,
+               divisor: float, lambda_: float) -> torch.Tensor:
+    """One pass of ``sparsify._mix`` over selected deltas: ``selections[i]`` is
+    ``(mode, lo, lo_cut, hi, hi_cut)``; ``weights`` are the bf16 weights as floats; ``divisor``
+    the bf16 sum of weights (without sign election). Returns bf16 of ``base``'s shape."""
+    lib = _lib()
+    n_models = len(deltas)
+    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    ptrs = (ctypes.c_void_p * n_models)(*[d.data_ptr() for d in deltas])
+    cols = list(zip(*selections))
+    arrays = [(ctypes.c_int * n_models)(*cols[0]), (ctypes.c_int * n_models)(*cols[1]),
+              (ctypes.c_long * n_models)(*cols[2]), (ctypes.c_int * n_models)(*cols[3]),
+              (ctypes.c_long * n_models)(*cols[4]), (ctypes.c_float * n_models)(*weights)]
+    args = (out.data_ptr(), base.data_ptr(), ptrs, n_models, *arrays, int(elect), int(normalize),
+            float(divisor), int(lambda_ != 1), float(lambda_))
+    _parallel(lambda p, a, b: lib.sparse_mix_bf16(*args, a, b), base.numel())
+    return out

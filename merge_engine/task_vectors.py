@@ -1,0 +1,156 @@
+"""The fast path of the task-arithmetic family: native bf16 kernels plus a per-run cache.
+
+``merge_trimmed`` computes exactly what ``sparsify.merge_task_vectors`` computes (the reference,
+used for anything the kernels do not cover: other dtypes, GPUs, small tensors, no C compiler) in
+a few passes with no float32 copies of whole tensors:
+
+1. per model, ``delta = x - base`` in bf16 and a histogram of its magnitude bits (or both from
+   the run's :class:`TaskVectorCache`: they do not depend on the candidate's parameters);
+2. a rank selection (:mod:`merge_engine.selection`) read off the histogram for any density:
+   top-k (TIES), a band (breadcrumbs), or none (DARE/DELLA trim in torch, as before);
+3. one fused pass (``native.sparse.sparse_mix``) that applies the selections, weights, elects
+   signs and adds the mix to the base.
+
+Lifecycle of the cache: an ``InMemoryMerger`` owns one for its whole search and makes it current
+with :func:`caching` around each apply; entries are keyed by the source tensor objects the merger
+keeps (an entry dies with its tensor) and nothing is cached once ``cap_bytes`` is reached (the
+work is then recomputed per candidate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from merge_engine.native import sparse as native_sparse
+from merge_engine.selection import Histogram, Select
+from merge_engine.sparsify import Trim, merge_task_vectors, rescale_l1
+
+
+@dataclass(frozen=True)
+class DeltaStats:
+    """``x - base`` (flat bf16) and the histogram of its magnitudes; independent of any candidate."""
+
+    delta: torch.Tensor
+    hist: Histogram
+
+    @property
+    def nbytes(self) -> int:
+        return self.delta.numel() * self.delta.element_size() + self.hist.nbytes
+
+
+class TaskVectorCache:
+    """Per-run :class:`DeltaStats` of (source tensor, base tensor) pairs, capped at ``cap_bytes``.
+
+    ``bytes_by_model`` reports what is held per model index (the position of the source in the
+    recipes' model lists); ``hits``/``misses``/``refused`` count lookups and entries not kept
+    because of the cap.
+    """
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = int(cap_bytes)
+        self._entries: dict[tuple[int, int], tuple[DeltaStats, int]] = {}
+        self.bytes = 0
+        self.hits = self.misses = self.refused = 0
+
+    def get(self, x: torch.Tensor, base: torch.Tensor) -> DeltaStats | None:
+        entry = self._entries.get((id(x), id(base)))
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry[0]
+
+    def put(self, x: torch.Tensor, base: torch.Tensor, stats: DeltaStats, model_index: int) -> None:
+        if self.bytes + stats.nbytes > self.cap_bytes:
+            self.refused += 1
+            return
+        key = (id(x), id(base))
+        self._entries[key] = (stats, model_index)
+        self.bytes += stats.nbytes
+        # the entry lives as long as both tensors (ids are reused after a tensor is freed)
+        for t in (x, base):
+            weakref.finalize(t, self._drop, key)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[0].nbytes
+
+    def bytes_by_model(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for stats, index in self._entries.values():
+            out[index] = out.get(index, 0) + stats.nbytes
+        return out
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+_current: contextvars.ContextVar[TaskVectorCache | None] = contextvars.ContextVar(
+    "evomerge_task_vector_cache", default=None)
+
+
+@contextlib.contextmanager
+def caching(cache: TaskVectorCache | None) -> Iterator[None]:
+    """Make ``cache`` the one ``merge_trimmed`` uses on this thread while the block runs."""
+    token = _current.set(cache)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def _stats(x: torch.Tensor, base: torch.Tensor, index: int, cache: TaskVectorCache | None) -> DeltaStats:
+    """Keyed by the tensor objects the caller was handed (the merger's cached sources), not views."""
+    stats = cache.get(x, base) if cache is not None else None
+    if stats is None:
+        delta, counts = native_sparse.delta_and_histogram(x.reshape(-1), base.reshape(-1))
+        stats = DeltaStats(delta, Histogram.from_counts(counts))
+        if cache is not None:
+            cache.put(x, base, stats, index)
+    return stats
+
+
+def merge_trimmed(tensors: Sequence[torch.Tensor], base: torch.Tensor, weight: Sequence[float], *,
+                  normalize: bool, lambda_: float, elect_signs: bool, trim: Trim,
+                  select: Select | None = None, rescale: bool = False) -> torch.Tensor:
+    """``sparsify.merge_task_vectors(..., trim=trim)``, the same bits, on the fast path when it applies.
+
+    ``select(i, delta, hist)`` (optional) gives model ``i``'s rank selection
+    (:mod:`merge_engine.selection`), which must keep the entries ``trim`` keeps; with ``rescale``
+    the kept entries are then rescaled as ``trim`` does (``sparsify.rescale_l1``). Without
+    ``select`` the trim runs in torch on the delta and only the mixing is fused.
+    """
+    if not tensors or base is None or not native_sparse.usable(base, *tensors):
+        return merge_task_vectors(tensors, base, weight, normalize=normalize, lambda_=lambda_,
+                                  elect_signs=elect_signs, trim=trim)
+    cache = _current.get()
+    flat_base = base.reshape(-1)
+    deltas, selections = [], []
+    for i, x in enumerate(tensors):
+        stats = _stats(x, base, i, cache)
+        chosen = select(i, stats.delta, stats.hist) if select is not None else None
+        if chosen is None:
+            kept = trim(i, stats.delta.view(base.shape)).reshape(-1)
+            chosen = (native_sparse.KEEP_ALL, 0, 0, 0, 0)
+        elif rescale and chosen[0] not in (native_sparse.KEEP_ALL, native_sparse.KEEP_ZERO):
+            kept = rescale_l1(stats.delta, native_sparse.select(stats.delta, chosen)).contiguous()
+            chosen = (native_sparse.KEEP_ALL, 0, 0, 0, 0)
+        else:
+            kept = stats.delta
+        deltas.append(kept if kept.dtype == torch.bfloat16 else kept.to(torch.bfloat16))
+        selections.append(chosen)
+    w = torch.tensor(list(weight), dtype=torch.bfloat16)
+    divisor = w.sum(dim=0)
+    divisor = 1.0 if abs(float(divisor)) < 1e-8 else float(divisor)
+    out = native_sparse.sparse_mix(deltas, selections, flat_base, [float(v) for v in w],
+                                   elect=elect_signs, normalize=normalize, divisor=divisor,
+                                   lambda_=lambda_)
+    return out.view(base.shape)
