@@ -52,7 +52,7 @@ DEFAULT_WORKDIR = Path.home() / ".cache" / "evomerge" / "parity"
 DEFAULT_MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
 DEFAULT_EVOMERGE = Path(sys.executable).parent / "evomerge"
 DEFAULT_REPORT = REPO / "results" / "benchmarks" / "merge_parity.md"
-MODEL_VERSION = "v2"  # bump when the tiny models change
+MODEL_VERSION = "v3"  # bump when the tiny models change
 VOCAB_VERSION = "v1"  # bump when the tokenizer models change
 
 
@@ -88,7 +88,17 @@ def build_models(root: Path) -> Path:
         model.load_state_dict(sd)
         model.to(torch.float32).save_pretrained(models / name)
         model.to(torch.bfloat16).save_pretrained(models / f"bf16_{name}")
+        model.to(torch.float16).save_pretrained(models / f"fp16_{name}")
         model.to(torch.float32)
+    # a LoRA adapter of the base (r 8 on q/v/down_proj, seeded A and B)
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures import make_lora_adapter, make_tiny_llama
+
+    make_lora_adapter(models / "lora_ft1", models / "base", seed=7, r=8, alpha=16)
+    # one layer and a 8192 x 160 embedding (1.31M entries, past arcee_fusion's 1M sampling limit)
+    wide = {"num_layers": 1, "hidden": 160, "heads": 4, "vocab": 8192, "intermediate": 256}
+    make_tiny_llama(models / "wide_base", 11, **wide)
+    make_tiny_llama(models / "wide_ft", 12, perturb_from=models / "wide_base", scale=0.01)
     (models / "DONE").write_text("ok\n")
     return models
 
@@ -176,6 +186,7 @@ def run_mergekit(mergekit: Path, recipe: Path, out: Path, log: Path, copy_tokeni
         multi = mergekit.parent / "mergekit-multi"
         return run_cmd([str(multi), str(recipe), "--intermediate-dir", f"{out}.stages", "--out-path",
                         str(out), "--no-lazy", *flags], log, env=mergekit_env())
+    flags += ["--lora-merge-cache", str(out.parent / "lora-cache")]
     return run_cmd([str(mergekit), str(recipe), str(out), *flags], log, env=mergekit_env())
 
 
@@ -196,7 +207,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 jobs, results = json.load(open(sys.argv[1])), []
-opts = {copy: MergeOptions(copy_tokenizer=copy, lazy_unpickle=True, quiet=True) for copy in (False, True)}
+# --lora-merge-cache: mergekit needs a folder to merge base+adapter inputs into (as in its CLI)
+opts = {copy: MergeOptions(copy_tokenizer=copy, lazy_unpickle=True, quiet=True,
+                           lora_merge_cache=sys.argv[3]) for copy in (False, True)}
 opts[False].apply_global_options()
 for recipe, out, copy in jobs:  # same steps as mergekit-yaml RECIPE OUT [--no-copy-tokenizer] --lazy-unpickle
     t = time.perf_counter()
@@ -248,7 +261,8 @@ def run_batch(python: Path, driver: str, jobs: list[tuple[Path, Path, bool]], wo
     jobs_file, res_file = work / f"{tag}-jobs.json", work / f"{tag}-results.json"
     jobs_file.write_text(json.dumps([[str(r), str(o), c] for r, o, c in jobs]))
     res_file.unlink(missing_ok=True)
-    run = run_cmd([str(python), "-c", driver, str(jobs_file), str(res_file)], work / f"{tag}.log",
+    run = run_cmd([str(python), "-c", driver, str(jobs_file), str(res_file), str(work / "lora-cache")],
+                  work / f"{tag}.log",
                   env=env, timeout=3600)
     done = json.loads(res_file.read_text()) if res_file.exists() else []
     runs = [Run(d["ok"], d["seconds"], d.get("error", "")) for d in done]
@@ -659,8 +673,9 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         f"evomerge with torch {torch.__version__}.",
         "",
         "Models: tiny LlamaForCausalLM (4 layers, hidden 128, intermediate 344, 4 heads / 2 KV heads, "
-        "vocab 384), seeded; fine-tunes = base + seeded correlated noise; float32 and bfloat16 "
-        "sets. Recipes: `benchmarks/mergekit_recipes/` (`MODELS/` → the model directory). Each recipe "
+        "vocab 384), seeded; fine-tunes = base + seeded correlated noise; float32, bfloat16 and float16 "
+        "sets, a LoRA adapter of the base (`lora_ft1`, r 8 on q/v/down_proj; mergekit merges it with "
+        "`--lora-merge-cache`), and a one-layer pair with a 8192 x 160 embedding (`wide_*`). Recipes: `benchmarks/mergekit_recipes/` (`MODELS/` → the model directory). Each recipe "
         "is run by `mergekit-yaml RECIPE OUT --no-copy-tokenizer --lazy-unpickle` and by "
         "`evomerge merge RECIPE OUT --device cpu`, and every output tensor is compared (multi-stage "
         "recipes, several YAML documents, by mergekit-multi's own steps, as `mergekit-multi RECIPE "

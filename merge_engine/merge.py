@@ -86,7 +86,7 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
               trust_remote_code: bool = False, force: bool = False, dry_run: bool = False,
               prefetch: int | None = None, progress: Callable[[int, int], None] | None = None,
               opened: dict[ModelRef, Any] | None = None, recipe_text: str | None = None,
-              inputs: list[str] | None = None) -> MergeResult:
+              inputs: list[str] | None = None, lora_merge_dtype: str | None = None) -> MergeResult:
     """Merge ``recipe`` into ``out_dir``.
 
     Output goes to a temporary sibling directory that is renamed into place at
@@ -95,12 +95,13 @@ def run_merge(recipe: MergeRecipe, out_dir: str | Path, *, device: str | None = 
     and named in the model card: bytes are identical for merges on one device type.
     ``opened`` supplies readers for some models (as :func:`merge_engine.session.prepare` takes
     them); ``recipe_text`` and ``inputs``
-    replace the recipe and input list the output's ``evomerge_recipe.yaml`` and card show.
+    replace the recipe and input list the output's ``evomerge_recipe.yaml`` and card show;
+    ``lora_merge_dtype`` as :func:`merge_engine.session.prepare` takes it.
     """
     start = time.perf_counter()
     with ExitStack() as stack:
         plan, readers = prepare(recipe, stack, opened=opened, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype)
         if dry_run:
             return MergeResult(None, len(plan.targets), time.perf_counter() - start, plan.warnings)
         peak = write_planned(plan, readers, recipe, out_dir, device=pick_device(device), shard_size=shard_size,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -20,11 +22,10 @@ from merge_engine.errors import NonFiniteError, RecipeError
 from merge_engine.layout import LayerLayout, detect_layout, is_output_head, with_num_layers
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
-from merge_engine.methods.spec import MethodSpec
+from merge_engine.out_slices import OutSlice, Source, out_of_bounds, out_slices, split_base
 from merge_engine.randomness import TensorRandom
 from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
 from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabulary
-
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -99,6 +100,7 @@ class MergeTensor:
     out_dtype: str | None
     draws: tuple[Draw, ...] = ()
     vocab: RowPlan | None = None  # vocabulary tensors: inputs laid out on the output tokenizer's rows
+    compute_dtype: str | None = None  # inputs of mixed dtypes are cast to this one before the method
 
     def loads(self) -> tuple[LoadTensor, ...]:
         """The tensors read: the inputs, then the base if any."""
@@ -120,8 +122,9 @@ class MergeTensor:
         if self.vocab is not None:
             values = (*self.vocab.align(values[:n_in]), *values[n_in:])
         # non_blocking: a copy from pinned memory overlaps; from pageable memory it is synchronous
-        tensors = [v.to(device, non_blocking=True) for v in values[: len(self.inputs)]]
-        base = values[n_in - 1].to(device, non_blocking=True) if self.base is not None else None
+        dtype = torch_dtype(self.compute_dtype) if self.compute_dtype else None
+        tensors = [v.to(device, dtype, non_blocking=True) for v in values[: len(self.inputs)]]
+        base = values[n_in - 1].to(device, dtype, non_blocking=True) if self.base is not None else None
         kwargs = self.kwargs()
         if spec.random:
             drawn = {(d.model_index, d.below): u for d, u in zip(self.draws, values[n_in:])}
@@ -178,44 +181,6 @@ class MergePlan:
     vocabulary: Vocabulary | None = None  # the output tokenizer, when the recipe sets a source
 
 
-@dataclass
-class _Source:
-    model: ModelRef
-    first_layer: int  # source layer of output layer 0 of the slice
-    params: Mapping[str, Any] | None
-
-
-@dataclass
-class _OutSlice:
-    sources: list[_Source]
-    num_layers: int
-    params: Mapping[str, Any] | None
-    base: ModelRef | None  # the slice's own base_model, else the recipe's
-
-
-def _out_slices(recipe: MergeRecipe, num_layers: int) -> list[_OutSlice]:
-    if recipe.models is not None:
-        return [_OutSlice([_Source(m.model, 0, m.parameters) for m in recipe.models], num_layers, None,
-                          recipe.base_model)]
-    return [_OutSlice([_Source(s.model, s.layer_range[0], s.parameters) for s in sl.sources],
-                      sl.num_layers, sl.parameters, recipe.base_of(sl)) for sl in recipe.slices or ()]
-
-
-def _split_base(spec: MethodSpec, sl: _OutSlice) -> tuple[list[_Source], _Source | None]:
-    """Separate the slice's base model from its other inputs, as the method's ``base`` rule says.
-
-    Counts and a missing required base were checked by ``validate.check_recipe``."""
-    sources = sl.sources
-    if spec.base == "unused" or sl.base is None:
-        return sources, None
-    others = [s for s in sources if s.model != sl.base]
-    base = next((s for s in sources if s.model == sl.base), None)
-    if base is None:  # a base not listed is added, aligned with the slice's first source
-        first = sources[0].first_layer if sources else 0
-        base = _Source(sl.base, first, None)
-    return others, base
-
-
 class _Planner:
     def __init__(self, recipe: MergeRecipe, readers: Mapping[ModelRef, Any]) -> None:
         self.recipe = recipe
@@ -240,8 +205,8 @@ class _Planner:
             self.problems.append(text)
 
     # -- parameter resolution --------------------------------------------
-    def params_for(self, tensor_name: str, t: float, sl: _OutSlice,
-                   inputs: list[_Source]) -> tuple[tuple[str, Any], ...]:
+    def params_for(self, tensor_name: str, t: float, sl: OutSlice,
+                   inputs: list[Source]) -> tuple[tuple[str, Any], ...]:
         out: list[tuple[str, Any]] = []
         top = self.recipe.parameters
         for p in self.spec.params:
@@ -282,13 +247,21 @@ class _Planner:
             self.problems.extend(t for t in err.problems if t not in self.problems)
             return None
 
+    def _compute_dtype(self, loads: list[LoadTensor]) -> str | None:
+        """Without a recipe ``dtype``, inputs of different dtypes merge in their promoted dtype
+        (bf16 with float32: float32, as mergekit promotes); None when they share one."""
+        dtypes = {self.readers[ld.model].dtype(ld.name) for ld in loads}
+        if self.recipe.dtype or len(dtypes) < 2 or not all(d.is_floating_point for d in dtypes):
+            return None
+        return dtype_name(functools.reduce(torch.promote_types, dtypes))
+
     # -- tensors -----------------------------------------------------------
-    def source_name(self, out_name: str, out_layer: int | None, src: _Source, slice_start: int) -> str:
+    def source_name(self, out_name: str, out_layer: int | None, src: Source, slice_start: int) -> str:
         if out_layer is None:
             return out_name
         return self.layouts[src.model].rename(out_name, src.first_layer + out_layer - slice_start)
 
-    def load_nodes(self, out_name: str, names: list[tuple[_Source, str]],
+    def load_nodes(self, out_name: str, names: list[tuple[Source, str]],
                    base: ModelRef | None) -> list[LoadTensor] | None:
         shapes = []
         for src, name in names:
@@ -308,7 +281,7 @@ class _Planner:
         return [LoadTensor(src.model, name, dtype, crop if crop != shape else None)
                 for (src, name), shape in zip(names, shapes)]
 
-    def _crop(self, out_name: str, names: list[tuple[_Source, str]], shapes: list[tuple[int, ...]],
+    def _crop(self, out_name: str, names: list[tuple[Source, str]], shapes: list[tuple[int, ...]],
               base: ModelRef | None) -> tuple[int, ...] | None:
         ranks = {len(s) for s in shapes}
         tails = {s[1:] for s in shapes}
@@ -329,9 +302,9 @@ class _Planner:
         self.warnings.append(f"vocabulary sizes differ in {out_name}; keeping the first {rows} rows")
         return (rows,) + shapes[0][1:]
 
-    def tensor_node(self, out_name: str, sl: _OutSlice, out_layer: int | None, slice_start: int,
+    def tensor_node(self, out_name: str, sl: OutSlice, out_layer: int | None, slice_start: int,
                     t: float) -> MergeTensor | None:
-        inputs, base = _split_base(self.spec, sl)
+        inputs, base = split_base(self.spec, sl)
         named = [(s, self.source_name(out_name, out_layer, s, slice_start)) for s in inputs]
         if base is not None:
             named.append((base, self.source_name(out_name, out_layer, base, slice_start)))
@@ -339,13 +312,14 @@ class _Planner:
         if loads is None:
             return None
         params = self.params_for(out_name, t, sl, inputs)
-        out_dtype = self.recipe.out_dtype or self.recipe.dtype
+        compute = self._compute_dtype(loads)
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype or compute
         vocab = None
         if self.vocabulary is not None and self.layout.is_embedding(out_name):
             vocab = self._row_plan(out_name, loads)
         node = MergeTensor(out_name, self.spec.name, tuple(loads[: len(inputs)]),
                            loads[-1] if base is not None else None, params,
-                           self.recipe.seed, out_dtype, vocab=vocab)
+                           self.recipe.seed, out_dtype, vocab=vocab, compute_dtype=compute)
         if self.spec.draws is None:
             return node
         shape, _ = output_shape_dtype(node, self.readers)
@@ -357,13 +331,9 @@ class _Planner:
     def build(self) -> MergePlan:
         layout = self.layout
         names = self.readers[self.reference].tensor_names
-        slices = _out_slices(self.recipe, layout.num_layers)
-        for sl in slices:
-            for src in sl.sources:
-                n_src = self.layouts[src.model].num_layers
-                if src.first_layer + sl.num_layers > n_src:
-                    self.problem(f"layer_range [{src.first_layer}, {src.first_layer + sl.num_layers}) "
-                                 f"is out of bounds for {src.model}, which has {n_src} layers")
+        slices = out_slices(self.recipe, layout.num_layers)
+        for text in out_of_bounds(slices, {ref: lay.num_layers for ref, lay in self.layouts.items()}):
+            self.problem(text)
         if self.problems:
             raise RecipeError(self.problems)
         non_layer = [n for n in names if layout.layer_of(n) is None]
@@ -393,7 +363,7 @@ class _Planner:
                          self._config(out_layer, slices, targets), self.reference, layout,
                          out_layer, self.warnings, self.vocabulary)
 
-    def _config(self, num_layers: int, slices: list[_OutSlice], targets: list) -> dict[str, Any]:
+    def _config(self, num_layers: int, slices: list[OutSlice], targets: list) -> dict[str, Any]:
         config = with_num_layers(copy.deepcopy(self.readers[self.reference].config), num_layers)
         # per-layer lists (e.g. layer_types) follow the layers they came from
         for key, value in list(config.items()):
@@ -401,9 +371,13 @@ class _Planner:
                     and key not in ("architectures",):
                 config[key] = [value[min(s.sources[0].first_layer + i, len(value) - 1)]
                                for s in slices for i in range(s.num_layers)]
-        reader = self.readers[self.reference]
-        out_dtype = (self.recipe.out_dtype or self.recipe.dtype
-                     or dtype_name(reader.dtype(reader.tensor_names[0])))
+        # unset: the dtype most of the output's weights are written in
+        sizes: dict[torch.dtype, int] = {}
+        for node in (t for t in targets if t is not None):
+            shape, dtype = output_shape_dtype(node, self.readers)
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        most = max(sizes, key=sizes.__getitem__) if sizes else None
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype or (most and dtype_name(most))
         if out_dtype:
             config["torch_dtype"] = out_dtype
             if "dtype" in config:

@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from merge_engine.dtypes import DTYPE_NAMES
 from merge_engine.errors import MergeError, RecipeError
 from merge_engine.io.refs import ModelRef
 from merge_engine.plan import MergePlan
@@ -35,7 +36,7 @@ class Prepared(NamedTuple):
 
 def prepare(recipe: MergeRecipe, stack: ExitStack, *, opened: Readers | None = None,
             model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,
-            trust_remote_code: bool = False) -> Prepared:
+            trust_remote_code: bool = False, lora_merge_dtype: str | None = None) -> Prepared:
     """Check ``recipe`` and its models and plan it; raises RecipeError listing every problem.
 
     ``recipe`` is already schema-valid (a MergeRecipe); each check runs once. Readers this call
@@ -43,11 +44,17 @@ def prepare(recipe: MergeRecipe, stack: ExitStack, *, opened: Readers | None = N
     calls (a search applies thousands of recipes over the same models): its readers are reused,
     and the ones this call opens join it once the recipe has passed. Models are compared with
     each other (architecture, per-layer tensors, shapes) unless every one came from ``opened``:
-    those passed that comparison when they joined.
+    those passed that comparison when they joined. ``lora_merge_dtype`` (mergekit's option of
+    that name) is the dtype every tensor of a ``base+adapter`` model takes, the adapter merged in
+    it (see :class:`merge_engine.io.lora.LoraReader`); None keeps the base's dtypes.
     """
+    if lora_merge_dtype is not None and lora_merge_dtype not in DTYPE_NAMES:
+        raise RecipeError([f"lora_merge_dtype {lora_merge_dtype!r} is not one of {', '.join(DTYPE_NAMES)}; "
+                           "name one of those"])
     report = Report()
     readers, plan = _run(recipe, stack, report, opened=opened, model_configs=model_configs,
-                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=False)
+                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, compare_cached=False,
+                         lora_merge_dtype=lora_merge_dtype)
     if plan is None:
         raise RecipeError(report.problems)
     if opened is not None:
@@ -89,7 +96,7 @@ def validate(recipe: MergeRecipe | str | Path, *, with_models: bool = True, open
 
 def _run(recipe: MergeRecipe, stack: ExitStack, report: Report, *, opened: Readers | None,
          model_configs: Mapping[str, str | Path] | None, allow_pickle: bool, trust_remote_code: bool,
-         compare_cached: bool) -> tuple[dict[ModelRef, Any], MergePlan | None]:
+         compare_cached: bool, lora_merge_dtype: str | None = None) -> tuple[dict[ModelRef, Any], MergePlan | None]:
     """The pipeline: the readers it opened or reused, and the plan (None when ``report`` has problems)."""
     from merge_engine.layout import check_compatible
     from merge_engine.plan import build_plan
@@ -98,7 +105,8 @@ def _run(recipe: MergeRecipe, stack: ExitStack, report: Report, *, opened: Reade
     if report.problems:
         return {}, None
     cached = opened if opened is not None else {}
-    readers = _open_readers(recipe, stack, report, cached, model_configs, allow_pickle, trust_remote_code)
+    readers = _open_readers(recipe, stack, report, cached, model_configs, allow_pickle, trust_remote_code,
+                            lora_merge_dtype)
     if report.problems:
         return readers, None
     if compare_cached or any(ref not in cached for ref in readers):
@@ -118,7 +126,7 @@ def _run(recipe: MergeRecipe, stack: ExitStack, report: Report, *, opened: Reade
 
 def _open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, cached: Mapping[ModelRef, Any],
                   model_configs: Mapping[str, str | Path] | None, allow_pickle: bool,
-                  trust_remote_code: bool) -> dict[ModelRef, Any]:
+                  trust_remote_code: bool, lora_merge_dtype: str | None = None) -> dict[ModelRef, Any]:
     """A reader for every model the recipe references; what cannot be opened goes to ``report``.
 
     A ``base+adapter`` ref reads its base with the LoRA adapter applied (a LoraReader)."""
@@ -133,7 +141,7 @@ def _open_readers(recipe: MergeRecipe, stack: ExitStack, report: Report, cached:
             elif model_configs is not None:
                 readers[ref] = _config_or_local(ref, stack, model_configs, allow_pickle, trust_remote_code)
             else:
-                readers[ref] = _model(ref, stack, allow_pickle, trust_remote_code)
+                readers[ref] = _model(ref, stack, allow_pickle, trust_remote_code, lora_merge_dtype)
         except MergeError as err:
             report.add(str(err))
     tok = recipe.tokenizer_model()
@@ -163,8 +171,10 @@ def _config_or_local(ref: ModelRef, stack: ExitStack, model_configs: Mapping[str
                      f"add '{key}: DIR' (a folder with its config.json) to model_configs")
 
 
-def _model(ref: ModelRef, stack: ExitStack, allow_pickle: bool, trust_remote_code: bool) -> Any:
+def _model(ref: ModelRef, stack: ExitStack, allow_pickle: bool, trust_remote_code: bool,
+           lora_merge_dtype: str | None = None) -> Any:
     """The reader of ``ref``'s own files (local or from the hub), its adapter applied if it names one."""
+    from merge_engine.dtypes import torch_dtype
     from merge_engine.io.lora import LoraReader
     from merge_engine.io.reader import CheckpointReader
     from merge_engine.io.resolve import resolve_adapter_dir, resolve_model_dir
@@ -174,4 +184,6 @@ def _model(ref: ModelRef, stack: ExitStack, allow_pickle: bool, trust_remote_cod
     if not ref.lora:
         return stack.enter_context(base)
     adapter = resolve_adapter_dir(ref, allow_pickle=allow_pickle)
-    return stack.enter_context(LoraReader(base, adapter, name=str(ref), allow_pickle=allow_pickle))
+    merge_dtype = torch_dtype(lora_merge_dtype) if lora_merge_dtype else None
+    return stack.enter_context(LoraReader(base, adapter, name=str(ref), allow_pickle=allow_pickle,
+                                          merge_dtype=merge_dtype))

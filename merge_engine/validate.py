@@ -98,7 +98,7 @@ def _input_groups(recipe: MergeRecipe) -> Iterator[tuple[list[ModelRef], ModelRe
 def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
     """A base where the method needs one; as many models per merge as it takes."""
     for refs, base in _input_groups(recipe):
-        # a base the method uses is split off the inputs (as plan._split_base does)
+        # a base the method uses is split off the inputs (as out_slices.split_base does)
         n = len([r for r in refs if spec.base == "unused" or base is None or r != base])
         for text in spec.input_problems(n, base is not None,
                                         add_base="add 'base_model: <model>' to the recipe"):

@@ -10,6 +10,7 @@ import sys
 from evomerge.cli.common import add_command, add_var_option, parse_size, print_report, warn
 from evomerge.devices import DEVICE_HELP, device_arg
 from evomerge.errors import EvomergeError
+from merge_engine.dtypes import DTYPE_NAMES
 from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free of torch
 
 
@@ -34,10 +35,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
         if len(stages) > 1:
+            if args.lora_merge_dtype:
+                raise EvomergeError("--lora-merge-dtype applies to one-stage recipes only; "
+                                    "merge each stage that reads an adapter on its own")
             return _merge_stages(args, stages, lambda stage, done, total: progress(done, total, stage))
         result = run_merge(stages[0].recipe, args.out, device=args.device, shard_size=args.shard_size,
                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                           force=args.force, dry_run=args.dry_run, progress=progress)
+                           force=args.force, dry_run=args.dry_run, progress=progress,
+                           lora_merge_dtype=args.lora_merge_dtype)
     warn(result.warnings)
     if args.dry_run:
         print(f"{args.recipe}: valid; would write {result.tensors} tensors to {args.out}")
@@ -119,6 +124,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
+    p.add_argument("--lora-merge-dtype", choices=DTYPE_NAMES, default=None,
+                   help="dtype base+adapter models are merged in and read as (mergekit's option; "
+                        "default: the base's dtypes)")
     p.add_argument("--intermediate-dir", metavar="DIR", default=None,
                    help="multi-stage recipes: also write each named stage to DIR/NAME "
                         "(default: intermediates stay in memory and are not kept)")

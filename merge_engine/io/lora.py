@@ -14,7 +14,13 @@ peft's ``merge_and_unload`` leaves in the model:
   saves for adapted embeddings) replace the base's tensor of that name.
 
 The sum is computed in float32 (``W.float() + delta``) and rounded once to the base weight's
-dtype: the same arithmetic as peft's in-place merge, which upcasts the adapter to float32.
+dtype: the same arithmetic as peft's in-place merge, which upcasts the adapter to float32. An
+embedding's update is rounded to the weight's dtype first and then added, as peft's embedding
+merge does (the two differ only below float32).
+With ``merge_dtype`` (mergekit's ``lora_merge_dtype``: the dtype mergekit loads the base in
+before peft merges) every tensor of the adapted model is that dtype: the base's weights are cast
+to it first, and an adapted weight is ``W`` (cast) plus the float32 update, summed in the wider of
+the two and rounded once to ``merge_dtype``.
 Everything that can be checked without tensor data (adapter config, tensor names, ranks,
 shapes against the base) is checked on construction, each problem a one-line CheckpointError.
 """
@@ -60,6 +66,7 @@ class _Delta:
     b: str
     scale: float
     transpose: bool
+    embedding: bool  # peft rounds an embedding's update to the weight's dtype before adding it
 
 
 def read_adapter_config(adapter_dir: Path, name: str) -> dict[str, Any]:
@@ -98,8 +105,9 @@ class LoraReader:
     """
 
     def __init__(self, base: Any, adapter_dir: Path | str, *, name: str | None = None,
-                 allow_pickle: bool = False) -> None:
+                 allow_pickle: bool = False, merge_dtype: torch.dtype | None = None) -> None:
         self.base = base
+        self.merge_dtype = merge_dtype
         self.adapter_dir = Path(adapter_dir)
         self.model_dir = base.model_dir
         self.name = name or f"{base.name}+{adapter_dir}"
@@ -128,10 +136,11 @@ class LoraReader:
         return self.base.shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.base.dtype(name)
+        own = self.base.dtype(name)
+        return self.merge_dtype if self.merge_dtype is not None and own.is_floating_point else own
 
     def nbytes(self, name: str) -> int:
-        return self.base.nbytes(name)
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
 
     @property
     def adapted(self) -> tuple[str, ...]:
@@ -144,15 +153,18 @@ class LoraReader:
         """Tensor ``name`` of the adapted model (see the module docstring), on ``device`` in ``dtype``."""
         delta = self._deltas.get(name)
         source = self._replaced.get(name)
+        own = self.dtype(name)
         if delta is None and source is None:
-            return self.base.get(name, device=device, dtype=dtype)
-        own = self.base.dtype(name)
-        weight = self._weights.get(source).to(own) if source is not None else self.base.get(name)
+            return self.base.get(name, device=device, dtype=dtype if self.merge_dtype is None else dtype or own)
+        weight = self._weights.get(source).to(own) if source is not None else self.base.get(name).to(own)
         if delta is not None:
             update = self._weights.get(delta.b).float() @ self._weights.get(delta.a).float()
             if delta.transpose:
                 update = update.T
-            weight = (weight.float() + update * delta.scale).to(own)
+            if delta.embedding:
+                weight = weight + (update * delta.scale).to(own)
+            else:
+                weight = (weight.to(torch.promote_types(own, torch.float32)) + update * delta.scale).to(own)
         return weight.to(device=device, dtype=dtype)
 
     def close(self) -> None:
@@ -219,7 +231,7 @@ class LoraReader:
         self._check_shape(f"LoRA on {module}", target, out)
         alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
         scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        return _Delta(a, b, scale, transpose)
+        return _Delta(a, b, scale, transpose, embedding)
 
     def _check_shape(self, what: str, target: str, shape: tuple[int, ...]) -> None:
         if tuple(shape) != tuple(self.base.shape(target)):
