@@ -20,7 +20,9 @@ from evomerge.candidate import Candidate
 from evomerge.results.store import top_trials
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
-from evomerge.space import SCORE, SearchSpace, trial_recipe
+from evomerge.space import SCORE, SearchSpace
+from evomerge.space.genome import trial_stages
+from merge_engine.stages import stages_yaml
 from evomerge.errors import EvomergeError
 from merge_engine.errors import MergeError, NonFiniteError
 
@@ -111,10 +113,10 @@ def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
 def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
               evaluators: Evaluators) -> list[float]:
     """Score one candidate; raises ``optuna.TrialPruned`` when the cheap-first check stops it."""
-    recipe = trial_recipe(space, trial)
-    trial.set_user_attr("recipe", recipe.to_yaml())
-    trial.set_user_attr("seed", {"merge": recipe.seed, "eval": space.eval.seed})
-    candidate.apply(recipe)
+    stages = trial_stages(space, trial)  # one stage, or a multi-stage candidate
+    trial.set_user_attr("recipe", stages_yaml(stages))
+    trial.set_user_attr("seed", {"merge": stages[-1].recipe.seed, "eval": space.eval.seed})
+    candidate.apply(stages)
     if evaluators.cheap is not None:
         cheap = evaluators.cheap.evaluate(candidate.model, candidate.tokenizer)
         _record(trial, "cheap", cheap)
