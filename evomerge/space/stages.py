@@ -184,3 +184,21 @@ def resident_model(space: SearchSpace) -> str:
     paths = [m.model for m in space.all_models()]
     paths += [str(r) for s in fixed_stages(space) for r in stage_refs(s.recipe)]
     return next(p for p in paths if p not in fixed)
+
+
+def stage_shapes(space: SearchSpace) -> dict[str, Any]:
+    """The :class:`~evomerge.space.layer_path.ModelShape` of each fixed stage's output, from
+    its plan (no tensor is merged); a stage that cannot be planned is one StagesError line."""
+    return dict(_stage_shapes(space.stages.file))
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_shapes(file: str) -> tuple[tuple[str, Any], ...]:
+    from evomerge.space.layer_path import shape_of
+    from merge_engine.multistage import validate_stages
+
+    planned: dict[str, Any] = {}
+    report = validate_stages(list(_load(file)), planned=planned)
+    if report.problems:
+        raise StagesError(report.problems[:5], f"stages file {file}")
+    return tuple((name, shape_of(name, model)) for name, model in planned.items())
