@@ -24,8 +24,8 @@ file as its fixed ``stages`` (:mod:`evomerge.space.stages`), so each earlier bes
 computed once per run, in memory. ``OUT/final.yaml`` is the last stage's best candidate: a
 multi-stage recipe ``evomerge merge`` turns into the model that was scored.
 
-Resuming: a stage whose ``stages.yaml`` exists is done and is not run again (remove that folder
-to redo it and the stages after it); an unfinished stage resumes its study where it stopped.
+Resuming: a stage whose ``stages.yaml`` exists is done and is not run again (a new ``OUT``
+searches it afresh); an unfinished stage resumes its study where it stopped.
 
 Lifecycle: :func:`load_pipeline` checks every space before anything runs (later spaces against
 a stand-in for the earlier stages' results: their start candidates); :func:`run_pipeline` runs
