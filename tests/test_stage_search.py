@@ -129,3 +129,33 @@ def _recipe(sp):
     from evomerge.space import build_recipe
 
     return build_recipe(sp, sp.methods[0], equal_params(sp))
+
+
+def test_a_search_over_a_fixed_stage_saves_multi_stage_best_recipes(zoo, tmp_path):
+    """``evomerge search`` end to end (real lm-eval scoring): best/01 is the whole multi-stage
+    recipe and ``evomerge merge`` of it equals the best candidate applied in memory; the stage
+    read as an input model is scored beside the others."""
+    from evomerge.cli import main
+    from evomerge.results.store import top_trials, trial_stages_of
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "name": "over_first", "stages": str(zoo / "fixed.yaml"), "method": "task_arithmetic",
+        "base_model": str(zoo / "base"),
+        "models": [{"name": "first", "model": "first"}, {"name": "c", "model": str(zoo / "c")}],
+        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
+        "report_eval": {"limit": 2}, "budget": {"trials": 2}, "top_k": 1}))
+    out = tmp_path / "run"
+    assert main(["search", str(space_file), "--out", str(out), "--device", "cpu"]) == 0
+    study = optuna.load_study(study_name="over_first", storage=f"sqlite:///{out / 'study.db'}")
+    assert "error" not in study.user_attrs["inputs"]["first"]  # the stage scored as an input
+    best_file = next((out / "best").glob("01_*.yaml"))
+    stages = trial_stages(parse_space(yaml.safe_load(space_file.read_text())),
+                          optuna.trial.FixedTrial(top_trials(study, 1)[0].params))
+    assert stages_yaml(stages) == stages_yaml(trial_stages_of(top_trials(study, 1)[0]))
+    with Candidate.load(zoo / "base", dtype="float32") as cand:
+        cand.apply(stages)
+        assert main(["merge", str(best_file), str(tmp_path / "best_model"), "--device", "cpu"]) == 0
+        disk, memory = load_state(tmp_path / "best_model"), cand.model.state_dict()
+        for name, tensor in disk.items():
+            assert torch.equal(memory[name], tensor), name

@@ -202,3 +202,19 @@ def _stage_shapes(file: str) -> tuple[tuple[str, Any], ...]:
     if report.problems:
         raise StagesError(report.problems[:5], f"stages file {file}")
     return tuple((name, shape_of(name, model)) for name, model in planned.items())
+
+
+def input_stages(space: SearchSpace, model: str) -> list[Stage] | None:
+    """The fixed stages that build input ``model`` when it names one (that stage last), to score
+    it beside the other input models; None for a model folder."""
+    fixed = {s.name: s for s in fixed_stages(space)}
+    if model not in fixed:
+        return None
+    needed, todo = set(), [model]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(fixed[name].needs)
+    ordered = [s for s in fixed.values() if s.name in needed]  # run order, ``model`` last
+    return ordered
