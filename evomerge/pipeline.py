@@ -45,7 +45,9 @@ import yaml
 
 from evomerge.errors import EvomergeError, atomic_write
 from evomerge.space import SpaceError, SearchSpace, parse_space
-from merge_engine.stages import Stage, stages_yaml
+from evomerge.space.stages import read_by_final
+from merge_engine.errors import MergeError
+from merge_engine.stages import Stage, load_stages, stages_yaml
 
 RESULT = "stages.yaml"  # a finished stage's best candidate, in OUT/<stage>/
 FINAL = "final.yaml"    # the pipeline's result, in OUT/
@@ -77,8 +79,8 @@ class Pipeline:
         data = dict(stage.data)
         if stage.needs:
             data["stages"] = str(fixed)
-        return parse_space(data, source=f"{self.path} stage {stage.name}", base_dir=self.path.parent.resolve(),
-                           variables=self.variables)
+        return parse_space(data, source=f"{self.path} stage {stage.name}",
+                           base_dir=self.path.parent.resolve(), variables=self.variables)
 
 
 def load_pipeline(path: str | Path, variables: Mapping[str, str] | None = None) -> Pipeline:
@@ -92,7 +94,8 @@ def load_pipeline(path: str | Path, variables: Mapping[str, str] | None = None) 
     try:
         docs = [d for d in yaml.safe_load_all(read_space_text(path)) if d is not None]
     except yaml.YAMLError as err:
-        raise PipelineError(f"not valid YAML: {str(err).splitlines()[0]}; fix the syntax", str(path)) from None
+        raise PipelineError(f"not valid YAML: {str(err).splitlines()[0]}; fix the syntax",
+                            str(path)) from None
     problems: list[str] = []
     stages: list[PipelineStage] = []
     for i, doc in enumerate(docs, 1):
@@ -124,7 +127,7 @@ def _check_spaces(pipeline: Pipeline) -> None:
     stage's first start candidate), so a typo in the last stage is found before the first runs."""
     import optuna
 
-    from evomerge.space import start_points
+    from evomerge.space import equal_params
     from evomerge.space.genome import trial_stages
 
     problems: list[str] = []
@@ -133,14 +136,11 @@ def _check_spaces(pipeline: Pipeline) -> None:
         for stage in pipeline.stages:
             try:
                 space = pipeline.space(stage, fixed)
-                params = start_points(space)[0][1] if space.start else {}
-                stand_in = trial_stages(space, optuna.trial.FixedTrial(params))
-            except EvomergeError as err:
-                problems.extend(f"stage {stage.name}: {p}" for p in getattr(err, "problems", [str(err)]))
+                stand_in = trial_stages(space, optuna.trial.FixedTrial(equal_params(space)))
+            except (EvomergeError, MergeError) as err:  # a bad space, or a recipe it cannot build
+                lines = getattr(err, "problems", None) or [str(err)]
+                problems.extend(f"stage {stage.name}: {p}" for p in lines)
                 break  # later stages read this one
-            except Exception as err:  # noqa: BLE001  a recipe the stage cannot build (RecipeError)
-                problems.append(f"stage {stage.name}: {err}")
-                break
             fixed = Path(tmp) / f"{stage.name}.yaml"
             fixed.write_text(stages_yaml(named(stand_in, stage.name)))
     if problems:
@@ -149,7 +149,7 @@ def _check_spaces(pipeline: Pipeline) -> None:
 
 def named(stages: list[Stage], name: str | None) -> list[Stage]:
     """``stages`` with the final stage named ``name`` (None: unnamed, the file's final stage)."""
-    *upstream, final = stages
+    *upstream, final = read_by_final(stages)
     return [*upstream, Stage(name, final.recipe.model_copy(update={"name": name}), final.needs)]
 
 
@@ -199,12 +199,5 @@ def run_pipeline(pipeline: Pipeline, out_dir: Path, *, storage: str | None = Non
         atomic_write(result, stages_yaml(named(trial_stages_of(best[0]), stage.name)))
         ran.append(stage.name)
         fixed = result
-    final_text = stages_yaml(named(_load(fixed), None))
-    atomic_write(out_dir / FINAL, final_text)
+    atomic_write(out_dir / FINAL, stages_yaml(named(load_stages(fixed), None)))
     return PipelineSummary(out_dir, storage, out_dir / FINAL, ran, skipped)
-
-
-def _load(path: Path) -> list[Stage]:
-    from merge_engine.stages import load_stages
-
-    return load_stages(path)

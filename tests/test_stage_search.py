@@ -159,3 +159,20 @@ def test_a_search_over_a_fixed_stage_saves_multi_stage_best_recipes(zoo, tmp_pat
         disk, memory = load_state(tmp_path / "best_model"), cand.model.state_dict()
         for name, tensor in disk.items():
             assert torch.equal(memory[name], tensor), name
+
+
+def test_a_layer_path_over_a_fixed_stage_keeps_only_the_stages_it_reads(zoo, tmp_path):
+    """A path may skip a fixed stage's layers: the candidate then holds no stage nothing reads
+    (``evomerge merge`` refuses such a file); a path through it plans the stage without merging."""
+    from evomerge.space.layer_path import identity_params
+
+    sp = space(zoo, stages="fixed.yaml", method="passthrough", layer_path={"repeats": 1, "scale": False},
+               models=[{"name": "first", "model": "first"}, {"name": "c", "model": str(zoo / "c")}])
+    through_c = trial_stages(sp, optuna.trial.FixedTrial(identity_params(sp, "c")))
+    assert [s.name for s in through_c] == [None]
+    through_first = trial_stages(sp, optuna.trial.FixedTrial(identity_params(sp, "first")))
+    assert [s.name for s in through_first] == ["first", None]
+    with Candidate.load(zoo / "c", dtype="float32") as cand:
+        for i, stages in enumerate((through_c, through_first)):
+            cand.apply(stages)
+            merged_equals_memory(stages, zoo, tmp_path / f"out{i}", cand)

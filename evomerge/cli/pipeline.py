@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from evomerge.cli.common import ProgressLine, add_command, add_var_option, library_output_hidden, quiet_libraries
+from evomerge.cli.common import (ProgressLine, add_command, add_var_option, library_output_hidden,
+                                 quiet_libraries)
 from evomerge.devices import DEVICE_HELP, device_arg
 
 
@@ -19,12 +20,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     pipeline = load_pipeline(args.pipeline, variables=dict(args.var))
     out = Path(args.out or f"runs/{Path(args.pipeline).stem}")
+    # --var folders go back to ${NAME} in the result files (portable recipes)
+    placeholders = {k: v for k, v in args.var if Path(v).expanduser().is_dir()}
     line = ProgressLine(sys.stderr)
     print(f"pipeline {args.pipeline}: stages {', '.join(s.name for s in pipeline.stages)}, output {out}",
           file=sys.stderr)
     with quiet_optuna(), library_output_hidden(args.verbose):
         summary = run_pipeline(pipeline, out, storage=args.storage, device=args.device, progress=line,
-                               log=line.log, placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
+                               log=line.log, placeholders=placeholders)
     line.finish()
     print(f"stages searched now: {', '.join(summary.ran) or 'none'}"
           + (f"; already done: {', '.join(summary.skipped)}" if summary.skipped else ""))

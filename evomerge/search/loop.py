@@ -1,7 +1,8 @@
 """The search loop on Optuna's ask/tell: ask → recipe → apply in place → evaluate → tell.
 
-One recipe object per trial: :func:`~evomerge.space.genome.trial_recipe` builds (and validates)
-it once, it is stored in the trial (user attr ``recipe``) and written into the resident model.
+One candidate per trial: :func:`~evomerge.space.genome.trial_stages` builds (and validates) it
+once (one recipe, or a multi-stage recipe), it is stored in the trial (user attr ``recipe``) and
+written into the resident model.
 A candidate that fails is told FAIL with its cause in the trial's user attrs; the search goes on.
 """
 

@@ -113,18 +113,37 @@ def stages_problems(space: SearchSpace) -> list[str]:
     return problems
 
 
-def candidate_stages(space: SearchSpace, recipe: MergeRecipe | Sequence[Stage]) -> list[Stage]:
-    """The stages of one candidate: the searched ``recipe`` (or the stages built for it) placed
-    among the space's fixed stages, checked and in run order (RecipeError lists problems)."""
-    searched = [Stage(None, recipe, ())] if isinstance(recipe, MergeRecipe) else list(recipe)
+def candidate_stages(space: SearchSpace, recipe: MergeRecipe) -> list[Stage]:
+    """The stages of one candidate: the searched ``recipe`` placed among the space's fixed
+    stages, checked and in run order (RecipeError lists problems)."""
     fixed = fixed_stages(space)
     if not fixed:
-        return searched
-    final = searched[-1].recipe
+        return [Stage(None, recipe, ())]
     if space.stages.replace is not None:
-        return with_overrides(fixed, {space.stages.replace: final})
-    return order_stages([s.recipe for s in fixed] + [final.model_copy(update={"name": None})],
-                        f"search space {space.name}")
+        return read_by_final(with_overrides(fixed, {space.stages.replace: recipe}))
+    return read_by_final(order_stages([s.recipe for s in fixed] + [recipe.model_copy(update={"name": None})],
+                                      f"search space {space.name}"))
+
+
+def read_by_final(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` (run order) without the stages the final one does not read, directly or
+    through others (a layer path may skip a stage's layers): a recipe file holds no stage that
+    nothing reads (``evomerge merge`` refuses one)."""
+    needed = _closure(stages, stages[-1].needs)
+    return [s for s in stages[:-1] if s.name in needed] + [stages[-1]]
+
+
+def _closure(stages: Sequence[Stage], names: Sequence[str]) -> set[str]:
+    """``names`` and every stage they read, directly or through others."""
+    by_name = {s.name: s for s in stages}
+    needed: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].needs)
+    return needed
 
 
 # ---------------------------------------------------------------- per-layer-group methods
@@ -207,14 +226,8 @@ def _stage_shapes(file: str) -> tuple[tuple[str, Any], ...]:
 def input_stages(space: SearchSpace, model: str) -> list[Stage] | None:
     """The fixed stages that build input ``model`` when it names one (that stage last), to score
     it beside the other input models; None for a model folder."""
-    fixed = {s.name: s for s in fixed_stages(space)}
-    if model not in fixed:
+    fixed = fixed_stages(space)
+    if model not in {s.name for s in fixed}:
         return None
-    needed, todo = set(), [model]
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo.extend(fixed[name].needs)
-    ordered = [s for s in fixed.values() if s.name in needed]  # run order, ``model`` last
-    return ordered
+    needed = _closure(fixed, [model])
+    return [s for s in fixed if s.name in needed]  # run order: ``model`` last
