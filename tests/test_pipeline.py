@@ -30,17 +30,19 @@ def zoo(tmp_path_factory) -> Path:
     return make_math_code_zoo(tmp_path_factory.mktemp("pipeline_models"))
 
 
-def pipeline_file(zoo: Path, path: Path, trials: tuple[int, int] = (2, 1), limit: int = 4) -> Path:
-    """Stage ``params`` (task arithmetic), then stage ``path`` over its merge and math (``limit``
-    docs per stage-2 trial). With one stage-2 trial, its best is the start point, the path
-    through ``params``'s own layers, so the final recipe reads stage 1."""
+def pipeline_file(zoo: Path, path: Path, trials: tuple[int, int] = (2, 1), slow: bool = False) -> Path:
+    """Stage ``params`` (task arithmetic), then stage ``path`` over its merge and math. With one
+    stage-2 trial, its best is the start point, the path through ``params``'s own layers, so the
+    final recipe reads stage 1. ``slow``: stage-2 trials score every doc in batches of 4, long
+    enough to be caught mid-way (as in test_workers)."""
     params = {"name": "params", "base_model": str(zoo / "base"), "method": "task_arithmetic",
               "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
               "eval": EVAL, "budget": {"trials": trials[0]}, "seed": 1}
     layers = {"name": "path", "method": "passthrough",
               "models": [{"name": "merged", "model": "params"}, {"name": "math", "model": str(zoo / "math")}],
               "layer_path": {"repeats": 1, "max_layers": 4, "scale": [0.8, 1.25]},
-              "eval": {**EVAL, "limit": limit}, "budget": {"trials": trials[1]}, "seed": 2}
+              "eval": {**EVAL, "limit": None, "batch_size": 4} if slow else EVAL,
+              "budget": {"trials": trials[1]}, "seed": 2}
     path.write_text(yaml.safe_dump_all([params, layers], sort_keys=False))
     return path
 
@@ -78,7 +80,7 @@ def test_two_stage_pipeline_final_recipe_remerges_to_the_best_candidate(zoo, tmp
 
 def test_pipeline_killed_in_stage_two_resumes_stage_two_only(zoo, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    spec = pipeline_file(zoo, tmp_path / "p.yaml", trials=(1, 4), limit=16)
+    spec = pipeline_file(zoo, tmp_path / "p.yaml", trials=(1, 4), slow=True)
     logs = [tmp_path / "first.log"]
     env = process_env(tmp_path)
     with open(logs[0], "w") as log:
@@ -87,7 +89,7 @@ def test_pipeline_killed_in_stage_two_resumes_stage_two_only(zoo, tmp_path, monk
         try:
             watch = TrialWatch(f"sqlite:///{out / 'pipeline.db'}", "path")
             wait_for("stage 1 to finish", lambda: (out / "params" / RESULT).is_file(), 240, logs)
-            kill_mid_trial(proc, watch, lambda ts: True, logs, sig=signal.SIGKILL)
+            killed = kill_mid_trial(proc, watch, lambda ts: any(t.state == TrialState.COMPLETE for t in ts), logs)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -105,6 +107,8 @@ def test_pipeline_killed_in_stage_two_resumes_stage_two_only(zoo, tmp_path, monk
     assert (out / "params" / RESULT).read_text() == stage1
     finished = [t for t in after["path"] if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4 and len(after["path"]) > len(before["path"])
+    assert after["path"][killed.number].state == TrialState.FAIL  # the killed trial, retried
+    assert [t.state for t in after["path"] if t.user_attrs.get("retry_of") == killed.number] == [TrialState.COMPLETE]
     final = load_stages(out / FINAL)  # stage 1 is in it when the best path reads its layers
     assert final[-1].name is None and [s.name for s in final[:-1]] in ([], ["params"])
 
