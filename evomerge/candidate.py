@@ -8,6 +8,12 @@ model in memory and turn it into each merge without writing to disk:
             cand.apply(recipe)                     # only tensors whose recipe changed are rewritten
             evaluator.evaluate(cand.model, cand.tokenizer)
 
+A candidate may also be a multi-stage recipe (a list of :class:`~merge_engine.stages.Stage`, final
+last, e.g. fixed stages around a searched one): the stages before the final one are computed in
+memory by one :class:`~merge_engine.multistage.StagePipeline` kept for the candidate's life (each
+only when its recipe or inputs changed since it was last computed), and the final stage is
+written into the resident model reading those outputs from memory.
+
 Lifecycle: :meth:`Candidate.load` once (reads the model and tokenizer from a local directory onto
 the device the evaluation's memory plan names, :func:`evomerge.devices.placement`); :meth:`apply`
 once per candidate; :meth:`close` at the end (also via ``with``). The applied model equals, bit
@@ -17,6 +23,7 @@ same dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +34,8 @@ from merge_engine.recipe import MergeRecipe
 
 if TYPE_CHECKING:
     from evomerge.evaluate.tasks.config import EvalConfig
+    from merge_engine.multistage import StagePipeline
+    from merge_engine.stages import Stage
 
 
 def load_causal_lm(path: str | Path, *, dtype: str = "auto", device: str = "cpu",
@@ -69,6 +78,7 @@ class Candidate:
                                      allow_pickle=allow_pickle,
                                      task_vector_cache_bytes=task_vector_cache_bytes)
         self.stack: LayerStack | None = None  # built at the first recipe with slices
+        self.pipeline: StagePipeline | None = None  # built at the first multi-stage candidate
 
     @classmethod
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu",
@@ -83,8 +93,9 @@ class Candidate:
         return cls(model, tokenizer, device=where.merge_device, cache_sources=cache_sources,
                    allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes)
 
-    def apply(self, recipe: MergeRecipe) -> ApplyStats:
-        """Write ``recipe``'s merge into the resident model.
+    def apply(self, recipe: MergeRecipe | Sequence[Stage]) -> ApplyStats:
+        """Write ``recipe``'s merge into the resident model (a recipe, or stages in run order
+        with the final one last: see the module docstring).
 
         The engine checks every merged tensor before writing it and raises NonFiniteError naming
         the tensor (the resident model then keeps that tensor's previous values).
@@ -92,16 +103,37 @@ class Candidate:
         A recipe of another depth (``slices``, e.g. a layer path) first grows or shrinks the
         model's layer list and config to its layer count (:class:`~evomerge.layer_stack.LayerStack`).
         """
+        readers = None
+        if not isinstance(recipe, MergeRecipe):
+            recipe, readers = self._final_stage(list(recipe))
         if recipe.slices is not None and self.stack is None:
             self.stack = LayerStack(self.model)
         if self.stack is not None and self.stack.resize(recipe):
             # the merger writes into the parameters it knows by name: tell it the new ones
             self.merger.targets = dict(self.model.state_dict(keep_vars=True))
-        return self.merger.apply(recipe)
+        return self.merger.apply(recipe, readers)
+
+    def _final_stage(self, stages: list[Stage]) -> tuple[MergeRecipe, dict | None]:
+        """The final stage's recipe bound to the in-memory outputs of the stages it reads (each
+        computed now unless current), and the readers of every held output."""
+        from merge_engine.multistage import StagePipeline
+
+        *upstream, final = stages
+        if not upstream:
+            return final.recipe, None
+        if self.pipeline is None:
+            self.pipeline = StagePipeline(upstream, device=self.device)
+        self.pipeline.stages = stages  # outputs are keyed by recipe: unchanged stages are reused
+        if final.needs:
+            self.pipeline.materialize(list(final.needs))
+        return self.pipeline.bind(final.recipe), self.pipeline.readers()
 
     def close(self) -> None:
-        """Release the merger's readers and cached source tensors."""
+        """Release the merger's readers and cached source tensors, and held stage outputs."""
         self.merger.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
 
     def __enter__(self) -> Candidate:
         return self

@@ -72,6 +72,7 @@ class InMemoryMerger:
         self._sources: dict[LoadTensor, torch.Tensor] = {}
         self._applied: dict[str, MergeTensor] = {}
         self.task_vectors = TaskVectorCache(task_vector_cache_bytes if cache_sources else 0)
+        self._lent: set[ModelRef] = set()  # readers handed in by apply(readers=...), not ours to close
 
     def plan(self, recipe: MergeRecipe):
         """Check and plan ``recipe`` against this model (raises RecipeError listing every problem).
@@ -100,11 +101,20 @@ class InMemoryMerger:
             raise RecipeError(problems[:5])
         return plan
 
-    def apply(self, recipe: MergeRecipe) -> ApplyStats:
-        """Merge ``recipe`` into the model's parameters in place."""
+    def apply(self, recipe: MergeRecipe, readers: dict[ModelRef, object] | None = None) -> ApplyStats:
+        """Merge ``recipe`` into the model's parameters in place. ``readers`` (e.g. a
+        StagePipeline's in-memory stage outputs) are used for those refs instead of opening them;
+        readers lent at an earlier call and not lent now are forgotten with their cached tensors."""
         import time
 
         start = time.perf_counter()
+        if readers is not None:
+            stale = self._lent - set(readers)
+            self._sources = {k: v for k, v in self._sources.items() if k.model not in stale}
+            for ref in stale:
+                self._readers.pop(ref, None)
+            self._readers.update(readers)
+            self._lent = set(readers)
         plan = self.plan(recipe)
         self._untie_written_aliases([n.out_name for n in plan.targets])
         todo = [n for n in plan.targets if self._applied.get(n.out_name) != n]

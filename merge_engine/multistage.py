@@ -338,11 +338,13 @@ def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | No
 
 def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
                     model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,
-                    trust_remote_code: bool = False) -> Report:
+                    trust_remote_code: bool = False, planned: dict[str, MemoryModel] | None = None) -> Report:
     """Every problem of every stage, found without merging: each stage is checked as
     :func:`merge_engine.session.prepare` checks a recipe, the stages it reads standing in as
     their plans (names, shapes, dtypes, config, tokenizer files). A stage reading a stage with
-    problems is not checked. Problems and warnings are prefixed with the stage's label."""
+    problems is not checked. Problems and warnings are prefixed with the stage's label.
+    ``planned``, when given, receives each named stage's planned output (names, shapes, config;
+    no tensors; its folder is removed on return)."""
     from merge_engine.session import prepare
     from merge_engine.validate import check_recipe
 
@@ -353,7 +355,7 @@ def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
             report.problems.extend(f"{stage.label}: {p}" for p in sub.problems)
             report.warnings.extend(f"{stage.label}: {w}" for w in sub.warnings)
         return report
-    planned: dict[str, MemoryModel] = {}
+    planned = {} if planned is None else planned
     with tempfile.TemporaryDirectory(prefix="evomerge-validate-") as work:
         for stage in stages:
             if any(need not in planned for need in stage.needs):

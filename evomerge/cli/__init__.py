@@ -16,14 +16,14 @@ import errno
 import sys
 from collections.abc import Sequence
 
-from evomerge.cli import ablate, eval as eval_, merge, moe, search, zoo
+from evomerge.cli import ablate, eval as eval_, merge, moe, pipeline, search, zoo
 from evomerge.cli.common import add_debug_option, silence_noise
 from evomerge.errors import (EXIT_CODES, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STORAGE, EvomergeError,
                              StorageError)
 from merge_engine.errors import MergeError
 
 # The command groups, in the order `evomerge --help` lists them.
-GROUPS = (merge, moe, eval_, zoo, search, ablate)
+GROUPS = (merge, moe, eval_, zoo, search, pipeline, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:

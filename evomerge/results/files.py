@@ -30,7 +30,8 @@ import yaml
 from evomerge.errors import StorageError, atomic_write
 from evomerge.results.plots import write_plots
 from evomerge.results.report import report_table, summary, trials_frame
-from evomerge.results.store import provenance, ranking_note, top_trials, trial_recipe_of
+from evomerge.results.store import provenance, ranking_note, top_trials, trial_stages_of
+from merge_engine.stages import stages_yaml
 from merge_engine.io import current_umask
 
 
@@ -69,7 +70,7 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
     try:
         for rank, t in enumerate(top_trials(study, k), 1):
             stem = f"{rank:02d}_trial{t.number:04d}"
-            recipe = trial_recipe_of(t)
+            recipe_text = stages_yaml(trial_stages_of(t))  # every stage of a multi-stage candidate
             prov = provenance(study, t, rank)
             header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
                       f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
@@ -78,7 +79,7 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
                       f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
             reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}\n"
             (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
-                                                + portable(recipe.to_yaml()))
+                                                + portable(recipe_text))
             (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
         _replace_dir(build, best_dir)
     except BaseException:

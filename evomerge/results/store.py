@@ -16,12 +16,19 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from merge_engine.recipe import MergeRecipe, parse_recipe
+from merge_engine.recipe import MergeRecipe
+from merge_engine.stages import Stage, parse_stages
 
 
 def trial_recipe_of(trial: FrozenTrial) -> MergeRecipe:
-    """The recipe a trial merged."""
-    return parse_recipe(yaml.safe_load(trial.user_attrs["recipe"]), source=f"trial {trial.number}")
+    """The recipe a trial merged (of a multi-stage candidate: its final stage; see trial_stages_of)."""
+    return trial_stages_of(trial)[-1].recipe
+
+
+def trial_stages_of(trial: FrozenTrial) -> list[Stage]:
+    """The stages a trial merged, in run order (one for a plain recipe)."""
+    docs = list(yaml.safe_load_all(trial.user_attrs["recipe"]))
+    return parse_stages(docs, source=f"trial {trial.number}")
 
 
 # ---------------------------------------------------------------- selecting trials

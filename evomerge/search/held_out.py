@@ -12,7 +12,8 @@ from typing import Any
 import optuna
 
 from evomerge.candidate import Candidate
-from evomerge.results.store import top_trials, trial_recipe_of
+from evomerge.results.store import top_trials, trial_stages_of
+from evomerge.space.stages import input_stages
 from evomerge.search.loop import Evaluators
 from evomerge.space import SearchSpace
 from merge_engine.recipe import MergeRecipe, parse_recipe
@@ -49,13 +50,13 @@ def evaluate_held_out(study: optuna.Study, space: SearchSpace, candidate: Candid
     for t in todo:
         step += 1
         say(f"held-out {step}/{total}: trial {t.number}")
-        got = _scores(candidate, trial_recipe_of(t), {"report": evaluators.report})
+        got = _scores(candidate, trial_stages_of(t), {"report": evaluators.report})
         report[str(t.number)] = got.get("report", got)
         study.set_user_attr("report", report)
     for m in models:
         step += 1
         say(f"held-out {step}/{total}: input model {m.name}")
-        got = _scores(candidate, one_model_recipe(m.model, space.dtype),
+        got = _scores(candidate, input_stages(space, m.model) or one_model_recipe(m.model, space.dtype),
                       {"search": evaluators.search, "report": evaluators.report})
         inputs[m.name] = {"model": m.model, **got}
         study.set_user_attr("inputs", inputs)

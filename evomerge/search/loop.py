@@ -1,7 +1,8 @@
 """The search loop on Optuna's ask/tell: ask → recipe → apply in place → evaluate → tell.
 
-One recipe object per trial: :func:`~evomerge.space.genome.trial_recipe` builds (and validates)
-it once, it is stored in the trial (user attr ``recipe``) and written into the resident model.
+One candidate per trial: :func:`~evomerge.space.genome.trial_stages` builds (and validates) it
+once (one recipe, or a multi-stage recipe), it is stored in the trial (user attr ``recipe``) and
+written into the resident model.
 A candidate that fails is told FAIL with its cause in the trial's user attrs; the search goes on.
 """
 
@@ -21,7 +22,9 @@ from evomerge.search.fidelity import RungLadder, climb
 from evomerge.search.objectives import objective_values
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
-from evomerge.space import SearchSpace, trial_recipe
+from evomerge.space import SearchSpace
+from evomerge.space.genome import trial_stages
+from merge_engine.stages import stages_yaml
 from evomerge.errors import EvomergeError
 from merge_engine.errors import MergeError
 
@@ -104,10 +107,10 @@ def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
 def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
               evaluators: Evaluators) -> list[float]:
     """Score one candidate; raises ``optuna.TrialPruned`` when a cheap rung stops it."""
-    recipe = trial_recipe(space, trial)
-    trial.set_user_attr("recipe", recipe.to_yaml())
-    trial.set_user_attr("seed", {"merge": recipe.seed, "eval": space.eval.seed})
-    candidate.apply(recipe)
+    stages = trial_stages(space, trial)  # one stage, or a multi-stage candidate
+    trial.set_user_attr("recipe", stages_yaml(stages))
+    trial.set_user_attr("seed", {"merge": stages[-1].recipe.seed, "eval": space.eval.seed})
+    candidate.apply(stages)
     if evaluators.ladder is not None:
         start = time.perf_counter()
         result = climb(trial, evaluators.ladder, candidate.model, candidate.tokenizer)

@@ -27,12 +27,13 @@ def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
     points. Raises :class:`SpaceError` listing every problem."""
     from merge_engine import session
     from evomerge.space import build_recipe
+    from evomerge.space.stages import validate_candidate
 
     problems: list[str] = []
     for method in space.methods:
         params = {k: v for k, v in equal_params(space, method).items() if k != "method"}
         try:
-            report = session.validate(build_recipe(space, method, params))
+            report = validate_candidate(space, build_recipe(space, method, params))
         except Exception as err:  # noqa: BLE001  a recipe the space cannot build is a space problem
             problems.append(f"method {method}: {err}")
             continue

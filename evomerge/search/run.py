@@ -22,7 +22,7 @@ from evomerge.candidate import Candidate
 from evomerge.errors import EvomergeError
 from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
-from evomerge.results.store import sample_stats, top_trials, trial_recipe_of
+from evomerge.results.store import sample_stats, top_trials, trial_stages_of
 from evomerge.search.held_out import evaluate_held_out
 from evomerge.search.objectives import counting_evaluators
 from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
@@ -75,8 +75,9 @@ def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
     from merge_engine.io.refs import ModelRef
     from merge_engine.io.resolve import resolve_model_dir
 
-    resident = space.base_model or space.models[0]
-    return Candidate.load(resolve_model_dir(ModelRef.parse(resident.model)), dtype=space.dtype, device=device,
+    from evomerge.space.stages import resident_model
+
+    return Candidate.load(resolve_model_dir(ModelRef.parse(resident_model(space))), dtype=space.dtype, device=device,
                           eval_cfg=space.eval)
 
 
@@ -161,11 +162,16 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
 def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu") -> Path:
     """Write the best trial's merge as a model directory (replacing an older one)."""
     from merge_engine.merge import run_merge
+    from merge_engine.multistage import run_stages
 
     best = top_trials(study, 1)
     if not best:
         raise EvomergeError("no completed trial to materialize; run more trials")
-    run_merge(trial_recipe_of(best[0]), out_dir, device=device, force=True)
+    stages = trial_stages_of(best[0])
+    if len(stages) == 1:
+        run_merge(stages[0].recipe, out_dir, device=device, force=True)
+    else:
+        run_stages(stages, out_dir, device=device, force=True)
     return out_dir
 
 

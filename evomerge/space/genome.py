@@ -2,6 +2,7 @@
 
     dists = distributions(space)                   # every parameter a study may suggest, by name
     recipe = trial_recipe(space, trial)            # any optuna trial, including FixedTrial
+    stages = trial_stages(space, trial)            # the candidate as stages (what a search applies)
     points = start_points(space)                   # (label, params) to enqueue in a new study
 
 Parameter names are readable and stable: ``<layers>.<filter>.<model>.<param>``, each part present
@@ -26,11 +27,13 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 
 from evomerge.space import layer_path
+from evomerge.space.stages import candidate_stages, group_method_genes, layer_method_stages
 from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace, SpaceError,
                                    method_spec, registry_range, signed, switches)
 from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.recipe import MergeRecipe, evaluate_setting, layer_position, parse_recipe, resolve
+from merge_engine.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     if space.layer_path is not None:
         return layer_path.distributions(space)
     dists: dict[str, BaseDistribution] = {}
-    if len(space.methods) > 1:
+    if space.layer_methods:
+        dists.update({g: CategoricalDistribution(space.methods) for g in group_method_genes(group_labels(space))})
+    elif len(space.methods) > 1:
         dists["method"] = CategoricalDistribution(space.methods)
     for method in space.methods:
         dists.update({s.name: s.distribution for s in slots(space, method)})
@@ -141,8 +146,26 @@ def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
     ``layers``/``params`` user attributes (:func:`evomerge.space.layer_path.trial_recipe`)."""
     if space.layer_path is not None:
         return layer_path.trial_recipe(space, trial)
+    if space.layer_methods:
+        raise SpaceError("a layer_methods space proposes multi-stage candidates; use trial_stages",
+                         f"search space {space.name}")
     method = trial.suggest_categorical("method", space.methods) if len(space.methods) > 1 \
         else space.methods[0]
+    return _method_recipe(space, trial, method)
+
+
+def trial_stages(space: SearchSpace, trial: Any) -> list[Stage]:
+    """The candidate ``trial`` proposes as stages in run order, final last: one stage for a plain
+    space; the searched recipe among the fixed ``stages``; or, with ``layer_methods``, one stage
+    per method the layer groups pick and a passthrough stage joining their layers
+    (:mod:`evomerge.space.stages`). Raises RecipeError/SpaceError before any tensor is read."""
+    if space.layer_methods:
+        choice = [trial.suggest_categorical(g, space.methods) for g in group_method_genes(group_labels(space))]
+        return layer_method_stages(space, choice, {m: _method_recipe(space, trial, m) for m in dict.fromkeys(choice)})
+    return candidate_stages(space, trial_recipe(space, trial))
+
+
+def _method_recipe(space: SearchSpace, trial: Any, method: str) -> MergeRecipe:
     values = {s.name: _suggest(trial, s) for s in slots(space, method)}
     for param in searched_switches(space, method):
         values[param] = trial.suggest_categorical(param, SWITCH_CHOICES)
@@ -220,7 +243,7 @@ def equal_params(space: SearchSpace, method: str | None = None) -> dict[str, Any
     method = method or space.methods[0]
     spec = method_spec(method)
     n = len(space.inputs(method))
-    params: dict[str, Any] = {"method": method} if len(space.methods) > 1 else {}
+    params = _method_genes(space, method)
     for slot in slots(space, method):
         rule = GENE_RULES.get(slot.param)
         preferred = 1.0 / n if rule is not None and rule.equal_share else spec.param(slot.param).default
@@ -249,7 +272,7 @@ def params_from_recipe(space: SearchSpace, recipe: MergeRecipe) -> dict[str, Any
                          "search space")
     spec = method_spec(method)
     probe = _Probe(space)
-    params: dict[str, Any] = {"method": method} if len(space.methods) > 1 else {}
+    params = _method_genes(space, method)
     layers = knot_layers(space) if space.smooth else [a for a, _ in space.layer_groups()]
     for slot in slots(space, method):
         layer = layers[slot.group] if slot.group is not None else 0
@@ -303,6 +326,13 @@ def base_layout(space: SearchSpace) -> LayerLayout | None:
 
 
 # ---------------------------------------------------------------- helpers
+def _method_genes(space: SearchSpace, method: str) -> dict[str, Any]:
+    """The genes choosing ``method`` everywhere (one per layer group with ``layer_methods``)."""
+    if space.layer_methods:
+        return {g: method for g in group_method_genes(group_labels(space))}
+    return {"method": method} if len(space.methods) > 1 else {}
+
+
 def _suggest(trial: Any, slot: Slot) -> Any:
     d = slot.distribution
     if isinstance(d, CategoricalDistribution):

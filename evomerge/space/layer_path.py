@@ -141,14 +141,21 @@ def model_shape(path: str) -> ModelShape:
     from merge_engine.io.reader import CheckpointReader
     from merge_engine.io.refs import ModelRef
     from merge_engine.io.resolve import resolve_model_dir
-    from merge_engine.layout import detect_layout
 
     try:
         with CheckpointReader(resolve_model_dir(ModelRef.parse(path))) as reader:
-            layout = detect_layout(reader.tensor_names, reader.config)
-            sizes = {n: _numel(reader.shape(n)) for n in reader.tensor_names}
+            return shape_of(path, reader)
     except (MergeError, ValueError, OSError) as err:
         raise LayerPathError(f"model {path} cannot be read for a layer path: {err}") from None
+
+
+def shape_of(path: str, reader: Any) -> ModelShape:
+    """The :class:`ModelShape` of a model read through ``reader`` (a checkpoint reader, or a
+    planned stage output: names, shapes and config only)."""
+    from merge_engine.layout import detect_layout
+
+    layout = detect_layout(reader.tensor_names, reader.config)
+    sizes = {n: _numel(reader.shape(n)) for n in reader.tensor_names}
     if not layout.num_layers:
         raise LayerPathError(f"model {path} has no layer stack; a layer path needs one")
     layer0 = sum(v for n, v in sizes.items() if layout.layer_of(n) == 0)
@@ -176,7 +183,11 @@ def path_models(space: SearchSpace) -> list[tuple[str, ModelShape]]:
     """(name, shape) of every model in the laid-out order: base model first, then ``models``.
     With scales on, a model that cannot fold them is one :class:`LayerPathError` line here, when
     the space's genes are first listed (before the study starts)."""
-    out = [(m.name, model_shape(m.model)) for m in space.all_models()]
+    from evomerge.space.stages import stage_names, stage_shapes
+
+    staged = stage_names(space)
+    planned = stage_shapes(space) if any(m.model in staged for m in space.all_models()) else {}
+    out = [(m.name, planned[m.model] if m.model in staged else model_shape(m.model)) for m in space.all_models()]
     bad = [shape.problem for _, shape in out if shape.problem]
     if bad and space.layer_path is not None and space.layer_path.scale is not None:
         raise LayerPathError(bad[0])
@@ -291,7 +302,8 @@ def path_cost(space: SearchSpace, recipe: MergeRecipe) -> dict[str, int]:
     """``layers`` and ``params`` (parameter count) of the model ``recipe`` builds."""
     from merge_engine.io.refs import ModelRef
 
-    shapes = {ModelRef.parse(m.model): model_shape(m.model) for m in space.all_models()}
+    paths = {m.name: m.model for m in space.all_models()}
+    shapes = {ModelRef.parse(paths[name]): shape for name, shape in path_models(space)}
     slices = recipe.slices or ()
     layers = sum(sl.num_layers for sl in slices)
     first = shapes[slices[0].sources[0].model] if slices else next(iter(shapes.values()))

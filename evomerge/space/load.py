@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from evomerge.errors import validation_problems
 from evomerge.space.schema import SearchSpace, SpaceError
+from evomerge.space.stages import stage_names_in
 from merge_engine.layout import LAYER_COUNT_KEYS, num_layers_from_config
 from merge_engine.recipe import VAR, expand_vars  # noqa: F401  (one ${VAR} implementation, re-exported)
 
@@ -44,6 +45,11 @@ def _local_paths(data: dict[str, Any], base_dir: Path) -> None:
         data["models"] = [fix(m) for m in data["models"]]
     if data.get("base_model") is not None:
         data["base_model"] = fix(data["base_model"])
+    stages = data.get("stages")
+    if isinstance(stages, str) or isinstance(stages, dict) and isinstance(stages.get("file"), str):
+        file = stages if isinstance(stages, str) else stages["file"]
+        file = str((base_dir / Path(file).expanduser()).resolve())
+        data["stages"] = file if isinstance(stages, str) else {**stages, "file": file}
     starts = data.get("start")
     starts = [starts] if isinstance(starts, (str, dict)) else starts
     if isinstance(starts, list):
@@ -85,9 +91,10 @@ def model_num_layers(path: str) -> int:
 
 def _num_layers(data: Mapping[str, Any], problems: list[str]) -> int | None:
     counts: dict[str, int] = {}
+    stages = stage_names_in(data.get("stages"))  # models reading a fixed stage: no config to read
     for entry in [data.get("base_model"), *(data.get("models") or [])]:
         path = entry.get("model") if isinstance(entry, Mapping) else entry
-        if isinstance(path, str):
+        if isinstance(path, str) and path not in stages:
             try:
                 counts[path] = model_num_layers(path)
             except SpaceError as err:

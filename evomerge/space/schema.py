@@ -22,6 +22,7 @@ from evomerge.errors import ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
 from evomerge.space.layer_path import LayerPath, layer_path_problems
 from evomerge.space.rungs import Fidelity, fidelity_problems
+from evomerge.space.stages import StagesRef, stages_problems
 from merge_engine.dtypes import MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
@@ -198,6 +199,8 @@ class SearchSpace(Frozen):
     allow_negative_weights: bool = False
     layer_granularity: int | None = Field(default=None, ge=1)
     layer_path: LayerPath | None = None  # search the layer path, not merge parameters
+    stages: StagesRef | None = None  # fixed stages around the searched one (evomerge.space.stages)
+    layer_methods: bool = False  # each layer group picks its method (evomerge.space.stages)
     filters: tuple[str, ...] = ()
     smooth: bool = False
     dtype: Literal[MODEL_DTYPE_NAMES] = "float32"
@@ -328,6 +331,7 @@ def space_problems(space: SearchSpace) -> list[str]:
             problems.append(str(err))
     if space.layer_path is not None:  # the path is searched, not the method's parameters
         specs, problems = [], problems + layer_path_problems(space)
+    problems += stages_problems(space)
     if len(set(space.methods)) != len(space.methods):
         problems.append(f"method lists {list(space.methods)} with repeats; list each once")
     for label, items in (("name", [m.name for m in space.all_models()]),
