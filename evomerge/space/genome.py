@@ -141,6 +141,10 @@ def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
     ``layers``/``params`` user attributes (:func:`evomerge.space.layer_path.trial_recipe`)."""
     if space.layer_path is not None:
         return layer_path.trial_recipe(space, trial)
+    if getattr(space, "moe", None) is not None:  # an MoE space (evomerge.moe builds on this module)
+        from evomerge.moe.search_space import trial_moe_recipe
+
+        return trial_moe_recipe(space, trial)
     method = trial.suggest_categorical("method", space.methods) if len(space.methods) > 1 \
         else space.methods[0]
     values = {s.name: _suggest(trial, s) for s in slots(space, method)}
