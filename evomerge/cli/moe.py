@@ -74,7 +74,7 @@ def cmd_moe_search(args: argparse.Namespace) -> int:
     space = load_moe_space(args.space, variables=dict(args.var))
     options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
                          study_name=args.study, sampler=args.sampler, trials=args.trials,
-                         timeout=args.timeout, device=args.device,
+                         timeout=args.timeout, materialize=args.materialize, device=args.device,
                          placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
     line = ProgressLine(sys.stderr)
     print(f"MoE search {space.name}: {len(moe_space_distributions(space))} genes, output {options.out_dir}",

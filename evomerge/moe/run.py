@@ -84,12 +84,34 @@ def run_moe_search(space: MoESearchSpace, options: RunOptions, *,
         moe_held_out(study, space, candidate, evals, log=say)
     say(f"writing results to {out_dir}")
     files = write_moe_results(study, out_dir, options.placeholders)
+    if options.materialize:
+        say("writing the best MoE as a model")
+        files["model"] = materialize_best_moe(study, out_dir / "best_model", device=options.device)
     return summarize(study, storage, out_dir, outcome, files)
 
 
 def recipe_of(trial: optuna.trial.FrozenTrial) -> MoERecipe:
     """The MoE candidate a trial built."""
     return MoERecipe.from_yaml(trial.user_attrs["recipe"])
+
+
+def materialize_best_moe(study: optuna.Study, out_dir: Path, *, device: str = "cpu") -> Path:
+    """Write the best trial's MoE as a model directory (replacing an older one); its shared
+    merge, when searched, first to ``<out_dir>_shared`` (the MoE's base model)."""
+    from merge_engine.merge import run_merge
+    from merge_engine.moe import build_moe, parse_moe_config
+
+    best = top_trials(study, 1)
+    if not best:
+        raise EvomergeError("no completed trial to materialize; run more trials")
+    recipe = recipe_of(best[0])
+    config = recipe.config
+    if recipe.shared is not None:
+        shared_dir = out_dir.with_name(out_dir.name + "_shared")
+        run_merge(recipe.shared, shared_dir, device=device, force=True)
+        config = parse_moe_config({**config.model_dump(mode="json", exclude_none=True), "base_model": str(shared_dir)})
+    build_moe(config, out_dir, device=device, seed=recipe.seed, force=True)
+    return out_dir
 
 
 def _score(model: Any, tokenizer: Any, evaluators: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,8 +40,9 @@ from merge_engine.recipe import MergeRecipe, expand_vars, parse_recipe
 
 MOE_KEY = "moe"
 SHARED_VAR = "SHARED"  # the variable a saved MoE config names the shared merge's folder by
-#: what a space without ``method`` puts in the dense part: no gene, never merged
-_NO_MERGE = {"method": "linear", "search": {}}
+#: what a space without ``method`` puts in its dense part to make it a valid search space; with
+#: ``merge_shared`` false its genes are never suggested and nothing is merged
+_NO_MERGE = {"method": "linear"}
 
 
 class MoESearchSpace(SearchSpace):

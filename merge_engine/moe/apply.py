@@ -30,6 +30,7 @@ _EXPERT = re.compile(r"^(?P<layer>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<e>
 _GATE_UP = {"w1": 0, "gate_proj": 0, "w3": 1, "up_proj": 1}  # row half of gate_up_proj
 #: config keys a resident model may differ in and still take a build in place
 _IN_PLACE_KEYS = ("num_experts_per_tok",)
+_IGNORED_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path")
 
 
 def _target(params: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> tuple[str, Any] | None:
@@ -61,12 +62,14 @@ def write_moe_into(model: Any, built: MoEState) -> bool:
     """Copy ``built``'s tensors into ``model`` (made by :func:`~merge_engine.moe.build.load_moe_model`)
     and set its top-k; False (nothing written) when ``built`` has another architecture, expert
     count or setting, i.e. when it needs a model of its own."""
+    from transformers import AutoConfig
+
+    settings = dict(built.config)
+    # compared as the config class normalises them (e.g. sliding_window None -> 0)
+    wanted = AutoConfig.for_model(settings.pop("model_type"), **settings).to_dict()
     resident = model.config.to_dict()
-    for key, value in built.config.items():
-        if key in _IN_PLACE_KEYS or key in ("dtype", "torch_dtype", "transformers_version"):
-            continue
-        if resident.get(key) != value:
-            return False
+    if any(resident.get(k) != v for k, v in wanted.items() if k not in _IN_PLACE_KEYS + _IGNORED_KEYS):
+        return False
     params = dict(model.named_parameters())
     placed: list[tuple[str, Any, torch.Tensor]] = []
     covered: dict[str, int] = {}
