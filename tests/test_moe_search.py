@@ -101,6 +101,22 @@ def test_genes_of_both_parts_and_one_line_errors(zoo):
     assert "moe.prompts: ['zed'] are not expert names" in text and "moe.base_model: comes from" in text
 
 
+def test_example_space_loads_and_its_defaults_build(tmp_path):
+    from pathlib import Path
+
+    from evomerge.moe.search_space import load_moe_space
+
+    base = make_tiny_llama(tmp_path / "base", 0)
+    for name in ("add_expert", "sort_expert", "shift_expert"):
+        make_tiny_llama(tmp_path / name, 1, perturb_from=base)
+    space = load_moe_space(Path(__file__).parents[1] / "search_spaces" / "zoo_moe.yaml", {"ZOO": str(tmp_path)})
+    genes = moe_space_distributions(space)
+    assert {"prompt.add.2", "gate_mode", "experts_per_token", "add.weight"} <= set(genes) and "use.add" in genes
+    params = {**default_params(space), "add.weight": 0.2, "sort.weight": 0.3, "shift.weight": 0.4}
+    recipe = trial_moe_recipe(space, optuna.trial.FixedTrial(params))
+    assert len(recipe.config.experts) == 3 and recipe.shared.merge_method == "task_arithmetic"
+
+
 def test_shared_merge_candidate_equals_merge_then_moe_on_disk(zoo, tmp_path):
     space = parse_moe_space(space_data(zoo, method="task_arithmetic", search={"weight": [0.0, 1.0]},
                                        parameters={"lambda": 1.0}))
