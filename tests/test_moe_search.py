@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.cli import main
 from evomerge.moe.candidate import MoECandidate
+from evomerge.results import export_study
 from evomerge.moe.search_space import default_params, moe_space_distributions, parse_moe_space, trial_moe_recipe
 from evomerge.search.study import default_storage
 from evomerge.space import SpaceError
@@ -168,5 +169,7 @@ def test_search_runs_the_loop_and_survives_an_unbuildable_candidate(zoo, tmp_pat
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out / "best_model").eval()),
                        logits(load_moe_model(build_moe_in_memory(rebuilt, device="cpu"))))
     report = (out / "report.txt").read_text()
+    export_study(default_storage(out), "moe_t", tmp_path / "exported")  # the same files from the storage
+    assert (tmp_path / "exported" / "best" / best[0].name).read_text() == best[0].read_text()
     assert "input odd" in report and "input base" in report
     assert "merge (trial 1)" in report or "merge (trial 2)" in report
