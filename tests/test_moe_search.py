@@ -121,7 +121,7 @@ def test_example_space_loads_and_its_defaults_build(tmp_path):
 def test_shared_merge_candidate_equals_merge_then_moe_on_disk(zoo, tmp_path):
     space = parse_moe_space(space_data(zoo, method="task_arithmetic", search={"weight": [0.0, 1.0]},
                                        parameters={"lambda": 1.0}))
-    params = {**default_params(space), "a.weight": 0.7, "b.weight": 0.4}
+    params = {**default_params(space), "a.weight": 0.712345678, "b.weight": 0.4}  # rounded as saved
     recipe = trial_moe_recipe(space, optuna.trial.FixedTrial(params))
     other = trial_moe_recipe(space, optuna.trial.FixedTrial({**params, "a.weight": 0.1, "prompt.a.2": False}))
     with MoECandidate.load(space, device="cpu") as cand:
@@ -173,3 +173,21 @@ def test_search_runs_the_loop_and_survives_an_unbuildable_candidate(zoo, tmp_pat
     assert (tmp_path / "exported" / "best" / best[0].name).read_text() == best[0].read_text()
     assert "input odd" in report and "input base" in report
     assert "merge (trial 1)" in report or "merge (trial 2)" in report
+
+
+def test_committed_moe_results_are_mergekit_moe_configs():
+    """results/moe/search/best: each MoE config reads as mergekit-moe's format once ZOO (and
+    SHARED, the shared merge's folder) are given; each shared merge is a valid merge recipe."""
+    from pathlib import Path
+
+    from merge_engine.recipe import load_recipe
+
+    best = Path(__file__).parents[1] / "results" / "moe" / "search" / "best"
+    configs = sorted(best.glob("*.moe.yml"))
+    assert configs
+    for path in configs:
+        config = load_moe_config(path, variables={"ZOO": "/zoo", "SHARED": "/shared"})
+        assert str(config.base_model) == "/shared" and all(str(e.source_model).startswith("/zoo/")
+                                                           for e in config.experts)
+        shared = load_recipe(path.with_name(path.name.replace(".moe.yml", ".shared.yml")), {"ZOO": "/zoo"})
+        assert shared.merge_method == "task_arithmetic"
