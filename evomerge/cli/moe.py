@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from evomerge.cli.common import add_command, add_var_option, parse_size, warn
 from evomerge.devices import DEVICE_HELP, device_arg
@@ -42,6 +43,51 @@ def cmd_moe(args: argparse.Namespace) -> int:
         print(f"built a {result.architecture} model of {result.tensors} tensors in {result.out_dir} "
               f"in {result.seconds:.2f}s")
     return 0
+
+
+def is_moe_space_file(path: str) -> bool:
+    """Whether the search space file at ``path`` has a ``moe:`` block (an unreadable file: False,
+    and the plain space loader reports why)."""
+    import yaml
+
+    from evomerge.moe.search_space import is_moe_space
+    from evomerge.space.load import read_space_text
+
+    try:
+        return is_moe_space(yaml.safe_load(read_space_text(Path(path))))
+    except Exception:  # noqa: BLE001  the space loader gives the one-line error
+        return False
+
+
+def cmd_moe_search(args: argparse.Namespace) -> int:
+    """``evomerge search SPACE`` for a space with a ``moe:`` block (same options)."""
+    import optuna
+
+    from evomerge.cli.common import ProgressLine, library_output_hidden, quiet_libraries
+    from evomerge.moe.run import run_moe_search
+    from evomerge.moe.search_space import load_moe_space, moe_space_distributions
+    from evomerge.results import report_table
+    from evomerge.search.run import RunOptions, quiet_optuna
+    from evomerge.search.study import redact
+
+    quiet_libraries()
+    space = load_moe_space(args.space, variables=dict(args.var))
+    options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
+                         study_name=args.study, sampler=args.sampler, trials=args.trials,
+                         timeout=args.timeout, materialize=args.materialize, device=args.device,
+                         placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
+    line = ProgressLine(sys.stderr)
+    print(f"MoE search {space.name}: {len(moe_space_distributions(space))} genes, output {options.out_dir}",
+          file=sys.stderr)
+    with quiet_optuna(), library_output_hidden(args.verbose):
+        summary = run_moe_search(space, options, progress=line, log=line.log)
+    line.finish()
+    print(report_table(optuna.load_study(study_name=summary.study_name, storage=summary.storage), k=1))
+    print(f"{summary.finished} finished trials; results in {summary.out_dir}/ (best/*.moe.yml, trials.csv); "
+          f"study {summary.study_name} in {redact(summary.storage)}")
+    if summary.stopped:
+        print(f"stopped early: {summary.stopped}", file=sys.stderr)
+    return 1 if summary.stopped and summary.finished == 0 else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -28,6 +28,10 @@ DEMO_SPACE = REPO / "search_spaces" / "zoo_demo.yaml"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from evomerge.cli.moe import cmd_moe_search, is_moe_space_file
+
+    if is_moe_space_file(args.space):  # a moe: block: the candidates are MoE builds (docs/moe.md)
+        return cmd_moe_search(args)
     quiet_libraries()
     from evomerge.search.run import RunOptions
     from evomerge.space import load_space

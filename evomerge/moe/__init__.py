@@ -1,2 +1,4 @@
-"""MoE searches: the search space over MoE builds (:mod:`evomerge.moe.space`); the builds
-themselves are :mod:`merge_engine.moe`."""
+"""MoE searches: the genes of an MoE build (:mod:`evomerge.moe.space`), the search space file
+with a ``moe:`` block and trial -> candidate (:mod:`evomerge.moe.search_space`), the resident MoE
+(:mod:`evomerge.moe.candidate`) and the run (:mod:`evomerge.moe.run`). The builds themselves are
+:mod:`merge_engine.moe`."""

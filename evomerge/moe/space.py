@@ -10,8 +10,8 @@ Genes (each present only when it varies): ``use.<expert>`` (include the expert),
 (clamped to the number of experts chosen). A trial whose config breaks a rule of
 :func:`merge_engine.moe.config.config_problems` (too few experts, an expert without prompts,
 every expert with the same prompts) raises ``optuna.TrialPruned`` naming the rule: the study
-records it and goes on. Not here yet: the parameter-space merge of the non-expert weights, the
-search loop and the zoo experiment (issue 16, next round).
+records it and goes on. A search space file with a ``moe:`` block adds the parameter-space merge
+of the shared weights and the search settings (:mod:`evomerge.moe.search_space`).
 """
 
 from __future__ import annotations

@@ -130,4 +130,8 @@ def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str
         raise StorageError(f"storage {redact(storage)}: no database file {path}; check the path "
                            "(a search writes OUT/study.db)")
     study = load_stored_study(open_storage(storage), study_name)
+    if "moe" in study.user_attrs.get("space", {}):  # an MoE search's results (best/*.moe.yml)
+        from evomerge.moe.run import write_moe_results
+
+        return write_moe_results(study, Path(out_dir), study.user_attrs.get("placeholders"))
     return write_results(study, out_dir, study.user_attrs.get("placeholders"))

@@ -149,6 +149,10 @@ def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
     if space.layer_methods:
         raise SpaceError("a layer_methods space proposes multi-stage candidates; use trial_stages",
                          f"search space {space.name}")
+    if getattr(space, "moe", None) is not None:  # an MoE space (evomerge.moe builds on this module)
+        from evomerge.moe.search_space import trial_moe_recipe
+
+        return trial_moe_recipe(space, trial)
     method = trial.suggest_categorical("method", space.methods) if len(space.methods) > 1 \
         else space.methods[0]
     return _method_recipe(space, trial, method)

@@ -12,7 +12,7 @@ the same bits for the same config, ``seed`` and device type.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,19 +198,34 @@ class MoEBuilder:
         self._readers: dict = {}
         self.states: dict[Path, Any] = {}  # base model folder -> its HiddenStates
 
-    def build(self, config: MoEConfig) -> MoEState:
-        """The MoE ``config`` describes, as tensors (RecipeError, one line per problem, first)."""
-        from merge_engine.moe.router import HiddenStates
+    def build(self, config: MoEConfig, *, base_tensors: Mapping[str, torch.Tensor] | None = None) -> MoEState:
+        """The MoE ``config`` describes, as tensors (RecipeError, one line per problem, first).
+
+        ``base_tensors`` (a dense merge of the non-expert weights, held in memory) replace the
+        base model's tensors of the same names: the MoE is then the one ``evomerge moe`` builds
+        with that merge, written to a folder, as ``base_model``. Its router rows for the hidden
+        gate modes come from that merge too (run in ``router_dtype``, as a folder would be)."""
+        from merge_engine.moe.router import HiddenStates, model_from_tensors
 
         plan = prepare_moe(config, self._stack, opened=self._readers, **self._options)
+        if base_tensors is not None:
+            base = plan.config.base_model
+            # the MLPs stay the base model's own: an expert may be the base model itself
+            shared = {n: t for n, t in base_tensors.items() if ".mlp." not in n}
+            plan.readers = {**plan.readers, base: _Overlay(plan.readers[base], shared)}
         states = None
-        if config.gate_mode.startswith("hidden"):
+        if config.gate_mode.startswith("hidden") and base_tensors is not None:
+            model = model_from_tensors(plan.base_dir, base_tensors, device=self.device, dtype=self.dtype)
+            states = HiddenStates(plan.base_dir, plan.tokenizer, device=self.device, dtype=self.dtype, model=model)
+        elif config.gate_mode.startswith("hidden"):
             states = self.states.get(plan.base_dir)
             if states is None:
                 states = self.states[plan.base_dir] = HiddenStates(
                     plan.base_dir, plan.tokenizer, device=self.device, dtype=self.dtype,
                     trust_remote_code=self._options["trust_remote_code"])
         rows = router_rows(plan, device=self.device, dtype=self.dtype, seed=self.seed, states=states)
+        if base_tensors is not None and states is not None:
+            states.close()  # that merge's model is used once
         # tensors read from a file are private mappings of it, valid after the readers close
         state = dict(output_tensors(plan, rows, self.seed))
         return MoEState(plan.out_config, state, plan.base_dir, plan.arch.name, _warnings(plan, rows))
@@ -236,6 +251,27 @@ def build_moe_in_memory(config: MoEConfig, *, device: str | None = "auto",
     with MoEBuilder(device=device, router_dtype=router_dtype, seed=seed, allow_same_experts=allow_same_experts,
                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code) as builder:
         return builder.build(config)
+
+
+class _Overlay:
+    """A checkpoint reader whose tensors named in ``tensors`` come from memory instead (copied
+    on read, so the MoE never shares storage with the model they were taken from)."""
+
+    def __init__(self, reader: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._reader = reader
+        self._tensors = tensors
+
+    def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self._tensors:
+            return self._reader.get(name, device=device, dtype=dtype)
+        tensor = self._tensors[name].detach()
+        return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._reader
 
 
 def load_moe_model(built: MoEState, *, device: str | torch.device = "cpu"):

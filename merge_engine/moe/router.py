@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,6 +91,18 @@ def cheap_embed_vector(embed: torch.Tensor, tokenizer, num_layers: int) -> Calla
     return vector
 
 
+def model_from_tensors(model_dir: Path, tensors: Any, *, device: torch.device, dtype: torch.dtype):
+    """The model of ``model_dir``'s config with ``tensors`` as its weights, loaded the way its
+    folder would be (in ``dtype``, on ``device``, eval mode): the hidden states of a merge held in
+    memory equal those of the same merge written to disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=dict(tensors), dtype=dtype)
+    return model.to(device).eval()
+
+
 class _Enough(Exception):
     """Raised by the last layer's hook: every state needed was seen, the rest of the pass is skipped."""
 
@@ -103,13 +116,13 @@ class HiddenStates:
     prompts). :meth:`close` (or leaving the ``with`` block) releases the model; vectors stay."""
 
     def __init__(self, model_dir: Path, tokenizer, *, device: torch.device, dtype: torch.dtype,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, model: Any = None) -> None:
         self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.trust_remote_code = trust_remote_code
-        self.model = None
+        self.model = model  # given: a model already on ``device`` in ``dtype`` (not loaded from model_dir)
         self.passes = 0  # forward passes run (one per prompt list not seen before)
         self._vectors: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
