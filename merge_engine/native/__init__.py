@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = (Path(__file__).with_name("weighted_sum.c"), Path(__file__).with_name("sparse_mix.c"))
+_SOURCES = tuple(Path(__file__).with_name(name)
+                 for name in ("weighted_sum.c", "sparse_mix.c", "draws_ranks.c"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
