@@ -61,6 +61,8 @@ CASES = [
                          lambda_=1.0, int8_mask=False, paper_rescale=True)),
     ("della", dict(weight=[0.5, 0.3, 0.2], density=[0.5, 0.4, 0.6], epsilon=[0.1, 0.1, 0.2],
                    normalize=True, rescale=True, lambda_=1.0, int8_mask=False, paper_rescale=False)),
+    ("della_linear", dict(weight=[0.5, 0.3, 0.2], density=[0.5, 0.0, 0.8], epsilon=[0.2, 0.1, 0.15],
+                          normalize=False, rescale=True, lambda_=0.9, int8_mask=False, paper_rescale=True)),
 ]
 
 
