@@ -8,6 +8,7 @@ from merge_engine.methods import _params
 from merge_engine.methods._reduce import total
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.sparsify import sign_agreement, top_k_mask
+from merge_engine.task_vectors import merge_sce
 
 
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float,
@@ -18,7 +19,11 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float,
     variance across models (all when ``select_topk >= 1``). Calculate: model
     weights ``mean(delta_i**2)`` normalised to sum 1 (equal when all are 0).
     Erase: TIES sign election on the selected deltas, weighted mean of survivors.
+    Large bf16 CPU tensors take the native fast path (``task_vectors.merge_sce``, the same bits).
     """
+    fast = merge_sce(tensors, base, select_topk)
+    if fast is not None:
+        return fast
     deltas = torch.stack([x.to(base.dtype) - base for x in tensors])  # [N, *shape]
     if select_topk < 1:
         var = deltas.var(dim=0, unbiased=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = tuple(Path(__file__).with_name(name)
-                 for name in ("weighted_sum.c", "sparse_mix.c", "draws_ranks.c"))
+                 for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c"))
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
