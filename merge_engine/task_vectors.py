@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,8 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
             kept = [d * mask for d in deltas]
     energy = [float(total(d.float() ** 2)) / d.numel() for d in kept]
     energy_sum = sum(energy)
+    if not math.isfinite(energy_sum):  # inf/NaN deltas: torch's NaN payloads decide the bits
+        return None
     shares = [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
     weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
     out = native_sparse.sce_mix(deltas, base.reshape(-1), var, chosen or (0, 0, 0), weights)

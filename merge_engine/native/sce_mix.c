@@ -41,35 +41,47 @@ void var_bf16(uint16_t *out, const uint16_t *const *deltas, int n, long start, l
     }
 }
 
-/* keep entries whose variance bits (k, i) are k > lo or k == lo and i <= lo_cut; select == 0: all */
+/* keep entries whose variance bits (k, i) are k > lo or k == lo and i <= lo_cut; select == 0: all.
+ * Chunk by chunk, model by model, so that the loops vectorize; a dropped entry is x * 0 (a NaN
+ * stays NaN: its payload never reaches the result, which rounds every NaN to 0x7FC0). */
+#define CHUNK 1024
 void sce_mix_bf16(uint16_t *out, const uint16_t *base, const uint16_t *const *deltas, int n,
                   const uint16_t *var, int select, int lo, long lo_cut, const float *w,
                   long start, long stop) {
-    float v[MAX_MODELS];
-    for (long i = start; i < stop; i++) {
-        int keep = 1;
-        if (select) {
-            const int key = var[i] & 0x7FFF;
-            keep = key > lo || (key == lo && i <= lo_cut);
+    float v[MAX_MODELS][CHUNK], sum[CHUNK], major[CHUNK], mixed[CHUNK], div[CHUNK];
+    float keep[CHUNK];
+    for (long s = start; s < stop; s += CHUNK) {
+        const long m = stop - s < CHUNK ? stop - s : CHUNK;
+        for (long i = 0; i < m; i++) {
+            const int key = select ? var[s + i] & 0x7FFF : 0;
+            keep[i] = !select || key > lo || (key == lo && s + i <= lo_cut) ? 1.0f : 0.0f;
+            sum[i] = mixed[i] = div[i] = 0.0f;
         }
-        float sum = 0.0f;
         for (int k = 0; k < n; k++) {
-            const float x = bf(deltas[k][i]);
-            v[k] = keep ? x : bf(rbf(x * 0.0f));
-            sum += v[k];
+            const uint16_t *d = deltas[k] + s;
+            for (long i = 0; i < m; i++) {
+                const float x = bf(d[i]);
+                v[k][i] = keep[i] != 0.0f ? x : x * 0.0f;
+                sum[i] += v[k][i];
+            }
         }
-        const float s = bf(rbf(sum));
-        const float major = s >= 0.0f ? 1.0f : -1.0f;
-        float mixed = 0.0f, div = 0.0f;
+        for (long i = 0; i < m; i++) major[i] = bf(rbf(sum[i])) >= 0.0f ? 1.0f : -1.0f;
         for (int k = 0; k < n; k++) {
-            const float sign = v[k] > 0.0f ? 1.0f : v[k] < 0.0f ? -1.0f : v[k] == 0.0f ? 0.0f : v[k];
-            const float we = sign == major ? w[k] : 0.0f;
-            mixed += bf(rbf(v[k] * we));
-            div += we;
+            const float wk = w[k];
+            for (long i = 0; i < m; i++) {
+                const float x = v[k][i];
+                /* w * (sign(x) == major), as torch multiplies the bf16 shares by the bool agreement
+                 * (a NaN share stays NaN); zeros and NaN never agree */
+                const float we = wk * (x * major[i] > 0.0f ? 1.0f : 0.0f);
+                mixed[i] += bf(rbf(x * we));
+                div[i] += we;
+            }
         }
-        float d = bf(rbf(div));
-        d = d == 0.0f ? 1.0f : d;
-        const float q = bf(rbf(bf(rbf(mixed)) / d));
-        out[i] = rbf(bf(base[i]) + q);
+        for (long i = 0; i < m; i++) {
+            float d = bf(rbf(div[i]));
+            d = d == 0.0f ? 1.0f : d;
+            const float q = bf(rbf(bf(rbf(mixed[i])) / d));
+            out[s + i] = rbf(bf(base[s + i]) + q);
+        }
     }
 }
