@@ -12,21 +12,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_MODELS 64
-
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t rbf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)0x7FC0 : rounded;
-}
 
 void var_bf16(uint16_t *out, const uint16_t *const *deltas, int n, long start, long stop) {
     for (long i = start; i < stop; i++) {
