@@ -181,11 +181,16 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
             mask = keys > lo
             mask[:lo_cut + 1] |= keys[:lo_cut + 1] == lo
             kept = [d * mask for d in deltas]
-    energy = [float(total(d.float() ** 2)) / d.numel() for d in kept]
-    energy_sum = sum(energy)
-    if not math.isfinite(energy_sum):  # inf/NaN deltas: torch's NaN payloads decide the bits
+    shares = energy_shares(kept)
+    if not all(math.isfinite(v) for v in shares):  # inf/NaN deltas: torch's NaN payloads decide
         return None
-    shares = [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
     weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
     out = native_sparse.sce_mix(deltas, base.reshape(-1), var, chosen or (0, 0, 0), weights)
     return out.view(base.shape)
+
+
+def energy_shares(deltas: Sequence[torch.Tensor]) -> list[float]:
+    """SCE's model weights: each delta's ``mean(delta**2)`` over their sum (equal when ~0)."""
+    energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
+    energy_sum = sum(energy)
+    return [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
