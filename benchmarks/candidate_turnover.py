@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 CACHE = Path.home() / ".cache" / "evomerge" / "bench"
 REPORT = REPO / "results" / "benchmarks" / "candidate_turnover.md"
-METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della")
+METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della", "sce")
 
 
 def smollm2_models(root: Path) -> dict[str, Path]:
@@ -119,8 +119,17 @@ def recipe(models: dict[str, Path], method: str, rng: random.Random, layer3: flo
     """A candidate: seeded weights/densities per model; ``layer3`` overrides layer 3's densities."""
     from merge_engine.recipe import parse_recipe
 
+    names = ("v1", "v2", "v3")
+    if method == "sce":  # one global parameter and no per-model ones
+        top = dict(frozen[0]) if frozen else {"select_topk": round(rng.uniform(0.3, 0.9), 3)}
+        params = dict(top)
+        if layer3 is not None:
+            params["select_topk"] = [{"filter": "layers.3.", "value": layer3}, {"value": top["select_topk"]}]
+        data = {"merge_method": method, "base_model": str(models["base"]), "parameters": params,
+                "models": [{"model": str(models[name])} for name in names], "dtype": "bfloat16"}
+        return parse_recipe(data), [top]
     entries = []
-    for i, name in enumerate(("v1", "v2", "v3")):
+    for i, name in enumerate(names):
         p = dict(frozen[i]) if frozen else {"weight": round(rng.uniform(0.1, 1.0), 3),
                                             "density": round(rng.uniform(0.3, 0.8), 3)}
         if method == "della":

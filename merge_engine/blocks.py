@@ -2,9 +2,10 @@
 
 Whole-tensor elementwise chains stream every temporary through memory; on blocks of
 ``block_size(device)`` entries the temporaries stay in the CPU cache (a 4-model linear
-merge ran 2.4x faster); on a GPU a block is a whole tensor (one kernel launch, not thousands). The result
-is the same bits as one call on the whole tensors, as long as every output entry depends only on
-the inputs' entries at the same position.
+merge ran 2.4x faster); on a GPU a block is a whole tensor (one kernel launch per op, not
+thousands), sized by the device's free memory so that the temporaries fit. The result is the same
+bits as one call on the whole tensors, as long as every output entry depends only on the inputs'
+entries at the same position (tests/test_blocks_whole.py runs the whole-tensor path on the CPU).
 """
 
 from __future__ import annotations
@@ -14,13 +15,26 @@ from collections.abc import Callable, Sequence
 import torch
 
 BLOCK = 1 << 18  # entries per block on a CPU (1 MiB of float32 temporaries)
-GPU_BLOCK = 1 << 28  # on a GPU: one block per tensor up to 268M entries (a 128k x 2k embedding)
+GPU_BLOCK = 1 << 28  # other accelerators: one block per tensor up to 268M entries
+CUDA_SHARE = 0.5  # of the free CUDA memory a block's temporaries may take
 
 
-def block_size(device: torch.device | str) -> int:
-    """Entries per block on ``device``'s type: small on a CPU (temporaries stay in its caches);
-    on a GPU each block is a kernel launch, so a block spans a whole realistic tensor."""
-    return BLOCK if torch.device(device).type == "cpu" else GPU_BLOCK
+def block_size(device: torch.device | str, entry_bytes: int = 64) -> int:
+    """Entries per block on ``device``: small on a CPU (temporaries stay in its caches); on a GPU
+    each block is a kernel launch per op, so a block is as large as the free memory allows for
+    temporaries of ``entry_bytes`` per entry (a whole realistic tensor: one block)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return BLOCK
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(BLOCK, int(free * CUDA_SHARE) // max(1, entry_bytes))
+    return GPU_BLOCK
+
+
+def _entry_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Temporaries per entry of a block: a few float32 copies of the stacked inputs."""
+    return 4 * 4 * (len(tensors) + 1)
 
 
 def blockwise(fn: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor],
@@ -30,7 +44,7 @@ def blockwise(fn: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tens
     flats = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None
     n, out = flats[0].numel(), None
-    step = block_size(flats[0].device)
+    step = block_size(flats[0].device, _entry_bytes(flats))
     for start in range(0, max(n, 1), step):
         stop = min(start + step, n)
         part = fn([f[start:stop] for f in flats],
@@ -51,7 +65,7 @@ def blockwise_into(kernel: Callable[[list[torch.Tensor], torch.Tensor, list[torc
     n = flats[0].numel()
     device = flats[0].device
     out = torch.empty(n, dtype=dtype, device=device)
-    step = block_size(device)
+    step = block_size(device, _entry_bytes(flats) + scratch * torch.finfo(scratch_dtype).bits // 8)
     buffers = [torch.empty(min(n, step), dtype=scratch_dtype, device=device) for _ in range(scratch)]
     for start in range(0, n, step):
         stop = min(start + step, n)

@@ -2,7 +2,9 @@
 
 Every draw for a tensor comes from a CPU generator seeded by a hash of
 (recipe seed, tensor name, model index), so the same recipe yields the same
-masks on any device, in any execution order, in memory or on disk.
+masks on any device, in any execution order, in memory or on disk. Large draws are made by the
+native kernels (``merge_engine.native.draws``: the same generator and conversion as torch's CPU
+``torch.rand``, the same bits, tested) when they are built; torch makes the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import hashlib
 
 import torch
+
+from merge_engine.native import draws as native_draws
+
+NATIVE_MIN = 1 << 12  # below this the ctypes call costs more than torch's draw
 
 
 def derive_seed(seed: int, tensor_name: str, model_index: int) -> int:
@@ -49,7 +55,11 @@ class TensorRandom:
         ready = self._ready((model_index, None), shape, device)
         if ready is not None:
             return ready
-        u = torch.rand(tuple(shape), generator=self.generator(model_index), dtype=torch.float32)
+        shape = tuple(shape)
+        if _native(shape):
+            u = native_draws.uniform(shape, derive_seed(self.seed, self.tensor_name, model_index))
+        else:
+            u = torch.rand(shape, generator=self.generator(model_index), dtype=torch.float32)
         return u.to(device)
 
     def bernoulli(self, keep: torch.Tensor | float, shape: torch.Size | tuple[int, ...],
@@ -67,4 +77,14 @@ class TensorRandom:
         ready = self._ready((model_index, float(keep)), shape, device)
         if ready is not None:
             return ready
+        if _native(tuple(shape)):
+            seed = derive_seed(self.seed, self.tensor_name, model_index)
+            return native_draws.keep_mask(tuple(shape), seed, float(keep)).to(device)
         return self.bernoulli(float(keep), shape, model_index, device).view(torch.uint8)
+
+
+def _native(shape: tuple[int, ...]) -> bool:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel >= NATIVE_MIN and native_draws.usable()

@@ -17,9 +17,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from merge_engine import native
 from merge_engine.blocks import blockwise
 from merge_engine.errors import MergeError
 from merge_engine.methods._reduce import total
+from merge_engine.native import draws as native_draws
 from merge_engine.randomness import TensorRandom
 
 SMALL = 1 << 14  # top_k_mask sorts up to this many entries (a histogram pass costs more there)
@@ -163,19 +165,32 @@ def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> tor
     Within each row (dim 1; a 1-D tensor is one row) entries are ranked by
     magnitude, smallest first, and the rank mapped linearly onto
     ``[density - epsilon, density + epsilon]``. Equal magnitudes are ranked by
-    position. A row of one entry gets ``density``.
+    position. A row of one entry gets ``density``. Large 2-D bf16 CPU deltas are
+    ranked by a native per-row radix sort (the same ranks, no argsort); the map
+    from rank to probability is this function's torch arithmetic either way.
     """
-    mags = delta.abs().float()
-    rows = mags if mags.dim() >= 2 else mags.reshape(1, -1)
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
-    order = torch.argsort(rows, dim=1, stable=True)
-    positions = torch.arange(n, device=rows.device, dtype=torch.float32)
-    positions = positions.reshape(1, n, *([1] * (rows.dim() - 2))).expand(order.shape)
-    ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
+    if (delta.dim() == 2 and delta.dtype == torch.bfloat16 and delta.device.type == "cpu"
+            and delta.is_contiguous() and delta.numel() >= native.MIN_ENTRIES
+            and native_draws.usable()):
+        table = _rank_probs(torch.arange(n, dtype=torch.float32), n, density, epsilon)
+        probs = native_draws.row_rank_probs(delta, table)
+        if probs is not None:
+            return probs
+    mags = rows.abs().float()
+    order = torch.argsort(mags, dim=1, stable=True)
+    positions = torch.arange(n, device=mags.device, dtype=torch.float32)
+    positions = positions.reshape(1, n, *([1] * (mags.dim() - 2))).expand(order.shape)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=mags.device)
     ranks.scatter_(1, order, positions)  # ranks[i, order[i, r]] = r
+    return _rank_probs(ranks, n, density, epsilon).reshape(delta.shape)
+
+
+def _rank_probs(ranks: torch.Tensor, n: int, density: float, epsilon: float) -> torch.Tensor:
+    """Float32 ranks (0..n-1) of a row of ``n`` mapped onto ``[density - epsilon, density + epsilon]``."""
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return probs.reshape(delta.shape)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
 def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorRandom,

@@ -11,6 +11,9 @@ a few passes with no float32 copies of whole tensors:
 3. one fused pass (``native.sparse.sparse_mix``) that applies the selections, weights, elects
    signs and adds the mix to the base.
 
+SCE (:func:`merge_sce`) shares step 1, selects by the variance across models (a native pass, then
+the same histogram selection) and mixes in its own fused pass (``native.sparse.sce_mix``).
+
 Lifecycle of the cache: an ``InMemoryMerger`` owns one for its whole search and makes it current
 with :func:`caching` around each apply; entries are keyed by the source tensor objects the merger
 keeps (an entry dies with its tensor) and nothing is cached once ``cap_bytes`` is reached (the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from merge_engine.native import sparse as native_sparse
-from merge_engine.selection import Histogram, Select
+from merge_engine.methods._reduce import total
+from merge_engine.selection import Histogram, Select, top_k
 from merge_engine.sparsify import Trim, merge_task_vectors, rescale_l1
 
 
@@ -154,3 +159,38 @@ def merge_trimmed(tensors: Sequence[torch.Tensor], base: torch.Tensor, weight: S
                                    elect=elect_signs, normalize=normalize, divisor=divisor,
                                    lambda_=lambda_)
     return out.view(base.shape)
+
+
+def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
+              select_topk: float) -> torch.Tensor | None:
+    """``methods.sce.sce`` on the fast path, the same bits; None where the kernels do not apply."""
+    if not tensors or not native_sparse.usable(base, *tensors):
+        return None
+    cache = _current.get()
+    deltas = [_stats(x, base, i, cache).delta for i, x in enumerate(tensors)]
+    var, chosen, kept = None, None, deltas
+    if select_topk < 1:
+        var = native_sparse.variance(deltas)
+        hist = Histogram.from_counts(native_sparse.histogram(var))
+        zeros = int(hist.counts[0]) if int(hist.keys[0]) == 0 else 0  # var >= 0: no -0.0
+        chosen = top_k(var, hist, int(abs(select_topk) * (var.numel() - zeros)))
+        if chosen[0] == native_sparse.KEEP_ALL:
+            var = None
+        else:  # the energies are of the masked deltas (the mask reads var's bits, not the delta's)
+            keys, lo, lo_cut = var.view(torch.int16), chosen[1], chosen[2]
+            mask = keys > lo
+            mask[:lo_cut + 1] |= keys[:lo_cut + 1] == lo
+            kept = [d * mask for d in deltas]
+    shares = energy_shares(kept)
+    if not all(math.isfinite(v) for v in shares):  # inf/NaN deltas: torch's NaN payloads decide
+        return None
+    weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
+    out = native_sparse.sce_mix(deltas, base.reshape(-1), var, chosen or (0, 0, 0), weights)
+    return out.view(base.shape)
+
+
+def energy_shares(deltas: Sequence[torch.Tensor]) -> list[float]:
+    """SCE's model weights: each delta's ``mean(delta**2)`` over their sum (equal when ~0)."""
+    energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
+    energy_sum = sum(energy)
+    return [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]

@@ -90,12 +90,19 @@ def test_resolution_with_two_gpus_is_concrete_and_checks_the_index(monkeypatch):
 
 
 # ---------------------------------------------------------------- host-to-device traffic
-def test_block_size_per_device_type():
+def test_block_size_per_device_type(monkeypatch):
     from merge_engine import blocks
 
     assert blocks.block_size("cpu") == blocks.BLOCK == 1 << 18
-    assert blocks.block_size(torch.device("cuda", 1)) == blocks.GPU_BLOCK
-    assert blocks.GPU_BLOCK >= 128_256 * 2048  # a Llama-3 embedding is one kernel launch
+    # CUDA blocks are sized by free device memory (FakeCuda: no GPU on this machine)
+    free = {"bytes": 80 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 << 30))
+    size = blocks.block_size(torch.device("cuda", 1), 64)
+    assert size == int((80 << 30) * blocks.CUDA_SHARE) // 64
+    assert size >= 128_256 * 2048  # a Llama-3 embedding is one kernel launch per op
+    free["bytes"] = 1 << 20  # nearly full: never below the CPU block
+    assert blocks.block_size(torch.device("cuda", 0), 64) == blocks.BLOCK
+    assert blocks.GPU_BLOCK >= 128_256 * 2048  # other accelerators
 
 
 def test_source_home_keeps_sources_on_the_gpu_only_when_they_fit():

@@ -61,6 +61,11 @@ CASES = [
                          lambda_=1.0, int8_mask=False, paper_rescale=True)),
     ("della", dict(weight=[0.5, 0.3, 0.2], density=[0.5, 0.4, 0.6], epsilon=[0.1, 0.1, 0.2],
                    normalize=True, rescale=True, lambda_=1.0, int8_mask=False, paper_rescale=False)),
+    ("della_linear", dict(weight=[0.5, 0.3, 0.2], density=[0.5, 0.0, 0.8], epsilon=[0.2, 0.1, 0.15],
+                          normalize=False, rescale=True, lambda_=0.9, int8_mask=False, paper_rescale=True)),
+    ("sce", dict(select_topk=1.0, int8_mask=False)),
+    ("sce", dict(select_topk=0.3, int8_mask=False)),
+    ("sce", dict(select_topk=0.0, int8_mask=False)),
 ]
 
 
@@ -76,6 +81,17 @@ def test_fast_path_gives_the_torch_bits(monkeypatch, method, kwargs) -> None:
     want = fn(xs, base, **kwargs, **extra)
     assert fast.dtype == want.dtype == torch.bfloat16
     assert torch.equal(bits(fast), bits(want))
+
+
+def test_sce_with_inf_and_nan_deltas_gives_the_torch_bits(monkeypatch) -> None:
+    xs, base = awkward_models(5)
+    xs[1].view(-1)[500:520] = float("nan")
+    xs[2].view(-1)[600:620] = float("inf")
+    fn = get_method("sce").fn
+    fast = [fn(xs, base, select_topk=t, int8_mask=False) for t in (1.0, 0.5)]
+    torch_only(monkeypatch)
+    for t, got in zip((1.0, 0.5), fast):
+        assert torch.equal(bits(got), bits(fn(xs, base, select_topk=t, int8_mask=False)))
 
 
 def test_selections_equal_stable_sorts() -> None:

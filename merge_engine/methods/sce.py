@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from merge_engine.methods import _params
-from merge_engine.methods._reduce import total
 from merge_engine.methods.spec import MethodSpec, Param
 from merge_engine.sparsify import sign_agreement, top_k_mask
+from merge_engine.task_vectors import energy_shares, merge_sce
 
 
 def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float,
@@ -18,16 +18,17 @@ def sce(tensors: list[torch.Tensor], base: torch.Tensor, *, select_topk: float,
     variance across models (all when ``select_topk >= 1``). Calculate: model
     weights ``mean(delta_i**2)`` normalised to sum 1 (equal when all are 0).
     Erase: TIES sign election on the selected deltas, weighted mean of survivors.
+    Large bf16 CPU tensors take the native fast path (``task_vectors.merge_sce``, the same bits).
     """
+    fast = merge_sce(tensors, base, select_topk)
+    if fast is not None:
+        return fast
     deltas = torch.stack([x.to(base.dtype) - base for x in tensors])  # [N, *shape]
     if select_topk < 1:
         var = deltas.var(dim=0, unbiased=False)
         k = int(abs(select_topk) * int(torch.count_nonzero(var)))
         deltas = deltas * top_k_mask(var, k)
-    energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
-    energy_sum = sum(energy)
-    shares = [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
-    w = torch.tensor(shares, dtype=deltas.dtype, device=deltas.device)
+    w = torch.tensor(energy_shares(list(deltas)), dtype=deltas.dtype, device=deltas.device)
     w = w.reshape(-1, *([1] * base.dim()))  # [N, 1, ...]
     w = w * sign_agreement(deltas)
     mixed = (deltas * w).sum(dim=0)

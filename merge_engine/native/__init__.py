@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = (Path(__file__).with_name("weighted_sum.c"), Path(__file__).with_name("sparse_mix.c"))
+_SOURCES = tuple(Path(__file__).with_name(name)
+                 for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c"))
+_HEADER = Path(__file__).with_name("bf16.h")  # included by the sparse kernels
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -44,7 +46,7 @@ def _build() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
-    source = b"".join(path.read_bytes() for path in _SOURCES)
+    source = b"".join(path.read_bytes() for path in (*_SOURCES, _HEADER))
     # no contraction of a*b+c: the sparse kernels round every step as the torch path does
     for flags in (["-O3", "-march=native", "-ffp-contract=off"], ["-O3", "-ffp-contract=off"]):
         key = hashlib.sha256(source + cc.encode() + " ".join(flags).encode()).hexdigest()[:16]

@@ -31,6 +31,8 @@ _SIGNATURES = {
     "nth_key_bf16": ([_P, _L, _L, _I, _L], _L),
     "select_bf16": ([_P, _P, _I, _I, _L, _I, _L, _L, _L], None),
     "sparse_mix_bf16": ([_P, _P, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _F, _I, _F, _L, _L], None),
+    "var_bf16": ([_P, _P, _I, _L, _L], None),
+    "sce_mix_bf16": ([_P, _P, _P, _I, _P, _I, _I, _L, _P, _L, _L], None),
 }
 
 
@@ -144,4 +146,30 @@ def sparse_mix(deltas: Sequence[torch.Tensor], selections: Sequence[Sequence[int
     args = (out.data_ptr(), base.data_ptr(), ptrs, n_models, *arrays, int(elect), int(normalize),
             float(divisor), int(lambda_ != 1), float(lambda_))
     _parallel(lambda p, a, b: lib.sparse_mix_bf16(*args, a, b), base.numel())
+    return out
+
+
+def variance(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(deltas).var(dim=0, unbiased=False)`` of flat bf16 deltas, the same bits."""
+    lib = _lib()
+    out = torch.empty_like(deltas[0])
+    ptrs = (ctypes.c_void_p * len(deltas))(*[d.data_ptr() for d in deltas])
+    _parallel(lambda p, a, b: lib.var_bf16(out.data_ptr(), ptrs, len(deltas), a, b), out.numel())
+    return out
+
+
+def sce_mix(deltas: Sequence[torch.Tensor], base: torch.Tensor, var: torch.Tensor | None,
+            top: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+    """SCE's erase-and-mix (``methods.sce``) over flat bf16 deltas: entries outside the top
+    selection ``top`` = ``(KEEP_TOP, lo, lo_cut, ...)`` of ``var`` are dropped (``var`` None:
+    none), ``weights`` are the bf16 shares as floats. Returns bf16 of ``base``'s shape."""
+    lib = _lib()
+    n_models = len(deltas)
+    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    ptrs = (ctypes.c_void_p * n_models)(*[d.data_ptr() for d in deltas])
+    w = (ctypes.c_float * n_models)(*weights)
+    args = (out.data_ptr(), base.data_ptr(), ptrs, n_models,
+            var.data_ptr() if var is not None else None, int(var is not None), int(top[1]),
+            int(top[2]), w)
+    _parallel(lambda p, a, b: lib.sce_mix_bf16(*args, a, b), base.numel())
     return out

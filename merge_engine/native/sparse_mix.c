@@ -13,25 +13,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define KEYS 32768
 #define CHUNK 1024
 #define MAX_MODELS 64
 
 enum { KEEP_ALL = 0, KEEP_ZERO = 1, KEEP_TOP = 2, KEEP_BAND = 3 };
-
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t rbf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)0x7FC0 : rounded;
-}
 
 /* four interleaved sub-histograms: runs of equal magnitudes would otherwise serialize on one
  * counter; uint32 counts per call range (callers split ranges well below 2^32 entries) */

@@ -1,0 +1,69 @@
+"""ctypes wrappers of ``draws_ranks.c``: torch's seeded CPU draws and DELLA's per-row magnitude
+ranks, the same bits as the torch reference (tests/test_native_draws.py compares them).
+
+Callers check :func:`usable` (the kernels are built) and keep the torch code as the reference for
+everything else (other dtypes, other generators, NaN rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from merge_engine import native
+from merge_engine.native.sparse import _parallel
+
+_declared: set[int] = set()
+_P, _L, _F, _U64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_uint64
+_SIGNATURES = {
+    "mt_uniform_f32": ([_P, _U64, _L], None),
+    "mt_keep_u8": ([_P, _U64, _F, _L], None),
+    "row_rank_probs_bf16": ([_P, _P, _P, _L, _L, _L], _L),
+}
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = native._library()
+    if lib is not None and id(lib) not in _declared:
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _declared.add(id(lib))
+    return lib
+
+
+def usable() -> bool:
+    return _lib() is not None
+
+
+def uniform(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """``torch.rand(shape, generator=torch.Generator().manual_seed(seed))`` (float32), natively."""
+    out = torch.empty(shape, dtype=torch.float32)
+    _lib().mt_uniform_f32(out.data_ptr(), seed & 0xFFFFFFFFFFFFFFFF, out.numel())
+    return out
+
+
+def keep_mask(shape: tuple[int, ...], seed: int, keep: float) -> torch.Tensor:
+    """``(torch.rand(shape, generator=...manual_seed(seed)) < keep).view(torch.uint8)``, natively."""
+    out = torch.empty(shape, dtype=torch.uint8)
+    _lib().mt_keep_u8(out.data_ptr(), seed & 0xFFFFFFFFFFFFFFFF, float(keep), out.numel())
+    return out
+
+
+def row_rank_probs(delta: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+    """For a contiguous 2-D bf16 ``delta`` [R, C]: float32 ``table[rank]`` where ``rank`` is each
+    entry's 0-based position in a stable ascending sort of its row by magnitude; None when a row
+    holds a NaN (the torch reference then ranks)."""
+    rows, cols = delta.shape
+    probs = torch.empty(delta.shape, dtype=torch.float32)
+    n = delta.numel()
+    lib = _lib()
+
+    def part(_p: int, a: int, b: int) -> int:
+        return int(lib.row_rank_probs_bf16(probs.data_ptr(), delta.data_ptr(), table.data_ptr(),
+                                           cols, a // cols, b // cols))
+    bad = _parallel(part, n)
+    if any(b < 0 for b in bad):
+        raise MemoryError("row_rank_probs_bf16: out of memory for its row buffers")
+    return None if any(bad) else probs

@@ -1,0 +1,114 @@
+/* evomerge native kernels for the seeded draws of DARE/DELLA and DELLA's per-row magnitude ranks
+ * (see merge_engine/native/draws.py). Same bits as the torch reference, tested:
+ *
+ * mt_uniform_f32 / mt_keep_u8: torch's CPU generator is MT19937 seeded with the low 32 bits of the
+ *   seed; torch.rand(float32) takes each 32-bit output r as (r & (2^24 - 1)) * 2^-24. The keep mask
+ *   is u < keep with keep rounded to float32, as `torch.rand(...) < keep` compares.
+ * row_rank_probs_bf16: per row, a stable LSD radix sort (8 + 7 bits) of |delta|'s magnitude bits
+ *   (ties by position, as torch.argsort(stable=True)), the rank r mapped by the caller's table
+ *   probs[r]. Rows holding a NaN are reported (the caller then uses the torch reference).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MT_N 624
+#define MT_M 397
+
+typedef struct { uint32_t s[MT_N]; int i; } mt_t;
+
+static void mt_seed(mt_t *m, uint32_t seed) {
+    m->s[0] = seed;
+    for (int i = 1; i < MT_N; i++) m->s[i] = 1812433253u * (m->s[i - 1] ^ (m->s[i - 1] >> 30)) + (uint32_t)i;
+    m->i = MT_N;
+}
+
+#define MT_MIX(a, b, c) ((c) ^ ((((a) & 0x80000000u) | ((b) & 0x7FFFFFFFu)) >> 1) ^ (-((b) & 1u) & 0x9908B0DFu))
+
+/* the standard twist, split so that no index wraps (vectorizes) */
+static void mt_twist(mt_t *m) {
+    uint32_t *s = m->s;
+    int i = 0;
+    for (; i < MT_N - MT_M; i++) s[i] = MT_MIX(s[i], s[i + 1], s[i + MT_M]);
+    for (; i < MT_N - 1; i++) s[i] = MT_MIX(s[i], s[i + 1], s[i + MT_M - MT_N]);
+    s[MT_N - 1] = MT_MIX(s[MT_N - 1], s[0], s[MT_M - 1]);
+    m->i = 0;
+}
+
+/* 32-bit outputs into out[0, n), one tempered state (624 values) at a time */
+static void mt_fill(uint32_t *out, mt_t *m, long n) {
+    for (long s = 0; s < n; s += MT_N) {
+        mt_twist(m);
+        const long e = n - s < MT_N ? n - s : MT_N;
+        for (long i = 0; i < e; i++) {
+            uint32_t y = m->s[i];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9D2C5680u;
+            y ^= (y << 15) & 0xEFC60000u;
+            out[s + i] = y ^ (y >> 18);
+        }
+    }
+}
+
+/* float32 U[0, 1) as torch.rand: 24 random bits times 2^-24 (exact) */
+void mt_uniform_f32(float *out, uint64_t seed, long n) {
+    mt_t m;
+    mt_seed(&m, (uint32_t)seed);
+    uint32_t *bits = (uint32_t *)out;
+    mt_fill(bits, &m, n);
+    for (long i = 0; i < n; i++) out[i] = (float)(bits[i] & 0xFFFFFFu) * (1.0f / 16777216.0f);
+}
+
+/* u < keep with keep rounded to float32, as torch compares a float32 tensor with a Python float */
+void mt_keep_u8(uint8_t *out, uint64_t seed, float keep, long n) {
+    mt_t m;
+    uint32_t buf[MT_N];
+    mt_seed(&m, (uint32_t)seed);
+    for (long s = 0; s < n; s += MT_N) {
+        const long e = n - s < MT_N ? n - s : MT_N;
+        mt_fill(buf, &m, e);
+        for (long i = 0; i < e; i++)
+            out[s + i] = (float)(buf[i] & 0xFFFFFFu) * (1.0f / 16777216.0f) < keep;
+    }
+}
+
+/* probs[row, c] = table[rank of |delta[row, c]| in its row]; returns the number of rows with a NaN
+ * (their probs are left unset) or -1 when out of memory */
+long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table, long cols,
+                         long row_start, long row_stop) {
+    uint32_t *idx = malloc(sizeof(uint32_t) * cols), *tmp = malloc(sizeof(uint32_t) * cols);
+    long nan_rows = 0;
+    if (idx == NULL || tmp == NULL) {
+        free(idx);
+        free(tmp);
+        return -1;
+    }
+    for (long row = row_start; row < row_stop; row++) {
+        const uint16_t *d = delta + row * cols;
+        long lo[256] = {0}, hi[128] = {0};
+        int nan = 0;
+        for (long c = 0; c < cols; c++) {
+            const unsigned k = d[c] & 0x7FFF;
+            nan |= k > 0x7F80;
+            lo[k & 0xFF]++;
+            hi[k >> 8]++;
+        }
+        if (nan) {
+            nan_rows++;
+            continue;
+        }
+        long sum = 0;
+        for (int b = 0; b < 256; b++) { long c = lo[b]; lo[b] = sum; sum += c; }
+        sum = 0;
+        for (int b = 0; b < 128; b++) { long c = hi[b]; hi[b] = sum; sum += c; }
+        for (long c = 0; c < cols; c++) tmp[lo[d[c] & 0xFF]++] = (uint32_t)c;
+        for (long r = 0; r < cols; r++) {
+            const uint32_t c = tmp[r];
+            idx[hi[(d[c] & 0x7FFF) >> 8]++] = c;
+        }
+        float *p = probs + row * cols;
+        for (long r = 0; r < cols; r++) p[idx[r]] = table[r];
+    }
+    free(idx);
+    free(tmp);
+    return nan_rows;
+}

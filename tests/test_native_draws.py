@@ -1,0 +1,68 @@
+"""The native seeded draws and DELLA's native per-row ranks against torch: the same bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge_engine import native, sparsify
+from merge_engine.native import draws as native_draws
+from merge_engine.randomness import TensorRandom, derive_seed
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels on this machine")
+
+SHAPES = [(1,), (623,), (624,), (625,), (1249,), (1000, 37), (70001,)]
+
+
+def torch_only(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", True)
+
+
+@pytest.mark.parametrize("seed_index", range(12))
+def test_native_generator_gives_torch_rand_bits(seed_index) -> None:
+    # 63-bit seeds as the engine derives them, plus the extremes of the 32 bits torch keeps
+    seed = [0, 1, 2 ** 32 - 1, 2 ** 63 - 1][seed_index] if seed_index < 4 else \
+        derive_seed(seed_index, f"model.layers.{seed_index}.mlp.up_proj.weight", seed_index % 3)
+    for shape in SHAPES:
+        want = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(native_draws.uniform(shape, seed).view(torch.int32), want.view(torch.int32))
+        for keep in (0.5, 0.1, 1 / 3, 0.999, 0.0, 1.0):
+            mask = (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < keep)
+            assert torch.equal(native_draws.keep_mask(shape, seed, keep), mask.view(torch.uint8))
+
+
+def test_tensor_random_draws_the_same_with_and_without_kernels(monkeypatch) -> None:
+    shape = (97, 129)  # above randomness.NATIVE_MIN
+    fast = TensorRandom(11, "w")
+    got = [fast.uniform(shape, 0), fast.keep_mask(0.3, shape, 1), fast.bernoulli(0.7, shape, 2)]
+    torch_only(monkeypatch)
+    slow = TensorRandom(11, "w")
+    want = [slow.uniform(shape, 0), slow.keep_mask(0.3, shape, 1), slow.bernoulli(0.7, shape, 2)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def _awkward(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """bf16 deltas with long runs of equal magnitudes, +-0.0 and both signs of each tie."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 0.01).bfloat16()
+    flat = x.view(-1)
+    flat[:5000] = (torch.randint(-2, 3, (5000,), generator=g).float() * 2 ** -9).bfloat16()
+    flat[5000:6000] = -0.0
+    flat[6000:6100] = 3.0  # a run of the largest magnitude crossing rows
+    return x
+
+
+@pytest.mark.parametrize("shape", [(301, 257), (2, 40000), (70000, 1), (1, 70000), (256, 1024)])
+def test_della_native_ranks_give_the_torch_probabilities(monkeypatch, shape) -> None:
+    delta = _awkward(shape, sum(shape))
+    got = [sparsify.della_keep_probs(delta, d, e) for d, e in ((0.5, 0.1), (0.3, 0.25), (0.7, 0.05))]
+    delta_nan = delta.clone()
+    delta_nan.view(-1)[7] = float("nan")  # a NaN row: the torch ranking decides
+    got.append(sparsify.della_keep_probs(delta_nan, 0.5, 0.1))
+    torch_only(monkeypatch)
+    want = [sparsify.della_keep_probs(delta, d, e) for d, e in ((0.5, 0.1), (0.3, 0.25), (0.7, 0.05))]
+    want.append(sparsify.della_keep_probs(delta_nan, 0.5, 0.1))
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
