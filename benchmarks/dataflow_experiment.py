@@ -3,6 +3,8 @@
     python benchmarks/dataflow_experiment.py                    # deep zoo (built if missing), 2 seeds
     python benchmarks/dataflow_experiment.py --seeds 1 --trials 8 --zoo ~/.cache/evomerge/zoo/demo \
         --variant demo --out /tmp/df                           # a quick look on the 2-layer zoo
+    python benchmarks/dataflow_experiment.py --seeds 1 --first-seed 1 --part /tmp/s1.json   # one seed
+    python benchmarks/dataflow_experiment.py --combine /tmp/s0.json /tmp/s1.json           # one table
 
 Three arms, each given ``--trials`` finished trials of ``3 x limit`` evaluated docs (no pruning,
 so trials x docs per trial is the budget; a rejected path costs no docs and does not count):
@@ -207,10 +209,11 @@ def write_outputs(out: Path, data: dict, zoo_label: str) -> None:
               f"stage 2 {med([r['stage2'] for r in c])}; report of the stage-1 merge alone "
               f"{med([r['report_stage1']['score'] for r in c])}. Failed (rejected) trials per seed: "
               + ", ".join(f"{arm} {[s[arm]['failed'] for s in seeds]}" for arm in ARMS) + ".",
-              f"Wall time {data['seconds']}s on this machine (shared)."]
+              f"Run time {data['seconds']}s on this machine (2 cores shared with other jobs; summed "
+              "over the runs when seeds ran as separate processes)."]
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataflow.md").write_text("\n".join(lines) + "\n")
-    (out / "dataflow.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "dataflow.json").write_text(json.dumps(data, indent=1).replace(data["zoo"], "${ZOO}") + "\n")
     recipes = out / "recipes"
     recipes.mkdir(exist_ok=True)
     for arm in ARMS:
@@ -254,11 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="deep", help="zoo variant to build/reuse (default: deep)")
     p.add_argument("--zoo", help="an already built zoo directory (default: the variant's cache folder)")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--part", help="write this run's data to this JSON file only (no table)")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="write the table from --part files of the same settings (seeds concatenated)")
     p.add_argument("--trials", type=int, default=24, help="finished trials per arm (c: split in two)")
     p.add_argument("--limit", type=int, default=50, help="search-split docs per task per trial")
     p.add_argument("--max-layers", type=int, help="layer_path.max_layers (default: the space's)")
     p.add_argument("--out", default=str(REPO / "results" / "dataflow"))
     args = p.parse_args(argv)
+    if args.combine:
+        parts = [json.loads(Path(f).read_text()) for f in args.combine]
+        data = {**parts[0], "seeds": [s for part in parts for s in part["seeds"]],
+                "seconds": sum(part["seconds"] for part in parts)}
+        write_outputs(Path(args.out), data, data["label"])
+        return 0
 
     import optuna
     import torch
@@ -287,15 +300,19 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="dataflow-") as tmp, resident_candidate(space) as candidate:
             base = baselines(space, candidate, evs, log)
             seeds = [run_seed(spaces, candidate, evs, seed, args.trials, Path(tmp), zoo, log)
-                     for seed in range(args.seeds)]
+                     for seed in range(args.first_seed, args.first_seed + args.seeds)]
     finally:
         for ev in evs.values():
             ev.close()
     data = {"zoo": str(zoo), "variant": args.variant, "trials": args.trials,
             "docs_per_trial": args.limit * len(space.eval.tasks), "native_layers": space.num_layers,
             "max_layers": spaces["path"].layer_path.max_layers, "baselines": base, "seeds": seeds,
-            "seconds": round(time.monotonic() - start)}
-    write_outputs(Path(args.out), data, f"{args.variant} zoo, {space.num_layers} layers per model")
+            "seconds": round(time.monotonic() - start),
+            "label": f"{args.variant} zoo, {space.num_layers} layers per model"}
+    if args.part:
+        Path(args.part).write_text(json.dumps(data, indent=1) + "\n")
+        return 0
+    write_outputs(Path(args.out), data, data["label"])
     return 0
 
 

@@ -39,3 +39,25 @@ def test_deep_variant_builds_loads_and_is_cached(tmp_path, monkeypatch):
         ids = tok("add 12+34=", return_tensors="pt")
         with torch.no_grad():
             assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_committed_dataflow_recipes_validate_on_a_deep_shaped_zoo(tmp_path, capsys):
+    """results/dataflow/recipes/*.yaml (the experiment's best recipes, c.yaml in two stages)
+    name their models as ``${ZOO}/...`` and validate against six-layer models of the zoo's names."""
+    from pathlib import Path
+
+    from fixtures import make_tiny_llama
+
+    from evomerge.cli import main
+    from merge_engine.stages import load_stages
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "results" / "dataflow" / "recipes").glob("*.yaml"))
+    assert [p.name for p in recipes] == ["a.yaml", "b.yaml", "c.yaml"]
+    base = make_tiny_llama(tmp_path / "base", 0, num_layers=6)
+    for i, skill in enumerate(("add", "sort", "shift"), 1):
+        make_tiny_llama(tmp_path / f"{skill}_expert", i, num_layers=6, perturb_from=base)
+    for path in recipes:
+        text = path.read_text()
+        assert "/tmp/" not in text and "${ZOO}/" in text, path
+        assert main(["validate", str(path), "--var", f"ZOO={tmp_path}"]) == 0, capsys.readouterr().err
+    assert [s.name for s in load_stages(recipes[2], {"ZOO": str(tmp_path)})] == ["params_merge", None]
