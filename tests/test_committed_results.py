@@ -20,7 +20,8 @@ RESULTS = REPO / "results"
 
 def committed_recipes() -> list[Path]:
     paths = [p for p in sorted(RESULTS.rglob("*.yaml"))
-             if isinstance(data := yaml.safe_load(p.read_text()), dict) and "merge_method" in data]
+             if "dataflow" not in p.parts  # deep-zoo recipes: tests/test_zoo_deep.py validates them
+             and isinstance(data := yaml.safe_load(p.read_text()), dict) and "merge_method" in data]
     assert len(paths) >= 8  # 3 demo recipes, 5 ablation rows
     return paths
 

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     zsub = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     b = add_command(zsub, "build", cmd_zoo_build, help="train the tiny base and skill experts (cached)")
     b.add_argument("dir", nargs="?", help="output directory (default: ~/.cache/evomerge/zoo/<variant>)")
-    b.add_argument("--variant", choices=("demo", "fixture"), default="demo")
+    b.add_argument("--variant", choices=("demo", "deep", "fixture"), default="demo")
     b.add_argument("--seed", type=whole_number(0), default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
     s = add_command(zsub, "smollm2", cmd_zoo_smollm2,

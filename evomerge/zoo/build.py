@@ -1,7 +1,8 @@
 """Build (or reuse) a zoo: a tiny base model and one expert per skill fine-tuned from it.
 
 Recipes are fixed per variant (:data:`RECIPES`): ``demo`` is the real zoo (a few minutes on two
-cores), ``fixture`` a tiny one for tests (seconds). A build is cached by its ``zoo.json``
+cores), ``deep`` the same with six layers per model for data-flow (layer-path) search (about
+three times as long), ``fixture`` a tiny one for tests (seconds). A build is cached by its ``zoo.json``
 (variant, seed and :data:`ZOO_VERSION` must match) and written atomically: everything goes to a
 temp sibling directory that is renamed to ``out_dir`` only when complete.
 """
@@ -49,6 +50,17 @@ _BASE_MIX = {"add_part": 1.0, "sort_part": 0.5, "shift_part": 0.5, "copy": 0.3}
 RECIPES: dict[str, ZooRecipe] = {
     "demo": ZooRecipe(
         model=ModelSpec(hidden=128, layers=2, heads=2, intermediate=512),
+        skills=_SKILLS,
+        base=TrainSpec(steps=700, lr=2e-3, batch=48, warmup=50, mixture=_BASE_MIX),
+        expert=TrainSpec(steps=200, lr=5e-4, batch=48, warmup=20),
+        replay=0.3,
+        score_examples=300,
+    ),
+    # demo's skills and training, six layers instead of two: a 2-layer model leaves a layer-path
+    # search (evomerge/space/layer_path.py) almost nothing to choose, since any path that is not
+    # an input model replaces half of the network; six layers give it depth to drop, repeat and mix.
+    "deep": ZooRecipe(
+        model=ModelSpec(hidden=128, layers=6, heads=2, intermediate=512),
         skills=_SKILLS,
         base=TrainSpec(steps=700, lr=2e-3, batch=48, warmup=50, mixture=_BASE_MIX),
         expert=TrainSpec(steps=200, lr=5e-4, batch=48, warmup=20),
