@@ -3,6 +3,8 @@
     python benchmarks/search_efficiency.py                      # demo zoo, 5 seeds, ~30-60 min
     python benchmarks/search_efficiency.py --seeds 2 --trials 12 --reference-trials 30   # quick look
     python benchmarks/search_efficiency.py --limit 40 --cheap-limit 10     # cheaper evaluations
+    python benchmarks/search_efficiency.py --space search_spaces/zoo_big.yaml \
+        --samplers default,cmaes,random --samples 4500 --reference-trials 20 --start   # 36 parameters
 
 For each sampler (CMA-ES, TPE, GP, random, and our default: the space's default sampler, GP for
 this 6-parameter space, with cheap-first pruning, and CMA-ES with cheap-first pruning) and
@@ -17,7 +19,14 @@ best score B. Reported per sampler, as median [min-max] over seeds:
 
 A run that never reaches a bar counts as the full budget and is marked with ">". Every candidate
 shares one resident model and one set of built lm-eval tasks, so the loop measured here is the
-real one (merge in place → evaluate). Writes results/benchmarks/search_efficiency.md (+ .json).
+real one (merge in place → evaluate). Writes results/benchmarks/search_efficiency.md (+ .json);
+another space writes search_efficiency_<space>.md (zoo_big.yaml: search_efficiency_big.md).
+
+The big-space mode (``--samples``, ``--start``): every run gets the same budget of evaluated docs
+rather than of trials (rungs make a trial cheaper, so a trial budget would favour the full-eval
+samplers), and the default keeps what ``evomerge search`` does on that space: its sampler, its
+``fidelity:`` rungs and its start points; CMA-ES alone (mergekit-evolve's algorithm) and random
+score every candidate in full, from no start point.
 """
 
 from __future__ import annotations
@@ -34,31 +43,47 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLERS = ("default", "cmaes+pruning", "cmaes", "tpe", "gp", "random")
 
 
-def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Path) -> list[dict]:
-    """One search; returns per finished trial: state, value (COMPLETE only), samples spent so far."""
+def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Path, *,
+            samples: int | None = None, start: bool = False) -> list[dict]:
+    """One search; returns per finished trial: state, value (COMPLETE only), samples spent so far.
+
+    Only ``default`` and ``cmaes+pruning`` keep the space's cheap rungs (``pruning:`` or
+    ``fidelity:``); with ``start`` the default also scores the space's start points first (as
+    ``evomerge search`` does). ``samples``: run until that many docs are scored instead of
+    ``trials`` finished trials (the same evaluation budget for every sampler)."""
     from dataclasses import replace
 
-    from evomerge.search.loop import search_loop
+    from evomerge.search.fidelity import RungLadder
+    from evomerge.search.loop import count_finished, search_loop
     from evomerge.search.samplers import default_sampler
-    from evomerge.search.study import open_study
+    from evomerge.search.study import enqueue_start_points, open_study
 
-    pruning = space.pruning if sampler in ("default", "cmaes+pruning") else None
-    variant = space.model_copy(update={"seed": seed, "pruning": pruning, "start": ()})
+    cheap = sampler in ("default", "cmaes+pruning")
+    variant = space.model_copy(update={
+        "seed": seed, "pruning": space.pruning if cheap else None,
+        "fidelity": space.fidelity if cheap else None,
+        "start": space.start if start and sampler == "default" else ()})
     candidate, evaluators = bench
-    # the cheap-first rung is used only by the variants with pruning
-    evaluators = evaluators if pruning is not None else replace(evaluators, ladder=None)
+    # a fresh ladder per run: its anchor rung is fitted on the run's own first trials
+    evaluators = replace(evaluators, ladder=RungLadder.for_space(variant, evaluators.search))
     study = open_study(variant, storage=f"sqlite:///{storage_dir / f'{sampler}-{seed}.db'}",
                        study_name=f"{sampler}-{seed}",
                        sampler={"default": default_sampler(space),
                                 "cmaes+pruning": "cmaes"}.get(sampler, sampler))
-    search_loop(study, variant, candidate, evaluators, trials=trials, timeout=None)
+    enqueue_start_points(study, variant)
+    if samples is None:
+        search_loop(study, variant, candidate, evaluators, trials=trials, timeout=None)
+    else:
+        while sum(t.user_attrs.get("samples", 0) for t in study.get_trials(deepcopy=False)) < samples:
+            search_loop(study, variant, candidate, evaluators, trials=count_finished(study) + 1, timeout=None)
     out, spent = [], 0
     for t in study.get_trials(deepcopy=False):
         spent += t.user_attrs.get("samples", 0)
         if t.state.is_finished():
             out.append({"state": t.state.name, "value": t.value if t.state.name == "COMPLETE" else None,
                         "samples": spent})
-    return out
+    # the trial that crossed the sample budget is over it
+    return [r for r in out if samples is None or r["samples"] <= samples]
 
 
 def reach(trace: list[dict], bar: float) -> tuple[int, int, bool]:
@@ -87,6 +112,32 @@ def summarize(values: list[tuple[int, int, bool]], index: int) -> str:
     return f"{'>' if never else ''}{med:g} [{min(nums)}-{max(nums)}]"
 
 
+def describe(args: argparse.Namespace, space, best: float, baseline: float) -> str:
+    """The paragraph under the table's title: the space, the budget, what each row is."""
+    from evomerge.search.samplers import default_sampler
+    from evomerge.space.genome import distributions
+
+    budget = (f"a budget of {args.samples} evaluated docs per run" if args.samples
+              else f"{args.trials} trials per sampler")
+    if space.fidelity is not None:
+        fid = space.fidelity
+        anchors = f"an anchor-estimate rung of {fid.anchors} docs/task, then " if fid.anchors else ""
+        cheap = (f"successive-halving rungs ({anchors}{', '.join(map(str, fid.rungs))} docs/task, the top "
+                 f"1/{fid.reduction_factor:g} going on, after {fid.startup_trials} startup trials)")
+    else:
+        cheap = f"cheap-first pruning ({space.pruning.limit if space.pruning else '-'} docs/task first)"
+    start = (f"{', '.join('equal' if sp.equal else 'a start point' for sp in space.start)} start point scored first"
+             if args.start and space.start else "no start points")
+    return (f"Space `{Path(args.space).name}` ({len(distributions(space))} searched parameters), "
+            f"{'the default with ' + start + ', the others ' if args.start else ''}without start points, "
+            f"{space.eval.limit} docs per task; {args.seeds} seeds × {budget}; reference best "
+            f"B = {best:.4f} (CMA-ES run of {args.reference_trials} trials and all runs); best input model "
+            f"{baseline:.4f}. Cells: median [min-max] over seeds; '>' = some seed never reached the bar "
+            f"within the budget (counted as the budget). Samples = evaluated docs (cheap rungs + full). "
+            f"`default` = what `evomerge search` uses on this space: {default_sampler(space)} with {cheap}; "
+            f"`cmaes+pruning` = CMA-ES with the same rungs; the other rows score every candidate in full.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--space", default=str(REPO / "search_spaces" / "zoo_demo.yaml"))
@@ -97,7 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="docs per task for a full evaluation (default: the space's)")
     p.add_argument("--cheap-limit", type=int, help="docs per task for the cheap-first check")
     p.add_argument("--zoo", help="an already built zoo directory (default: build/reuse the demo zoo)")
+    p.add_argument("--samples", type=int, help="budget per run in evaluated docs instead of --trials "
+                   "(every sampler gets the same evaluation budget; the reference run still uses "
+                   "--reference-trials)")
+    p.add_argument("--start", action="store_true",
+                   help="the default also scores the space's start points first, as `evomerge search` does")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
+    p.add_argument("--name", help="file name of the table (default: search_efficiency for zoo_demo.yaml, "
+                   "search_efficiency_<space> otherwise)")
     p.add_argument("--reuse", help="a search_efficiency.json from an earlier run (same space and "
                    "settings): its reference run and the runs of samplers not run now are kept")
     args = p.parse_args(argv)
@@ -134,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = {k: v for k, v in earlier["runs"].items() if k not in args.samplers.split(",")}
         else:
             reference = run_one(space, bench, "cmaes", 10_000, args.reference_trials, Path(tmp))
-        for sampler in args.samplers.split(","):
+        for sampler in filter(None, args.samplers.split(",")):  # none: only the table of --reuse
             for seed in range(args.seeds):
                 t0 = time.monotonic()
-                runs.setdefault(sampler, []).append(run_one(space, bench, sampler, seed, args.trials, Path(tmp)))
+                runs.setdefault(sampler, []).append(run_one(space, bench, sampler, seed, args.trials, Path(tmp),
+                                                            samples=args.samples, start=args.start))
                 best = max((r["value"] for r in runs[sampler][-1] if r["value"] is not None), default=float("nan"))
                 print(f"{sampler} seed {seed}: best {best:.4f} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
     all_values = [r["value"] for trace in [reference, *(t for ts in runs.values() for t in ts)]
@@ -148,15 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Search efficiency on the demo zoo",
         "",
-        f"Space `{Path(args.space).name}` without start points, {space.eval.limit} docs per task; "
-        f"{args.seeds} seeds × {args.trials} trials "
-        f"per sampler; reference best B = {best:.4f} (CMA-ES run of {args.reference_trials} trials and all "
-        f"runs); best input model {baseline:.4f}. Cells: median [min-max] over seeds; '>' = some seed "
-        f"never reached the bar within the budget (counted as the budget). Samples = evaluated docs "
-        f"(cheap-first + full). `default` = what `evomerge search` uses on this space: "
-        f"{default_sampler(space)} with cheap-first pruning "
-        f"({space.pruning.limit if space.pruning else '-'} docs/task first); `cmaes+pruning` = "
-        "CMA-ES with the same pruning.",
+        describe(args, space, best, baseline),
         "",
         "| sampler | trials to 95% B | samples to 95% B | trials to 95% gain | samples to 95% gain | best in budget |",
         "|---|---|---|---|---|---|",
@@ -173,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Wall time {time.monotonic() - start:.0f}s on this machine."]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "search_efficiency.md").write_text("\n".join(lines) + "\n")
-    (out / "search_efficiency.json").write_text(json.dumps(
+    stem = Path(args.space).stem
+    name = args.name or ("search_efficiency" if stem == "zoo_demo" else f"search_efficiency_{stem.removeprefix('zoo_')}")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(
         {"reference_best": best, "best_input": baseline, "bars": bars, "reference": reference,
          "runs": runs, "table": table}, indent=1))
     print("\n".join(lines))

@@ -240,6 +240,19 @@ def test_several_objectives_rank_pareto_trials_by_the_task_weights():
     assert "Pareto" in ranking_note(study) and "1*a + 1*b" in ranking_note(study)
 
 
+def test_a_cost_in_millions_does_not_swamp_accuracy_when_ranking_the_front():
+    """Each objective is scaled to the front's range before the weighted sum: with raw values a
+    parameter count (weight -1) would pick the smallest model whatever its accuracy."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["score", "params"])
+    dist = {"x": FloatDistribution(0, 1)}
+    for v in ([0.80, 2_000_000], [0.45, 1_900_000], [0.78, 1_950_000]):
+        study.add_trial(create_trial(values=v, params={"x": 0.5}, distributions=dist))
+    # scaled: trial 0 = 1 - 1 = 0, trial 1 = 0 - 0 = 0, trial 2 = 0.94 - 0.5 = 0.44
+    assert [t.number for t in top_trials(study, 3)] == [2, 0, 1]
+    assert "scaled to [0, 1]" in ranking_note(study)
+
+
 def test_noise_of_libraries_is_filtered_by_message_only(zoo, caplog):
     """lm-eval's real warning for a loaded model is dropped; its other warnings still show."""
     import logging

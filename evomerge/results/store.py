@@ -39,14 +39,23 @@ def objectives(study: optuna.Study) -> list[str]:
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """The best ``k`` completed trials. One objective: by value. Several: only trials of the
     Pareto front (no other trial is at least as good on every objective), ranked by the
-    weighted sum of their objectives (:func:`objective_weights`); never a mix of trials."""
+    weighted sum of their objectives (:func:`objective_weights`), each objective first scaled to
+    [0, 1] over the front (so a cost in millions, such as ``params``, weighs as much as an
+    accuracy, not a million times more); never a mix of trials."""
     if len(study.directions) == 1:
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
         return sorted(trials, key=lambda t: (sign * t.value, t.number))[:k]
-    weights = objective_weights(study)
-    return sorted(study.best_trials,
-                  key=lambda t: (-sum(w * v for w, v in zip(weights, t.values)), t.number))[:k]
+    weights, front = objective_weights(study), study.best_trials
+    if not front:
+        return []
+    low = [min(vs) for vs in zip(*(t.values for t in front))]
+    span = [max(vs) - lo or 1.0 for vs, lo in zip(zip(*(t.values for t in front)), low)]
+
+    def weighted(t: FrozenTrial) -> float:
+        return sum(w * (v - lo) / sp for w, v, lo, sp in zip(weights, t.values, low, span))
+
+    return sorted(front, key=lambda t: (-weighted(t), t.number))[:k]
 
 
 def objective_weights(study: optuna.Study) -> list[float]:
@@ -72,7 +81,8 @@ def ranking_note(study: optuna.Study) -> str:
     weights = objective_weights(study)
     terms = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
     return (f"{len(names)} objectives: only Pareto-optimal trials (no trial is at least as good on "
-            f"every objective), ranked by {terms} (weights: the eval tasks' weights)")
+            f"every objective), ranked by {terms}, each objective scaled to [0, 1] over the "
+            "Pareto front (weights: the eval tasks' weights)")
 
 
 def sample_stats(study: optuna.Study) -> dict[str, int]:
