@@ -26,7 +26,7 @@ from typing import Any
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
 
-from evomerge.space import layer_path
+import evomerge.space.layer_path as layer_path
 from evomerge.space.stages import candidate_stages, group_method_genes, layer_method_stages
 from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace, SpaceError,
                                    method_spec, registry_range, signed, switches)

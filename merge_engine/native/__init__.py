@@ -26,7 +26,7 @@ import torch
 
 _SOURCES = tuple(Path(__file__).with_name(name)
                  for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c"))
-_HEADER = Path(__file__).with_name("bf16.h")  # included by the sparse kernels
+_HEADER = Path(__file__).with_name("bf16.h")  # bf16 conversions, included by every kernel
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False

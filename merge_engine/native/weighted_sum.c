@@ -12,21 +12,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define CHUNK 2048
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    return f != f ? (uint16_t)0x7FC0 : rounded;
-}
 
 void weighted_sum_bf16(uint16_t *out, const uint16_t *const *ins, const float *weights, int n_in,
                        long start, long stop, float divisor, int divide) {
@@ -37,11 +25,11 @@ void weighted_sum_bf16(uint16_t *out, const uint16_t *const *ins, const float *w
         for (int k = 0; k < n_in; k++) {
             const uint16_t *x = ins[k] + s;
             const float w = weights[k];
-            for (long i = 0; i < m; i++) acc[i] = fmaf(bf16_to_f32(x[i]), w, acc[i]);
+            for (long i = 0; i < m; i++) acc[i] = fmaf(bf(x[i]), w, acc[i]);
         }
         if (divide)
             for (long i = 0; i < m; i++) acc[i] = acc[i] / divisor;
         uint16_t *o = out + s;
-        for (long i = 0; i < m; i++) o[i] = f32_to_bf16(acc[i]);
+        for (long i = 0; i < m; i++) o[i] = rbf(acc[i]);
     }
 }
