@@ -30,6 +30,7 @@ _HEADER = Path(__file__).with_name("bf16.h")  # bf16 conversions, included by ev
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_declared: set[tuple[int, int]] = set()  # (library, signature table) pairs already declared
 MIN_ENTRIES = 1 << 16  # below this the torch path is as fast and saves the thread start
 
 
@@ -81,6 +82,18 @@ def _library() -> ctypes.CDLL | None:
                 _lib = _build()
                 _tried = True
     return _lib
+
+
+def declared(signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
+    """The kernel library with ``signatures`` (function name -> (argtypes, restype)) declared on it,
+    once per library and table; None where the kernels are not available."""
+    lib = _library()
+    if lib is not None and (id(lib), id(signatures)) not in _declared:
+        for name, (args, res) in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _declared.add((id(lib), id(signatures)))
+    return lib
 
 
 def available() -> bool:

@@ -14,7 +14,6 @@ import torch
 from merge_engine import native
 from merge_engine.native.sparse import _parallel
 
-_declared: set[int] = set()
 _P, _L, _F, _U64 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_uint64
 _SIGNATURES = {
     "mt_uniform_f32": ([_P, _U64, _L], None),
@@ -24,13 +23,7 @@ _SIGNATURES = {
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = native._library()
-    if lib is not None and id(lib) not in _declared:
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _declared.add(id(lib))
-    return lib
+    return native.declared(_SIGNATURES)
 
 
 def usable() -> bool:

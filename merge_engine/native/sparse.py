@@ -22,7 +22,6 @@ KEYS = 32768  # |bf16| magnitude bits: 15
 MAX_MODELS = 64
 KEEP_ALL, KEEP_ZERO, KEEP_TOP, KEEP_BAND = 0, 1, 2, 3
 
-_declared: set[int] = set()
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "delta_hist_bf16": ([_P, _P, _P, _P, _L, _L], None),
@@ -37,13 +36,7 @@ _SIGNATURES = {
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = native._library()
-    if lib is not None and id(lib) not in _declared:
-        for name, (args, res) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, res
-        _declared.add(id(lib))
-    return lib
+    return native.declared(_SIGNATURES)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
