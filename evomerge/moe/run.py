@@ -22,26 +22,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
-from evomerge.errors import EvomergeError, atomic_write
+from evomerge.errors import EvomergeError
 from evomerge.moe.candidate import MoECandidate
 from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params
-from evomerge.results.files import _home_relative, _portable, _replace_dir  # the same file conventions
-from evomerge.results.report import report_table, summary, trials_frame
+from evomerge.results.files import _home_relative, _portable, _replace_dir, write_results  # the same file conventions
 from evomerge.results.store import provenance, top_trials
 from evomerge.search.held_out import one_model_recipe
-from evomerge.search.loop import Evaluators, Progress, search_loop
-from evomerge.search.preflight import claim_out_dir, sampler_seed, stored_trial_count
-from evomerge.search.run import RunOptions, SearchSummary, summarize
+from evomerge.search.loop import Evaluators, Progress
+from evomerge.search.run import RunOptions, SearchSummary, run_study, summarize
 from evomerge.search.samplers import sampler_problems
-from evomerge.search.study import Heartbeat, default_storage, open_storage, open_study
-from evomerge.search.workers import retry_dead_trials
 from merge_engine.io import current_umask
 
 DEFAULT_MOE_SAMPLER = "tpe"  # the genes are mostly categorical (experts, prompts, gate mode)
@@ -54,36 +48,21 @@ def run_moe_search(space: MoESearchSpace, options: RunOptions, *,
     """Run (or resume) an MoE search and write its results to ``options.out_dir`` (arguments
     as :func:`~evomerge.search.run.run_search`)."""
     say = log or (lambda text: None)
-    out_dir = Path(options.out_dir)
-    storage = options.storage or default_storage(out_dir)
-    study_name = options.study_name or space.name
-    trials = options.trials or space.budget.trials
-    timeout = options.timeout if options.timeout is not None else space.budget.timeout
     sampler = options.sampler or space.sampler or DEFAULT_MOE_SAMPLER
     if problems := sampler_problems(sampler, len(space.objectives)):
         raise EvomergeError(problems[0])
-    beat = Heartbeat.from_env()
-    with ExitStack() as stack:
-        say("building the evaluation tasks")
-        evals = stack.enter_context(Evaluators(**evaluators) if evaluators is not None
-                                    else Evaluators.for_space(space, options.device))
-        known = stored_trial_count(storage, study_name)
-        claim_out_dir(out_dir, storage, study_name)
-        say("loading the base model")
-        candidate = stack.enter_context(MoECandidate.load(space, device=options.device))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
-                           sampler=sampler, seed=sampler_seed(space.seed, known))
-        if options.placeholders:
-            study.set_user_attr("placeholders", dict(options.placeholders))
-        retry_dead_trials(study, beat)
+
+    def enqueue_defaults(study: optuna.Study, known: int) -> None:
         if not known:
             study.enqueue_trial(default_params(space), user_attrs={"start_point": "mergekit-moe defaults"})
-        outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
-                              progress=progress, beat=beat)
-        moe_held_out(study, space, candidate, evals, log=say)
+
+    study, storage, outcome = run_study(
+        space, options, sampler=sampler, evaluators=evaluators, progress=progress, say=say,
+        load_candidate=lambda: MoECandidate.load(space, device=options.device),
+        enqueue_start=enqueue_defaults, held_out=moe_held_out)
+    out_dir = Path(options.out_dir)
     say(f"writing results to {out_dir}")
-    files = write_moe_results(study, out_dir, options.placeholders)
+    files = write_results(study, out_dir, options.placeholders, best=write_moe_best, plots=False)
     if options.materialize:
         say("writing the best MoE as a model")
         files["model"] = materialize_best_moe(study, out_dir / "best_model", device=options.device)
@@ -146,20 +125,6 @@ def moe_held_out(study: optuna.Study, space: MoESearchSpace, candidate: MoECandi
             got = {"error": f"{type(err).__name__}: {err}"[:2000]}
         inputs[m.name] = {"model": m.model, **got}
         study.set_user_attr("inputs", inputs)
-
-
-def write_moe_results(study: optuna.Study, out_dir: Path, placeholders: Mapping[str, str] | None = None) -> dict[str, Path]:
-    """trials.csv, best/ (mergekit-moe configs), report.txt, summary.json, space.yaml."""
-    portable = _portable(placeholders or {})
-    files = {"trials": atomic_write(out_dir / "trials.csv", trials_frame(study).to_csv(index=False)),
-             "best": write_moe_best(study, out_dir / "best", placeholders)}
-    if "space" in study.user_attrs:
-        files["space"] = atomic_write(out_dir / "space.yaml", portable(yaml.safe_dump(
-            study.user_attrs["space"], sort_keys=False)))
-    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
-    files["report"] = atomic_write(out_dir / "report.txt", report_table(study, k) + "\n")
-    files["summary"] = atomic_write(out_dir / "summary.json", json.dumps(summary(study), indent=2))
-    return files
 
 
 def write_moe_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, str] | None = None) -> Path:

@@ -36,8 +36,11 @@ from merge_engine.io import current_umask
 
 
 def write_results(study: optuna.Study, out_dir: str | Path,
-                  placeholders: Mapping[str, str] | None = None) -> dict[str, Path]:
-    """Write trials.csv, best/, plots/, summary.json and space.yaml for ``study``.
+                  placeholders: Mapping[str, str] | None = None, *,
+                  best: Callable[..., Path] | None = None, plots: bool = True) -> dict[str, Path]:
+    """Write trials.csv, best/, plots/, report.txt, summary.json and space.yaml for ``study``.
+    ``best(study, best_dir, placeholders)`` writes best/ (default :func:`write_best`; an MoE
+    search writes mergekit-moe configs there); ``plots=False`` leaves plots/ out.
 
     ``placeholders`` (``{"ZOO": "/home/me/.cache/evomerge/zoo/demo"}``) turn those local paths
     back into ``${ZOO}`` in the recipes, provenance and space written, so the files can be
@@ -47,11 +50,12 @@ def write_results(study: optuna.Study, out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     portable = _portable(placeholders or {})
     files = {"trials": atomic_write(out_dir / "trials.csv", trials_frame(study).to_csv(index=False)),
-             "best": write_best(study, out_dir / "best", placeholders)}
+             "best": (best or write_best)(study, out_dir / "best", placeholders)}
     if "space" in study.user_attrs:
         files["space"] = atomic_write(out_dir / "space.yaml", portable(yaml.safe_dump(
             study.user_attrs["space"], sort_keys=False)))
-    files.update(write_plots(study, out_dir / "plots").files)
+    if plots:
+        files.update(write_plots(study, out_dir / "plots").files)
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     files["report"] = atomic_write(out_dir / "report.txt", report_table(study, k) + "\n")
     files["summary"] = atomic_write(out_dir / "summary.json", json.dumps(summary(study), indent=2))
@@ -131,7 +135,8 @@ def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str
                            "(a search writes OUT/study.db)")
     study = load_stored_study(open_storage(storage), study_name)
     if "moe" in study.user_attrs.get("space", {}):  # an MoE search's results (best/*.moe.yml)
-        from evomerge.moe.run import write_moe_results
+        from evomerge.moe.run import write_moe_best
 
-        return write_moe_results(study, Path(out_dir), study.user_attrs.get("placeholders"))
+        return write_results(study, out_dir, study.user_attrs.get("placeholders"), best=write_moe_best,
+                             plots=False)
     return write_results(study, out_dir, study.user_attrs.get("placeholders"))

@@ -93,16 +93,41 @@ def run_search(space: SearchSpace, options: RunOptions, *,
     start recipes, the storage and the output folder (see :mod:`evomerge.search.preflight`).
     """
     say = log or (lambda text: None)
+    if problems := sampler_problems(options.sampler, len(space.objectives)):
+        raise EvomergeError(problems[0])  # before anything is written
+    say("checking the models of every method")
+    points = check_models(space)
+    study, storage, outcome = run_study(
+        space, options, sampler=options.sampler, evaluators=evaluators, progress=progress, say=say,
+        load_candidate=lambda: resident_candidate(space, options.device),
+        # after retry_dead_trials: a new study gets the start points only once
+        enqueue_start=lambda study, known: enqueue_start_points(study, space, points),
+        held_out=evaluate_held_out)
+    out_dir = Path(options.out_dir)
+    say(f"writing results to {out_dir}")
+    files = write_results(study, out_dir, options.placeholders)
+    if options.materialize:
+        say("writing the best merge as a model")
+        files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)
+    return summarize(study, storage, out_dir, outcome, files)
+
+
+def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
+              evaluators: dict[str, Any] | None, progress: Callable[[Progress], None] | None,
+              say: Callable[[str], None], load_candidate: Callable[[], Any],
+              enqueue_start: Callable[[optuna.Study, int], None],
+              held_out: Callable[..., None]) -> tuple[optuna.Study, str, LoopOutcome]:
+    """The lifecycle every kind of search shares (a merge search, an MoE search): build the
+    evaluators, claim the output folder, load the resident candidate (``load_candidate()``, a
+    context manager), then — nothing written before this point — open or resume the study, mark
+    dead trials, ``enqueue_start(study, trials stored before this run)``, run the loop and score
+    the best on the held-out split (``held_out(study, space, candidate, evals, log=)``).
+    Returns the study, its storage URL and the loop's outcome; writing results is the caller's."""
     out_dir = Path(options.out_dir)
     storage = options.storage or default_storage(out_dir)
     study_name = options.study_name or space.name
     trials = options.trials or space.budget.trials
     timeout = options.timeout if options.timeout is not None else space.budget.timeout
-
-    if problems := sampler_problems(options.sampler, len(space.objectives)):
-        raise EvomergeError(problems[0])  # before anything is written
-    say("checking the models of every method")
-    points = check_models(space)
     beat = Heartbeat.from_env()
     with ExitStack() as stack:
         say("building the evaluation tasks")
@@ -111,26 +136,21 @@ def run_search(space: SearchSpace, options: RunOptions, *,
         known = stored_trial_count(storage, study_name)
         claim_out_dir(out_dir, storage, study_name)
         say("loading the resident model")
-        candidate = stack.enter_context(resident_candidate(space, options.device))
+        candidate = stack.enter_context(load_candidate())
         # nothing was written up to here: a bad space, task, model or folder leaves no trace
         out_dir.mkdir(parents=True, exist_ok=True)
         study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
-                           sampler=options.sampler, seed=sampler_seed(space.seed, known))
+                           sampler=sampler, seed=sampler_seed(space.seed, known))
         if known:
             say(f"resuming study {study_name} ({count_finished(study)} finished trials)")
         if options.placeholders:  # `evomerge export` writes portable files too
             study.set_user_attr("placeholders", dict(options.placeholders))
         retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
-        enqueue_start_points(study, space, points)
+        enqueue_start(study, known)
         outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
                               progress=progress, beat=beat)
-        evaluate_held_out(study, space, candidate, evals, log=say)
-    say(f"writing results to {out_dir}")
-    files = write_results(study, out_dir, options.placeholders)
-    if options.materialize:
-        say("writing the best merge as a model")
-        files["model"] = materialize_best(study, out_dir / "best_model", device=options.device)
-    return summarize(study, storage, out_dir, outcome, files)
+        held_out(study, space, candidate, evals, log=say)
+    return study, storage, outcome
 
 
 def run_worker(storage: str, study_name: str, *, trials: int | None = None, device: str = "cpu",
