@@ -42,7 +42,7 @@ from merge_engine.io.refs import ModelRef
 from merge_engine.kept_stages import check_kept, kept_recipe_text, stage_digest, stage_key
 from merge_engine.merge import MergeResult, keep_planned, planned_bytes, write_planned
 from merge_engine.recipe import MergeRecipe
-from merge_engine.stage_validate import compare_held
+from merge_engine.stage_validate import compare_held, validate_stages
 from merge_engine.stages import Stage, bind, stage_refs, stages_yaml, with_overrides
 
 Progress = Callable[[str, int, int], None]  # (stage label, tensors done, tensors in the stage)
@@ -264,8 +264,8 @@ class StagePipeline:
         if ref not in self._adapted:
             adapter = resolve_adapter_dir(ref, allow_pickle=self.allow_pickle)
             dtype = torch_dtype(self.lora_merge_dtype) if self.lora_merge_dtype else None
-            self._adapted[ref] = LoraReader(model, adapter, name=str(ref), allow_pickle=self.allow_pickle,
-                                            merge_dtype=dtype)
+            self._adapted[ref] = LoraReader(model, adapter, name=f"{model.name}+{ref.lora}",
+                                            allow_pickle=self.allow_pickle, merge_dtype=dtype)
         return self._adapted[ref]
 
     def _prepare(self, stage: Stage, recipe: MergeRecipe, opened: dict[ModelRef, Any], stack: ExitStack):
@@ -337,6 +337,12 @@ def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | No
     if out_dir.exists() and not force:  # before any stage runs, not after the last one
         from merge_engine.errors import OutputExistsError
         raise OutputExistsError(f"output directory {out_dir} exists; pass --force to replace it")
+    # every stage planned against the plans of those it reads: a problem in a late stage is
+    # reported before the early ones spend their merge time
+    report = validate_stages(stages, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             lora_merge_dtype=lora_merge_dtype)
+    if report.problems:
+        raise RecipeError(report.problems)
     with StagePipeline(stages, work_parent=out_dir.parent, device=device, memory_budget=memory_budget,
                        keep_dir=keep_dir, force=force, shard_size=shard_size, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, prefetch=prefetch, progress=progress,

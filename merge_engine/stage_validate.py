@@ -92,5 +92,5 @@ def _planned_reader(ref: ModelRef, model: MemoryModel, allow_pickle: bool, lora_
     from merge_engine.io.resolve import resolve_adapter_dir
 
     adapter = resolve_adapter_dir(ref, allow_pickle=allow_pickle)
-    return LoraReader(model, adapter, name=str(ref), allow_pickle=allow_pickle,
+    return LoraReader(model, adapter, name=f"{model.name}+{ref.lora}", allow_pickle=allow_pickle,
                       merge_dtype=torch_dtype(lora_merge_dtype) if lora_merge_dtype else None)
