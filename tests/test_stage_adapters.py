@@ -163,3 +163,34 @@ def merged(stages, out: Path) -> dict[str, torch.Tensor]:
     recipe.write_text(stages_yaml(stages))
     assert main(["merge", str(recipe), str(out), "--device", "cpu"]) == 0
     return load_state(out)
+
+
+def test_a_search_with_adapters_and_lora_merge_dtype_saves_what_it_scored(zoo, tmp_path):
+    """``evomerge search`` end to end (real lm-eval scoring) over a fixed stage read with an adapter
+    and an adapter on a model, merged in bfloat16: best/01's reproduce line carries the option,
+    and that command builds the candidate scored in memory, bit for bit."""
+    from evomerge.results.store import top_trials
+
+    (zoo / "fixed_s.yaml").write_text(yaml.safe_dump(docs(zoo)[0], sort_keys=False))
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({
+        "name": "adapters", "stages": str(zoo / "fixed_s.yaml"), "method": "linear", "dtype": "float32",
+        "lora_merge_dtype": "bfloat16",
+        "models": [{"name": "first_ls", "model": f"first+{zoo / 'ls'}"},
+                   {"name": "a_la", "model": f"{zoo / 'a'}+{zoo / 'la'}"}],
+        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
+        "report_eval": {"limit": 2}, "budget": {"trials": 2}, "top_k": 1}))
+    out = tmp_path / "run"
+    assert main(["search", str(space_file), "--out", str(out), "--device", "cpu"]) == 0
+    study = optuna.load_study(study_name="adapters", storage=f"sqlite:///{out / 'study.db'}")
+    assert all("error" not in v for v in study.user_attrs["inputs"].values())  # both inputs scored
+    best_file = next((out / "best").glob("01_*.yaml"))
+    reproduce = next(line for line in best_file.read_text().splitlines() if line.startswith("# reproduce:"))
+    assert reproduce.endswith("--lora-merge-dtype bfloat16")
+    sp = parse_space(yaml.safe_load(space_file.read_text()))
+    stages = trial_stages(sp, optuna.trial.FixedTrial(top_trials(study, 1)[0].params))
+    assert main(["merge", str(best_file), str(tmp_path / "best"), "--device", "cpu",
+                 "--lora-merge-dtype", "bfloat16"]) == 0
+    with Candidate.load(zoo / "base", dtype="float32", lora_merge_dtype="bfloat16") as cand:
+        cand.apply(stages)
+        assert_same_weights(cand.model.state_dict(), load_state(tmp_path / "best"))
