@@ -39,7 +39,8 @@ def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
     their plans (names, shapes, dtypes, config, tokenizer files). A stage reading a stage with
     problems is not checked. Problems and warnings are prefixed with the stage's label.
     ``planned``, when given, receives each named stage's planned output (names, shapes, config;
-    no tensors; its folder is removed on return). ``lora_merge_dtype`` as :func:`~merge_engine.multistage.run_stages` takes it."""
+    no tensors; its folder is removed on return). ``lora_merge_dtype`` as
+    :func:`~merge_engine.multistage.run_stages` takes it (adapters on stages are checked too)."""
     from merge_engine.session import prepare
     from merge_engine.validate import check_recipe
 
