@@ -150,7 +150,7 @@ class StagePipeline:
             if stage.name in needed:
                 self._ensure(stage, stages)
         with ExitStack() as stack:
-            recipe, opened = self._bound(final, stack)
+            recipe, opened = self._bound(final)
             plan, readers = self._prepare(final, recipe, opened, stack)
             folder = self._folder(final.name or "final")
             start = time.perf_counter()
@@ -177,7 +177,7 @@ class StagePipeline:
             self._ensure(stage, self.stages, warnings)
             self._release_done(last_use, i)
         with ExitStack() as stack:
-            recipe, opened = self._bound(final, stack)
+            recipe, opened = self._bound(final)
             plan, readers = self._prepare(final, recipe, opened, stack)
             warnings.extend(f"{final.label}: {w}" for w in plan.warnings)
             inputs = sorted({str(r) for s in self.stages for r in stage_refs(s.recipe)
@@ -225,7 +225,7 @@ class StagePipeline:
             self.reused.append(stage.name)
             return
         with ExitStack() as stack:
-            recipe, opened = self._bound(stage, stack)
+            recipe, opened = self._bound(stage)
             plan, readers = self._prepare(stage, recipe, opened, stack)
             if warnings is not None:
                 warnings.extend(f"{stage.label}: {w}" for w in plan.warnings)
@@ -250,7 +250,7 @@ class StagePipeline:
         self._outputs[stage.name] = (key, folder, model)
         self.computed.append(stage.name)
 
-    def _bound(self, stage: Stage, stack: ExitStack) -> tuple[MergeRecipe, dict[ModelRef, Any]]:
+    def _bound(self, stage: Stage) -> tuple[MergeRecipe, dict[ModelRef, Any]]:
         """``stage``'s recipe pointing at its inputs' outputs, and readers for those in memory."""
         recipe = self.bind(stage.recipe)
         return recipe, self.readers(recipe)
