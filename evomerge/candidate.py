@@ -66,16 +66,22 @@ class Candidate:
     ``cache_sources`` keeps every source tensor read (a search re-merges the same models many
     times); an ablation grid of a few 7B recipes turns it off to stay within RAM.
     ``task_vector_cache_bytes`` caps the merger's per-run cache of task vectors (0: off).
+    ``lora_merge_dtype`` (mergekit's option, ``evomerge merge --lora-merge-dtype``) is the dtype
+    every ``base+adapter`` (and ``stage+adapter``) model is merged in: the same bits as a merge
+    to disk with that option.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str = "cpu", cache_sources: bool = True,
                  allow_pickle: bool = False,
-                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> None:
+                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES,
+                 lora_merge_dtype: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.allow_pickle = allow_pickle
+        self.lora_merge_dtype = lora_merge_dtype
         self.merger = InMemoryMerger(model, device=device, cache_sources=cache_sources,
-                                     allow_pickle=allow_pickle,
+                                     allow_pickle=allow_pickle, lora_merge_dtype=lora_merge_dtype,
                                      task_vector_cache_bytes=task_vector_cache_bytes)
         self.stack: LayerStack | None = None  # built at the first recipe with slices
         self.pipeline: StagePipeline | None = None  # built at the first multi-stage candidate
@@ -84,14 +90,16 @@ class Candidate:
     def load(cls, model_dir: str | Path, *, dtype: str = "auto", device: str = "cpu",
              cache_sources: bool = True, allow_pickle: bool = False,
              eval_cfg: EvalConfig | None = None,
-             task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> Candidate:
+             task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES,
+             lora_merge_dtype: str | None = None) -> Candidate:
         """Load the model in ``model_dir`` (a local directory) as the resident model, where the
         memory plan of ``eval_cfg``'s backend on ``device`` puts it (None: on ``device``)."""
         where = placement(eval_cfg, device)
         extra = {"device_map": where.device_map} if where.device_map else {}
         model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=where.model_device, **extra)
         return cls(model, tokenizer, device=where.merge_device, cache_sources=cache_sources,
-                   allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes)
+                   allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes,
+                   lora_merge_dtype=lora_merge_dtype)
 
     def apply(self, recipe: MergeRecipe | Sequence[Stage]) -> ApplyStats:
         """Write ``recipe``'s merge into the resident model (a recipe, or stages in run order
@@ -122,11 +130,14 @@ class Candidate:
         if not upstream:
             return final.recipe, None
         if self.pipeline is None:
-            self.pipeline = StagePipeline(upstream, device=self.device)
+            self.pipeline = StagePipeline(upstream, device=self.device, allow_pickle=self.allow_pickle,
+                                          lora_merge_dtype=self.lora_merge_dtype)
         self.pipeline.stages = stages  # outputs are keyed by recipe: unchanged stages are reused
         if final.needs:
             self.pipeline.materialize(list(final.needs))
-        return self.pipeline.bind(final.recipe), self.pipeline.readers()
+        bound = self.pipeline.bind(final.recipe)
+        # every held output (a later candidate may read it again), and adapters on them this one reads
+        return bound, {**self.pipeline.readers(), **self.pipeline.readers(bound)}
 
     def close(self) -> None:
         """Release the merger's readers and cached source tensors, and held stage outputs."""

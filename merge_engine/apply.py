@@ -57,8 +57,10 @@ class InMemoryMerger:
     def __init__(self, model: torch.nn.Module, *, device: str | torch.device | None = None,
                  allow_pickle: bool = False, trust_remote_code: bool = False,
                  cache_sources: bool = True, sources_on_device: bool | None = None,
-                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES) -> None:
+                 task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES,
+                 lora_merge_dtype: str | None = None) -> None:
         self.model = model
+        self.lora_merge_dtype = lora_merge_dtype  # as prepare() takes it: base+adapter models' merge dtype
         self.targets = dict(model.state_dict(keep_vars=True))
         first = next(iter(model.parameters()))
         self.device = torch.device(device) if device is not None else first.device
@@ -85,7 +87,7 @@ class InMemoryMerger:
         from merge_engine.session import prepare
 
         plan = prepare(recipe, self._stack, opened=self._readers, allow_pickle=self.allow_pickle,
-                       trust_remote_code=self.trust_remote_code).plan
+                       trust_remote_code=self.trust_remote_code, lora_merge_dtype=self.lora_merge_dtype).plan
         problems = []
         for node in plan.targets:
             target = self.targets.get(node.out_name)

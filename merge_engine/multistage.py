@@ -4,10 +4,14 @@
 the file). A stage's output is held in memory as a :class:`~merge_engine.io.memory.MemoryModel`
 while the held outputs fit ``memory_budget`` bytes, else written as a normal model folder into
 the pipeline's work folder; with ``keep_dir`` every named stage is written to ``keep_dir/NAME``
-(as mergekit-multi's ``--intermediate-dir``) and read from there. Later stages read an output
+(as mergekit-multi's ``--intermediate-dir``) and read from there; a folder already holding that
+stage's merge of the same recipe is reused (:mod:`merge_engine.kept_stages`). Later stages read an output
 exactly as they would read that folder from disk, so results are bit-identical to merging the
 stages one by one through disk (weights, config and tokenizer files; the recipe and card differ
-only in naming the stages instead of folders).
+only in naming the stages instead of folders). A stage reading ``NAME+adapter`` reads the held
+output with the adapter applied (:class:`~merge_engine.io.lora.LoraReader`), and every adapter,
+on a stage or on a model, is merged in ``lora_merge_dtype`` when given (mergekit's option,
+applied to every stage as mergekit-multi applies its merge options).
 
 Two uses:
 
@@ -35,9 +39,10 @@ from merge_engine.errors import RecipeError
 from merge_engine.io import DEFAULT_SHARD_SIZE
 from merge_engine.io.memory import MemoryModel
 from merge_engine.io.refs import ModelRef
-from merge_engine.merge import MergeResult, keep_planned, planned_bytes, planned_model, write_planned
+from merge_engine.kept_stages import check_kept, kept_recipe_text, stage_digest, stage_key
+from merge_engine.merge import MergeResult, keep_planned, planned_bytes, write_planned
 from merge_engine.recipe import MergeRecipe
-from merge_engine.validate import Report
+from merge_engine.stage_validate import compare_held, validate_stages
 from merge_engine.stages import Stage, bind, stage_refs, stages_yaml, with_overrides
 
 Progress = Callable[[str, int, int], None]  # (stage label, tensors done, tensors in the stage)
@@ -69,8 +74,9 @@ class StagePipeline:
                  keep_dir: str | Path | None = None, force: bool = False,
                  shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
                  trust_remote_code: bool = False, prefetch: int | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, lora_merge_dtype: str | None = None) -> None:
         self.stages = list(stages)
+        self.lora_merge_dtype = lora_merge_dtype
         self.device = pick_device(device)
         self.memory_budget = default_memory_budget() if memory_budget is None else memory_budget
         self.keep_dir = Path(keep_dir).expanduser().absolute() if keep_dir is not None else None
@@ -85,8 +91,11 @@ class StagePipeline:
             parent.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix=".evomerge-stages-", dir=parent))
         self._outputs: dict[str, tuple[str, Path, MemoryModel | None]] = {}  # name -> (key, folder, held)
+        self._adapted: dict[ModelRef, Any] = {}  # held output + adapter -> its LoraReader
+        self._reusable: set[str] = set()  # kept stages found complete and current (write_final)
         self._count = 0
         self.computed: list[str] = []  # stage names in the order they were merged (for callers and tests)
+        self.reused: list[str] = []  # kept stages read from their folders instead of merged
 
     # -- the search API ----------------------------------------------------------------------
 
@@ -114,14 +123,20 @@ class StagePipeline:
         return bind(recipe, self.refs())
 
     def readers(self, recipe: MergeRecipe | None = None) -> dict[ModelRef, Any]:
-        """The in-memory outputs a bound recipe reads, as ``prepare(opened=...)`` takes them
-        (default: every held output). Outputs on disk are left to the normal path."""
+        """The in-memory outputs a bound recipe reads, as ``prepare(opened=...)`` takes them: a
+        held output, or for ``output+adapter`` a LoraReader over it (opened at the first request,
+        kept until the output is dropped). Default: every held output and every adapter reader
+        opened so far. Outputs on disk are left to the normal path."""
         held = {ModelRef(str(folder)): model for _, folder, model in self._outputs.values()
                 if model is not None}
         if recipe is None:
-            return held
-        return {ref: held[ModelRef(ref.path)] for ref in stage_refs(recipe)
-                if not ref.lora and ModelRef(ref.path) in held}
+            return {**held, **self._adapted}
+        out: dict[ModelRef, Any] = {}
+        for ref in stage_refs(recipe):
+            model = held.get(ModelRef(ref.path))
+            if model is not None and ref not in out:
+                out[ref] = self._adapter(ref, model) if ref.lora else model
+        return out
 
     def run(self, overrides: Mapping[str | None, MergeRecipe] | None = None) -> tuple[MemoryModel, MergeResult]:
         """The final stage's output in memory, with ``overrides`` (stage name -> recipe; the
@@ -135,7 +150,7 @@ class StagePipeline:
             if stage.name in needed:
                 self._ensure(stage, stages)
         with ExitStack() as stack:
-            recipe, opened = self._bound(final, stack)
+            recipe, opened = self._bound(final)
             plan, readers = self._prepare(final, recipe, opened, stack)
             folder = self._folder(final.name or "final")
             start = time.perf_counter()
@@ -151,6 +166,8 @@ class StagePipeline:
         existing folder unless ``force``); each intermediate is released after its last reader."""
         start = time.perf_counter()
         *upstream, final = self.stages
+        if self.keep_dir is not None:  # refused before any stage runs
+            self._reusable = check_kept(self.keep_dir, upstream, self.lora_merge_dtype, self.force)
         last_use = {}
         for i, stage in enumerate(self.stages):
             for need in stage.needs:
@@ -160,7 +177,7 @@ class StagePipeline:
             self._ensure(stage, self.stages, warnings)
             self._release_done(last_use, i)
         with ExitStack() as stack:
-            recipe, opened = self._bound(final, stack)
+            recipe, opened = self._bound(final)
             plan, readers = self._prepare(final, recipe, opened, stack)
             warnings.extend(f"{final.label}: {w}" for w in plan.warnings)
             inputs = sorted({str(r) for s in self.stages for r in stage_refs(s.recipe)
@@ -173,10 +190,8 @@ class StagePipeline:
 
     def close(self) -> None:
         """Drop every held output and remove the work folder (kept intermediates stay)."""
-        for _, _, model in self._outputs.values():
-            if model is not None:
-                model.release()
-        self._outputs.clear()
+        for name in list(self._outputs):
+            self._drop(name)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> StagePipeline:
@@ -186,12 +201,6 @@ class StagePipeline:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _key(self, stage: Stage, stages: Sequence[Stage]) -> str:
-        """What a stage's output depends on: its recipe and, recursively, those it reads."""
-        by_name = {s.name: s for s in stages}
-        return stage.recipe.to_yaml() + "".join(f"\n#<{n}>\n" + self._key(by_name[n], stages)
-                                                for n in stage.needs)
 
     def _closure(self, stages: Sequence[Stage], names: set[str]) -> set[str]:
         by_name = {s.name: s for s in stages}
@@ -204,21 +213,29 @@ class StagePipeline:
         return seen
 
     def _ensure(self, stage: Stage, stages: Sequence[Stage], warnings: list[str] | None = None) -> None:
-        """Compute ``stage`` (its inputs are already computed) unless its output is current."""
-        key = self._key(stage, stages)
+        """Compute ``stage`` (its inputs are already computed) unless its output is current
+        (held, or a kept folder :meth:`write_final` found reusable)."""
+        key = stage_key(stage, stages)
         old = self._outputs.get(stage.name)
         if old is not None and old[0] == key:
             return
+        if self.keep_dir is not None and stage.name in self._reusable:
+            self._drop(stage.name)
+            self._outputs[stage.name] = (key, self.keep_dir / stage.name, None)
+            self.reused.append(stage.name)
+            return
         with ExitStack() as stack:
-            recipe, opened = self._bound(stage, stack)
+            recipe, opened = self._bound(stage)
             plan, readers = self._prepare(stage, recipe, opened, stack)
             if warnings is not None:
                 warnings.extend(f"{stage.label}: {w}" for w in plan.warnings)
             progress = self._stage_progress(stage)
             if self.keep_dir is not None:
                 folder = self.keep_dir / stage.name
+                text = kept_recipe_text(stage.name, stage_digest(stage, stages, self.lora_merge_dtype),
+                                        recipe.to_yaml())
                 write_planned(plan, readers, recipe, folder, device=self.device, shard_size=self.shard_size,
-                              force=self.force, prefetch=self.prefetch, progress=progress)
+                              force=self.force, prefetch=self.prefetch, progress=progress, recipe_text=text)
                 model = None
             elif planned_bytes(plan, readers) + self._held_bytes(except_name=stage.name) <= self.memory_budget:
                 folder = self._folder(stage.name)
@@ -233,26 +250,23 @@ class StagePipeline:
         self._outputs[stage.name] = (key, folder, model)
         self.computed.append(stage.name)
 
-    def _bound(self, stage: Stage, stack: ExitStack) -> tuple[MergeRecipe, dict[ModelRef, Any]]:
-        """``stage``'s recipe pointing at its inputs' outputs, and readers for those in memory
-        (an adapter on a stage wraps the held output in a LoraReader)."""
+    def _bound(self, stage: Stage) -> tuple[MergeRecipe, dict[ModelRef, Any]]:
+        """``stage``'s recipe pointing at its inputs' outputs, and readers for those in memory."""
+        recipe = self.bind(stage.recipe)
+        return recipe, self.readers(recipe)
+
+    def _adapter(self, ref: ModelRef, model: MemoryModel) -> Any:
+        """The LoraReader of held output ``model`` with ``ref``'s adapter (opened once per output)."""
+        from merge_engine.dtypes import torch_dtype
         from merge_engine.io.lora import LoraReader
         from merge_engine.io.resolve import resolve_adapter_dir
 
-        recipe = self.bind(stage.recipe)
-        held = self.readers()
-        opened: dict[ModelRef, Any] = {}
-        for ref in stage_refs(recipe):
-            model = held.get(ModelRef(ref.path))
-            if model is None or ref in opened:
-                continue
-            if ref.lora:
-                adapter = resolve_adapter_dir(ref, allow_pickle=self.allow_pickle)
-                opened[ref] = stack.enter_context(LoraReader(model, adapter, name=str(ref),
-                                                             allow_pickle=self.allow_pickle))
-            else:
-                opened[ref] = model
-        return recipe, opened
+        if ref not in self._adapted:
+            adapter = resolve_adapter_dir(ref, allow_pickle=self.allow_pickle)
+            dtype = torch_dtype(self.lora_merge_dtype) if self.lora_merge_dtype else None
+            self._adapted[ref] = LoraReader(model, adapter, name=f"{model.name}+{ref.lora}",
+                                            allow_pickle=self.allow_pickle, merge_dtype=dtype)
+        return self._adapted[ref]
 
     def _prepare(self, stage: Stage, recipe: MergeRecipe, opened: dict[ModelRef, Any], stack: ExitStack):
         """:func:`merge_engine.session.prepare` for one stage, problems named by stage."""
@@ -263,7 +277,7 @@ class StagePipeline:
             raise RecipeError([f"{stage.label}: {p}" for p in problems])
         try:
             return prepare(recipe, stack, opened=dict(opened), allow_pickle=self.allow_pickle,
-                           trust_remote_code=self.trust_remote_code)
+                           trust_remote_code=self.trust_remote_code, lora_merge_dtype=self.lora_merge_dtype)
         except RecipeError as err:
             raise RecipeError([f"{stage.label}: {p}" for p in err.problems]) from None
 
@@ -284,6 +298,8 @@ class StagePipeline:
         if old is None:
             return
         _, folder, model = old
+        for ref in [r for r in self._adapted if r.path == str(folder)]:
+            self._adapted.pop(ref).close()  # the adapter's files; the output is released below
         if model is not None:
             model.release()
         if self.work in folder.parents:
@@ -301,27 +317,18 @@ class StagePipeline:
         return lambda done, total: self.progress(label, done, total)
 
 
-def compare_held(recipe: MergeRecipe, opened: Mapping[ModelRef, Any]) -> list[str]:
-    """The model comparison prepare skips when every model of ``recipe`` is in ``opened`` (it
-    takes those for compared already; stage outputs never were): problems, one line each."""
-    from merge_engine.layout import check_compatible
-
-    refs = recipe.referenced_models()
-    if refs and all(ref in opened for ref in refs):
-        return check_compatible({str(ref): opened[ref] for ref in refs})
-    return []
-
-
 def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | None = "auto",
                memory_budget: int | None = None, keep_dir: str | Path | None = None,
                force: bool = False, shard_size: int = DEFAULT_SHARD_SIZE, allow_pickle: bool = False,
                trust_remote_code: bool = False, prefetch: int | None = None,
-               progress: Progress | None = None) -> MergeResult:
+               progress: Progress | None = None, lora_merge_dtype: str | None = None) -> MergeResult:
     """Merge every stage, writing only the final one to ``out_dir`` (atomically, as
     :func:`merge_engine.merge.run_merge`); intermediates live in memory within ``memory_budget``
     bytes (default :func:`default_memory_budget`), else in a hidden folder beside ``out_dir`` that
-    is removed at the end, or in ``keep_dir/NAME`` when given (kept). A stage that no later stage
-    reads and that is not the final one is merged only when ``keep_dir`` is given."""
+    is removed at the end, or in ``keep_dir/NAME`` when given (kept; a folder there already
+    holding that stage's merge of the same recipe is reused, any other is refused unless
+    ``force``). A stage that no later stage reads and that is not the final one is merged only
+    when ``keep_dir`` is given. ``lora_merge_dtype`` applies to the adapters of every stage."""
     out_dir = Path(out_dir).expanduser().absolute()
     unused = [s.name for s in stages[:-1] if not any(s.name in t.needs for t in stages)]
     if unused and keep_dir is None:
@@ -330,53 +337,14 @@ def run_stages(stages: Sequence[Stage], out_dir: str | Path, *, device: str | No
     if out_dir.exists() and not force:  # before any stage runs, not after the last one
         from merge_engine.errors import OutputExistsError
         raise OutputExistsError(f"output directory {out_dir} exists; pass --force to replace it")
+    # every stage planned against the plans of those it reads: a problem in a late stage is
+    # reported before the early ones spend their merge time
+    report = validate_stages(stages, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             lora_merge_dtype=lora_merge_dtype)
+    if report.problems:
+        raise RecipeError(report.problems)
     with StagePipeline(stages, work_parent=out_dir.parent, device=device, memory_budget=memory_budget,
                        keep_dir=keep_dir, force=force, shard_size=shard_size, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, prefetch=prefetch, progress=progress) as pipe:
+                       trust_remote_code=trust_remote_code, prefetch=prefetch, progress=progress,
+                       lora_merge_dtype=lora_merge_dtype) as pipe:
         return pipe.write_final(out_dir)
-
-
-def validate_stages(stages: Sequence[Stage], *, with_models: bool = True,
-                    model_configs: Mapping[str, str | Path] | None = None, allow_pickle: bool = False,
-                    trust_remote_code: bool = False, planned: dict[str, MemoryModel] | None = None) -> Report:
-    """Every problem of every stage, found without merging: each stage is checked as
-    :func:`merge_engine.session.prepare` checks a recipe, the stages it reads standing in as
-    their plans (names, shapes, dtypes, config, tokenizer files). A stage reading a stage with
-    problems is not checked. Problems and warnings are prefixed with the stage's label.
-    ``planned``, when given, receives each named stage's planned output (names, shapes, config;
-    no tensors; its folder is removed on return)."""
-    from merge_engine.session import prepare
-    from merge_engine.validate import check_recipe
-
-    report = Report()
-    if not with_models:
-        for stage in stages:
-            sub = check_recipe(stage.recipe)
-            report.problems.extend(f"{stage.label}: {p}" for p in sub.problems)
-            report.warnings.extend(f"{stage.label}: {w}" for w in sub.warnings)
-        return report
-    planned = {} if planned is None else planned
-    with tempfile.TemporaryDirectory(prefix="evomerge-validate-") as work:
-        for stage in stages:
-            if any(need not in planned for need in stage.needs):
-                continue  # a stage it reads has problems, already reported
-            recipe = bind(stage.recipe, {n: planned[n].model_dir for n in stage.needs})
-            opened = {ref: planned[n] for n in stage.needs for ref in stage_refs(recipe)
-                      if ref.path == str(planned[n].model_dir)}
-            problems = compare_held(recipe, opened)
-            if problems:
-                report.problems.extend(f"{stage.label}: {p}" for p in problems)
-                continue
-            with ExitStack() as stack:
-                try:
-                    plan, readers = prepare(recipe, stack, opened=opened, model_configs=model_configs,
-                                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-                except RecipeError as err:
-                    report.problems.extend(f"{stage.label}: {p}" for p in err.problems)
-                    continue
-                report.warnings.extend(f"{stage.label}: {w}" for w in plan.warnings)
-                if stage.name is not None:
-                    folder = Path(work) / stage.name
-                    folder.mkdir()
-                    planned[stage.name] = planned_model(plan, readers, recipe, stage.name, folder)
-    return report

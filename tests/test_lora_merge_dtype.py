@@ -65,15 +65,3 @@ def test_run_merge_and_cli_take_it(zoo, tmp_path):
                  "--lora-merge-dtype", "bfloat16"]) == 0
     cli = load_state(tmp_path / "cli")
     assert all(torch.equal(cli[n], bf16[n]) for n in bf16)
-
-
-def test_cli_refuses_it_for_multi_stage_files(zoo, tmp_path, capsys):
-    docs = [{"name": "first", "merge_method": "linear",
-             "models": [{"model": f"{zoo / 'base'}+{zoo / 'ad'}", "parameters": {"weight": 0.5}},
-                        {"model": str(zoo / "other"), "parameters": {"weight": 0.5}}]},
-            {"merge_method": "linear", "models": [{"model": "first", "parameters": {"weight": 1.0}}]}]
-    path = tmp_path / "stages.yml"
-    path.write_text("\n---\n".join(json.dumps(d) for d in docs))
-    assert main(["merge", str(path), str(tmp_path / "out"), "--lora-merge-dtype", "float16"]) != 0
-    assert "--lora-merge-dtype applies to one-stage recipes only" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()

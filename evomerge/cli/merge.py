@@ -16,7 +16,7 @@ from merge_engine.io import DEFAULT_SHARD_SIZE  # a constant: keeps the CLI free
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from merge_engine.merge import run_merge
-    from merge_engine.stages import load_stages, stage_count
+    from merge_engine.stages import load_stages
 
     stages = load_stages(args.recipe, variables=dict(args.var))
     show = not args.dry_run and (sys.stderr.isatty() or bool(os.environ.get("EVOMERGE_PROGRESS")))
@@ -35,9 +35,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
         if len(stages) > 1:
-            if args.lora_merge_dtype:
-                raise EvomergeError("--lora-merge-dtype applies to one-stage recipes only; "
-                                    "merge each stage that reads an adapter on its own")
             return _merge_stages(args, stages, lambda stage, done, total: progress(done, total, stage))
         result = run_merge(stages[0].recipe, args.out, device=args.device, shard_size=args.shard_size,
                            allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
@@ -54,11 +51,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _merge_stages(args: argparse.Namespace, stages: list, progress) -> int:
     """``evomerge merge`` of a multi-stage recipe: every stage, the final one into OUT."""
     from merge_engine.errors import RecipeError
-    from merge_engine.multistage import run_stages, validate_stages
+    from merge_engine.multistage import run_stages
+    from merge_engine.stage_validate import validate_stages
 
     if args.dry_run:  # problems end the command as a one-stage recipe's do (RecipeError)
         report = validate_stages(stages, allow_pickle=args.allow_pickle,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code, lora_merge_dtype=args.lora_merge_dtype)
         if report.problems:
             raise RecipeError(report.problems)
         warn(report.warnings)
@@ -67,7 +65,7 @@ def _merge_stages(args: argparse.Namespace, stages: list, progress) -> int:
     result = run_stages(stages, args.out, device=args.device, memory_budget=args.stage_memory,
                         keep_dir=args.intermediate_dir, force=args.force, shard_size=args.shard_size,
                         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                        progress=progress)
+                        progress=progress, lora_merge_dtype=args.lora_merge_dtype)
     warn(result.warnings)
     print(f"merged {len(stages)} stages ({result.tensors} tensors in the final one) into "
           f"{result.out_dir} in {result.seconds:.2f}s")
@@ -76,7 +74,7 @@ def _merge_stages(args: argparse.Namespace, stages: list, progress) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from merge_engine.errors import RecipeError
-    from merge_engine.multistage import validate_stages
+    from merge_engine.stage_validate import validate_stages
     from merge_engine.session import validate
     from merge_engine.stages import load_stages, stage_count
     from merge_engine.validate import Report
@@ -125,11 +123,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--dry-run", action="store_true", help="validate and plan only; write nothing")
     p.add_argument("--lora-merge-dtype", choices=DTYPE_NAMES, default=None,
-                   help="dtype base+adapter models are merged in and read as (mergekit's option; "
-                        "default: the base's dtypes)")
+                   help="dtype base+adapter models (and stage+adapter) are merged in and read as "
+                        "(mergekit's option; default: the base's dtypes)")
     p.add_argument("--intermediate-dir", metavar="DIR", default=None,
-                   help="multi-stage recipes: also write each named stage to DIR/NAME "
-                        "(default: intermediates stay in memory and are not kept)")
+                   help="multi-stage recipes: also write each named stage to DIR/NAME, reusing a "
+                        "folder there that holds the same stage's merge (default: intermediates stay "
+                        "in memory and are not kept)")
     p.add_argument("--stage-memory", type=parse_size, default=None, metavar="SIZE",
                    help="multi-stage recipes: memory for intermediate stages, e.g. 40G (default: half "
                         "the available memory); stages beyond it go to a temporary folder beside OUT")

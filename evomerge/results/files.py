@@ -67,6 +67,8 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
     (``placeholders`` as in :func:`write_results`)."""
     portable = _portable(placeholders or {})
     variables = "".join(f" --var {name}={_home_relative(value)}" for name, value in (placeholders or {}).items())
+    lora_dtype = study.user_attrs.get("space", {}).get("lora_merge_dtype")
+    lora_option = f" --lora-merge-dtype {lora_dtype}" if lora_dtype else ""
     k = int(study.user_attrs.get("space", {}).get("top_k", 3))
     best_dir.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
@@ -81,7 +83,7 @@ def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, s
                       f"# search split: {json.dumps(prov['search_scores'])}",
                       f"# held-out report split: {json.dumps(prov['report_scores'])}",
                       f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
-            reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}\n"
+            reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}{lora_option}\n"
             (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
                                                 + portable(recipe_text))
             (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))

@@ -78,7 +78,7 @@ def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
     from evomerge.space.stages import resident_model
 
     return Candidate.load(resolve_model_dir(ModelRef.parse(resident_model(space))), dtype=space.dtype, device=device,
-                          eval_cfg=space.eval)
+                          eval_cfg=space.eval, lora_merge_dtype=space.lora_merge_dtype)
 
 
 def run_search(space: SearchSpace, options: RunOptions, *,
@@ -188,10 +188,11 @@ def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu")
     if not best:
         raise EvomergeError("no completed trial to materialize; run more trials")
     stages = trial_stages_of(best[0])
+    lora_dtype = space_from_study(study).lora_merge_dtype
     if len(stages) == 1:
-        run_merge(stages[0].recipe, out_dir, device=device, force=True)
+        run_merge(stages[0].recipe, out_dir, device=device, force=True, lora_merge_dtype=lora_dtype)
     else:
-        run_stages(stages, out_dir, device=device, force=True)
+        run_stages(stages, out_dir, device=device, force=True, lora_merge_dtype=lora_dtype)
     return out_dir
 
 

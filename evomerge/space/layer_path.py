@@ -183,11 +183,13 @@ def path_models(space: SearchSpace) -> list[tuple[str, ModelShape]]:
     """(name, shape) of every model in the laid-out order: base model first, then ``models``.
     With scales on, a model that cannot fold them is one :class:`LayerPathError` line here, when
     the space's genes are first listed (before the study starts)."""
-    from evomerge.space.stages import stage_names, stage_shapes
+    from evomerge.space.stages import stage_names, stage_read, stage_shapes
 
     staged = stage_names(space)
-    planned = stage_shapes(space) if any(m.model in staged for m in space.all_models()) else {}
-    out = [(m.name, planned[m.model] if m.model in staged else model_shape(m.model)) for m in space.all_models()]
+    planned = stage_shapes(space) if any(stage_read(m.model, staged) for m in space.all_models()) else {}
+    # an adapter keeps its model's shapes
+    out = [(m.name, planned[stage] if (stage := stage_read(m.model, staged)) else model_shape(m.model))
+           for m in space.all_models()]
     bad = [shape.problem for _, shape in out if shape.problem]
     if bad and space.layer_path is not None and space.layer_path.scale is not None:
         raise LayerPathError(bad[0])

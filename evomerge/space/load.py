@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from evomerge.errors import validation_problems
 from evomerge.space.schema import SearchSpace, SpaceError
-from evomerge.space.stages import stage_names_in
+from evomerge.space.stages import stage_names_in, stage_read
 from merge_engine.layout import LAYER_COUNT_KEYS, num_layers_from_config
 from merge_engine.recipe import VAR, expand_vars  # noqa: F401  (one ${VAR} implementation, re-exported)
 
@@ -33,12 +33,15 @@ def _unset(key: str) -> SpaceError:
 
 
 def _local_paths(data: dict[str, Any], base_dir: Path) -> None:
-    """Model paths written as ./x or ../x are relative to the space file, not the working dir."""
+    """Model paths written as ./x or ../x are relative to the space file, not the working dir
+    (both parts of ``model+adapter``)."""
+    def local(part: str) -> str:
+        return str((base_dir / Path(part).expanduser()).resolve()) if part.startswith(("./", "../", "~")) else part
+
     def fix(entry: Any) -> Any:
         path = entry.get("model") if isinstance(entry, dict) else entry
-        if isinstance(path, str) and path.startswith(("./", "../", "~")):
-            path = str((base_dir / Path(path).expanduser()).resolve())
-            return {**entry, "model": path} if isinstance(entry, dict) else path
+        if isinstance(path, str) and (new := "+".join(local(p) for p in path.split("+", 1))) != path:
+            return {**entry, "model": new} if isinstance(entry, dict) else new
         return entry
 
     if isinstance(data.get("models"), list):
@@ -94,7 +97,7 @@ def _num_layers(data: Mapping[str, Any], problems: list[str]) -> int | None:
     stages = stage_names_in(data.get("stages"))  # models reading a fixed stage: no config to read
     for entry in [data.get("base_model"), *(data.get("models") or [])]:
         path = entry.get("model") if isinstance(entry, Mapping) else entry
-        if isinstance(path, str) and path not in stages:
+        if isinstance(path, str) and not stage_read(path, stages):
             try:
                 counts[path] = model_num_layers(path)
             except SpaceError as err:

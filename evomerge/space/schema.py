@@ -23,7 +23,7 @@ from evomerge.evaluate import EvalConfig, load_preset
 from evomerge.space.layer_path import LayerPath
 from evomerge.space.rungs import Fidelity
 from evomerge.space.stages import StagesRef
-from merge_engine.dtypes import MODEL_DTYPE_NAMES
+from merge_engine.dtypes import DTYPE_NAMES, MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
 
@@ -204,6 +204,7 @@ class SearchSpace(Frozen):
     filters: tuple[str, ...] = ()
     smooth: bool = False
     dtype: Literal[MODEL_DTYPE_NAMES] = "float32"
+    lora_merge_dtype: Literal[DTYPE_NAMES] | None = None  # base+adapter models' merge dtype (mergekit's option)
     num_layers: int = Field(ge=1)
     eval: EvalConfig
     report_eval: EvalConfig | None = None

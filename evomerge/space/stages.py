@@ -79,6 +79,13 @@ def stage_names(space: SearchSpace) -> set[str]:
     return {s.name for s in fixed_stages(space) if s.name is not None}
 
 
+def stage_read(model: str, names: set[str]) -> str | None:
+    """The stage of ``names`` that model reference ``model`` reads (``NAME`` or ``NAME+adapter``:
+    the stage's output, with the adapter applied), else None."""
+    path = model.split("+", 1)[0]
+    return path if path in names else None
+
+
 def stages_problems(space: SearchSpace) -> list[str]:
     """What the ``stages``/``layer_methods`` settings of a space get wrong (one line each)."""
     problems = []
@@ -107,7 +114,7 @@ def stages_problems(space: SearchSpace) -> list[str]:
     if replace is not None and replace not in names:
         problems.append(f"stages.replace {replace!r} is no stage of {space.stages.file}; stages are "
                         f"{', '.join(str(n) for n in names)}")
-    if replace is not None and any(m.model == replace for m in space.all_models()):
+    if replace is not None and any(stage_read(m.model, {replace}) for m in space.all_models()):
         problems.append(f"the searched stage {replace!r} cannot read itself; its models must be "
                         "other stages or model folders")
     return problems
@@ -187,7 +194,7 @@ def stage_names_in(block: Any) -> set[str]:
 def validate_candidate(space: SearchSpace, recipe: MergeRecipe) -> Any:
     """Every problem of the candidate ``recipe`` makes among the space's fixed stages, found
     without merging (a :class:`~merge_engine.validate.Report`)."""
-    from merge_engine.multistage import validate_stages
+    from merge_engine.stage_validate import validate_stages
     from merge_engine.session import validate
 
     stages = candidate_stages(space, recipe)
@@ -202,7 +209,7 @@ def resident_model(space: SearchSpace) -> str:
     fixed = stage_names(space)
     paths = [m.model for m in space.all_models()]
     paths += [str(r) for s in fixed_stages(space) for r in stage_refs(s.recipe)]
-    return next(p for p in paths if p not in fixed)
+    return next(p for p in paths if not stage_read(p, fixed))
 
 
 def stage_shapes(space: SearchSpace) -> dict[str, Any]:
@@ -214,7 +221,7 @@ def stage_shapes(space: SearchSpace) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _stage_shapes(file: str) -> tuple[tuple[str, Any], ...]:
     from evomerge.space.layer_path import shape_of
-    from merge_engine.multistage import validate_stages
+    from merge_engine.stage_validate import validate_stages
 
     planned: dict[str, Any] = {}
     report = validate_stages(list(_load(file)), planned=planned)
@@ -224,10 +231,17 @@ def _stage_shapes(file: str) -> tuple[tuple[str, Any], ...]:
 
 
 def input_stages(space: SearchSpace, model: str) -> list[Stage] | None:
-    """The fixed stages that build input ``model`` when it names one (that stage last), to score
-    it beside the other input models; None for a model folder."""
+    """The fixed stages that build input ``model`` when it reads one (that stage last; for
+    ``NAME+adapter`` then a final stage reading it with the adapter), to score it beside the
+    other input models; None for a model folder."""
     fixed = fixed_stages(space)
-    if model not in {s.name for s in fixed}:
+    name = stage_read(model, {s.name for s in fixed if s.name is not None})
+    if name is None:
         return None
-    needed = _closure(fixed, [model])
-    return [s for s in fixed if s.name in needed]  # run order: ``model`` last
+    needed = _closure(fixed, [name])
+    stages = [s for s in fixed if s.name in needed]  # run order: ``name`` last
+    if name == model:
+        return stages
+    one = parse_recipe({"merge_method": "linear", "dtype": space.dtype,
+                        "models": [{"model": model, "parameters": {"weight": 1.0}}]})
+    return stages + [Stage(None, one, (name,))]
