@@ -142,8 +142,9 @@ def redact(url: str | BaseStorage) -> str:
 
 
 # ---------------------------------------------------------------- the study
-# Fields of a space that may change between runs of one study (a resume with a larger budget).
-_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start")
+# Fields of a space that may change between runs of one study (a resume with a larger budget, or
+# other objective weights to pick the best of the same Pareto front).
+_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start", "objective_weights")
 
 
 def default_storage(out_dir: Path) -> str:
@@ -172,6 +173,9 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
                             f"different search space ({', '.join(differ)} differ); use the same "
                             "space file or a new --study name")
+    elif stored.get("objective_weights", {}) != space.objective_weights:
+        # the results this run writes rank the front with the weights it was given
+        study.set_user_attr("space", {**stored, "objective_weights": space.objective_weights})
     return study
 
 
