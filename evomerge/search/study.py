@@ -1,6 +1,6 @@
 """Where a study lives and what it holds: the storage, the stored space, the start points.
 
-    storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per process
+    storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per run
     study = open_study(space, storage=storage, study_name=name)        # creates or resumes
     enqueue_start_points(study, space, points)                         # once, when new
 
@@ -114,6 +114,17 @@ def open_storage(url: str | None, default_sqlite: Path | None = None, *,
                    else "check that the server is running and reachable from this machine and "
                         "that the URL's host, port, user, password and database are right")
             raise StorageError(f"cannot open storage {redact(url)}: {_first_line(err)}; {fix}") from None
+
+
+def open_existing_storage(url: str, *, heartbeat: Heartbeat | None = None) -> RDBStorage | None:
+    """The storage at ``url`` opened once for a whole run, or None while it is a SQLite file that
+    does not exist yet: opening would create the file, and a search writes nothing before its
+    checks pass (it opens the storage with :func:`open_storage` after them)."""
+    from evomerge.search.preflight import sqlite_path
+
+    if (path := sqlite_path(url)) is not None and not path.exists():
+        return None
+    return open_storage(url, heartbeat=heartbeat)
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
