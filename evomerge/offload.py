@@ -36,6 +36,23 @@ def offloaded(model: Any) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
+def execution_device(model: Any) -> Any:
+    """The device ``model``'s forward runs on (inputs go there): its first parameter's device,
+    or, when that parameter is offloaded (on ``meta``), the execution device of the first
+    offloading hook (its store is copied there before each forward)."""
+    import torch
+
+    first = next(model.parameters()).device
+    if first.type != "meta":
+        return first
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for one in getattr(hook, "hooks", (hook,)) if hook is not None else ():
+            if getattr(one, "execution_device", None) is not None:
+                return torch.device(one.execution_device)
+    return first
+
+
 def writable_targets(model: Any) -> dict[str, Any]:
     """The tensor an in-place merge writes for each name of ``model.state_dict()``: the
     parameter itself, or, for a CPU-offloaded one, the store tensor its hook copies from before

@@ -148,7 +148,8 @@ def test_max_memory_reaches_from_pretrained_and_bad_values_are_one_line():
         EvalConfig(tasks=["smoke_mc"], backend="vllm", max_memory={0: "1GiB"})
 
 
-def test_lm_eval_scores_the_offloaded_candidate_as_the_disk_merge(trio, tmp_path, monkeypatch):
+@pytest.mark.parametrize("load", [cpu_offloaded, layer_offloaded_to_cpu], ids=["cpu_offload", "dispatch_cpu"])
+def test_lm_eval_scores_the_offloaded_candidate_as_the_disk_merge(trio, tmp_path, monkeypatch, load):
     # the hf backend's real path: lm-eval's HFLM around the resident (partly offloaded) model
     from transformers import AutoTokenizer
 
@@ -157,12 +158,12 @@ def test_lm_eval_scores_the_offloaded_candidate_as_the_disk_merge(trio, tmp_path
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     evaluator = HFEvaluator(EvalConfig(tasks=["smoke_mc", "smoke_gen"], limit=6, dtype="float32"))
-    cand = Candidate(layer_offloaded_to_cpu(trio[0]), AutoTokenizer.from_pretrained(trio[0]))
+    cand = Candidate(load(trio[0]), AutoTokenizer.from_pretrained(trio[0]))
     recipe = recipe_of(trio, 0.6)
     cand.apply(recipe)
     in_memory = evaluator.evaluate(cand.model, cand.tokenizer)
     disk = run_merge(recipe, tmp_path / "disk", device="cpu").out_dir
-    from_disk = evaluator.evaluate(layer_offloaded_to_cpu(disk), AutoTokenizer.from_pretrained(disk))
+    from_disk = evaluator.evaluate(load(disk), AutoTokenizer.from_pretrained(disk))
     assert [t.value for t in in_memory.tasks] == [t.value for t in from_disk.tasks]
     assert in_memory.n_samples == from_disk.n_samples == 12
     cand.close()
