@@ -11,7 +11,6 @@ from evomerge.devices import hf_load_kwargs, resolve_device
 from evomerge.evaluate.base import Evaluator
 from evomerge.evaluate.scratch import ScratchModelDir
 from evomerge.evaluate.tasks.runner import TaskRunner
-from evomerge.offload import execution_device
 
 if TYPE_CHECKING:
     from evomerge.evaluate.result import EvalResult
@@ -74,8 +73,5 @@ class HFEvaluator(Evaluator):
         if self._lm is None or self._lm_key != key:
             self._lm = resident_hflm_class()(
                 pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.batch_size)
-            # HFLM sends inputs to model.device, which is `meta` when accelerate offloaded the
-            # first parameter (evomerge.offload): send them where the forward runs instead
-            self._lm._device = execution_device(model)
             self._lm_key = key
         return self._lm
