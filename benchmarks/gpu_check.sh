@@ -5,7 +5,8 @@
 #
 # On a machine with CUDA (a few minutes on one GPU; the demo zoo is built first if not cached,
 # no downloads): a merge on cuda against the same merge on the cpu, run-to-run bytes on cuda,
-# in-memory apply on cuda against the disk merge, and a 4-trial in-memory search of the demo
+# in-memory apply on cuda against the disk merge, in-memory apply into a model with a layer
+# offloaded to the CPU (accelerate) against the disk merge loaded the same way, and a 4-trial in-memory search of the demo
 # space with each backend (hf, and vllm when installed) on cuda against the same search on the
 # cpu. Without CUDA every check prints SKIP and the script exits 0.
 set -euo pipefail
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 CHECKS = ["merge cuda vs cpu", "merge cuda run-to-run bytes", "in-memory apply on cuda vs disk",
-          "search hf cuda vs cpu", "search vllm cuda vs hf cpu"]
+          "in-memory apply cuda+cpu offload vs disk", "search hf cuda vs cpu", "search vllm cuda vs hf cpu"]
 if not torch.cuda.is_available():
     for name in CHECKS:
         print(f"SKIP {name}: no CUDA device (torch {torch.__version__})")
@@ -89,6 +90,26 @@ equal = sum(torch.equal(mem[k], disk[k]) for k in disk)
 report(equal == len(disk), "in-memory apply on cuda vs disk",
        f"{equal}/{len(disk)} tensors bit-identical, sources {home}, apply {seconds:.2f}s")
 del model, mem, disk
+torch.cuda.empty_cache()
+
+# layer 1 offloaded to the CPU: the merge must reach accelerate's CPU store (evomerge.offload)
+from transformers import AutoTokenizer
+
+from evomerge.candidate import Candidate
+
+split = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.norm": 0,
+         "model.rotary_emb": 0, "lm_head": 0}
+ids = torch.arange(3, 40).reshape(1, -1).to("cuda:0")
+cand = Candidate(AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32, device_map=split),
+                 AutoTokenizer.from_pretrained(zoo / "base"), device="cuda:0")
+cand.apply(recipe)
+with torch.no_grad():
+    mem = cand.model(ids).logits
+    disk = AutoModelForCausalLM.from_pretrained(work / "merge_cuda", dtype=torch.float32, device_map=split)(ids).logits
+cand.close()
+gap = (mem - disk).abs().max().item()
+report(gap == 0.0, "in-memory apply cuda+cpu offload vs disk", f"max |logit diff| {gap:.2e}")
+del cand, mem, disk
 torch.cuda.empty_cache()
 
 

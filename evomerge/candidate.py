@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.devices import placement
+from evomerge.devices import hf_load_kwargs, placement
 from evomerge.layer_stack import LayerStack
+from evomerge.offload import OffloadError, offloaded, writable_targets
 from merge_engine.apply import DEFAULT_TASK_VECTOR_CACHE_BYTES, ApplyStats, InMemoryMerger
 from merge_engine.recipe import MergeRecipe
 
@@ -83,6 +84,7 @@ class Candidate:
         self.merger = InMemoryMerger(model, device=device, cache_sources=cache_sources,
                                      allow_pickle=allow_pickle, lora_merge_dtype=lora_merge_dtype,
                                      task_vector_cache_bytes=task_vector_cache_bytes)
+        self.merger.targets = writable_targets(model)  # accelerate-offloaded: its CPU store
         self.stack: LayerStack | None = None  # built at the first recipe with slices
         self.pipeline: StagePipeline | None = None  # built at the first multi-stage candidate
 
@@ -95,7 +97,7 @@ class Candidate:
         """Load the model in ``model_dir`` (a local directory) as the resident model, where the
         memory plan of ``eval_cfg``'s backend on ``device`` puts it (None: on ``device``)."""
         where = placement(eval_cfg, device)
-        extra = {"device_map": where.device_map} if where.device_map else {}
+        extra = hf_load_kwargs(eval_cfg, device) if where.device_map else {}  # with max_memory
         model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=where.model_device, **extra)
         return cls(model, tokenizer, device=where.merge_device, cache_sources=cache_sources,
                    allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes,
@@ -115,6 +117,9 @@ class Candidate:
         if not isinstance(recipe, MergeRecipe):
             recipe, readers = self._final_stage(list(recipe))
         if recipe.slices is not None and self.stack is None:
+            if offloaded(self.model):
+                raise OffloadError("a recipe that changes the layer count cannot run on a model "
+                                   "accelerate offloaded; give the GPUs room for the whole model")
             self.stack = LayerStack(self.model)
         if self.stack is not None and self.stack.resize(recipe):
             # the merger writes into the parameters it knows by name: tell it the new ones

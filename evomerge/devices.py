@@ -7,9 +7,10 @@ model is loaded, and ``cuda`` on a machine without one is a one-line error.
 Memory plans (:func:`placement`), for a run on ``device``:
 
 - ``hf``: the resident model lives on ``device`` (``device_map: auto``: spread over every visible
-  GPU by accelerate); merging runs on ``device`` and writes into its parameters in place; the
-  evaluator scores that very model. One copy of the weights on the GPU(s), plus the cached
-  sources when they fit (``merge_engine.devices.source_home``).
+  GPU by accelerate; past ``max_memory`` the rest is offloaded to CPU memory and merged in place
+  through accelerate's store, :mod:`evomerge.offload`; a spill to disk is refused); merging runs
+  on ``device`` and writes into its parameters in place; the evaluator scores that very model.
+  One copy of the weights on the GPU(s), plus the cached sources when they fit (``merge_engine.devices.source_home``).
 - ``hf`` with ``load_in: 8bit|4bit``: the resident model stays at full precision on the CPU and
   is merged there; each ``evaluate`` saves it to a scratch folder (tmpfs when there is one) and
   loads a quantized copy onto ``device`` with bitsandbytes, dropped after scoring.
@@ -71,7 +72,7 @@ def placement(cfg: EvalConfig | None, device: str) -> Placement:
 
 def hf_load_kwargs(cfg: EvalConfig, device: str) -> dict[str, Any]:
     """Extra ``from_pretrained`` arguments of the model the hf backend scores on ``device``:
-    ``device_map`` and the bitsandbytes ``quantization_config``. Raises ``EvalConfigError`` (one
+    ``device_map`` (with ``max_memory``) and the bitsandbytes ``quantization_config``. Raises ``EvalConfigError`` (one
     line naming the fix) for a setting this device cannot run. Imports bitsandbytes' config
     only when quantizing."""
     from evomerge.evaluate.tasks.config import EvalConfigError
@@ -96,5 +97,5 @@ def hf_load_kwargs(cfg: EvalConfig, device: str) -> dict[str, Any]:
         if on_cpu:
             raise EvalConfigError("device_map: auto spreads a model over GPUs but this run is on "
                                   "the cpu; run with --device cuda or remove device_map")
-        return {"device_map": "auto"}
+        return {"device_map": "auto", **({"max_memory": dict(cfg.max_memory)} if cfg.max_memory else {})}
     return {}

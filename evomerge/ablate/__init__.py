@@ -1,5 +1,6 @@
 """Ablation grids: fixed merge recipes and their parents, scored on one task set, as one table.
 
+    done = ablate("ablations/zoo_grid.yaml", variables={"ZOO": zoo_dir})  # the CLI's one call
     grid = load_grid("ablations/zoo_grid.yaml", {"ZOO": zoo_dir})   # every file problem at once
     report = validate_grid(grid)                                     # recipes, models, tasks
     run = run_grid(grid, "results/ablations/zoo")                    # resumes where it stopped
@@ -24,7 +25,7 @@ from evomerge.ablate.grid import (
     parse_grid,
     validate_grid,
 )
-from evomerge.ablate.run import AblationRun, run_grid
+from evomerge.ablate.run import DEFAULT_OUT, Ablation, AblationRun, ablate, run_grid
 from evomerge.ablate.table import (
     build_table,
     load_row,
@@ -37,7 +38,10 @@ from evomerge.ablate.table import (
 )
 
 __all__ = [
+    "DEFAULT_OUT",
+    "Ablation",
     "AblationRun",
+    "ablate",
     "EvalSet",
     "Grid",
     "GridError",

@@ -1,5 +1,8 @@
 """Running a grid: score every unfinished row on every eval set, then write the table.
 
+:func:`ablate` is the one entry point of ``evomerge ablate``: load the grid file, check it, and
+(unless only checking, or a problem was found) run it with :func:`run_grid`.
+
 Lifecycle of a run: :func:`run_grid` writes the provenance files → skips rows whose
 ``rows/<row>.json`` carries the current fingerprint (recipe or model + eval settings) → scores
 the rest on a :class:`_Bench` → writes the table from every finished row. An interrupted run
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.ablate.grid import EvalSet, Grid, Row
+from evomerge.ablate.grid import EvalSet, Grid, Row, grid_variables, load_grid, validate_grid
 from evomerge.ablate.table import load_row, save_row, write_provenance, write_table
 from evomerge.errors import EvomergeError
 from evomerge.evaluate import EvalConfig, EvalResult, backend, weighted_score
@@ -41,6 +44,8 @@ if TYPE_CHECKING:  # torch is imported only when a merge row runs
 # the network (the dtype is chosen separately when the resident model is loaded).
 _VOLATILE_CONFIG_KEYS = frozenset({"torch_dtype", "dtype", "transformers_version", "_name_or_path"})
 
+DEFAULT_OUT = Path("results/ablations")  # a grid's default output folder is DEFAULT_OUT/<grid name>
+
 
 @dataclass
 class AblationRun:
@@ -51,6 +56,47 @@ class AblationRun:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Ablation:
+    """What :func:`ablate` did: the grid as loaded, its validation ``report`` (``.problems``,
+    ``.warnings``), and the ``run`` (None when only checking or when the report has problems)."""
+
+    grid: Grid
+    report: Any  # merge_engine.validate.Report
+    run: AblationRun | None = None
+
+
+def ablate(path: str | Path, out_dir: str | Path | None = None, *,
+           variables: Mapping[str, str] | None = None,
+           default_variables: Mapping[str, Callable[[], str]] | None = None,
+           limit: int | float | None = None, device: str = "cpu", allow_pickle: bool = False,
+           validate_only: bool = False, check_tasks: bool = True,
+           log: Callable[[str], None] | None = None) -> Ablation:
+    """Load the grid at ``path`` (``${VAR}`` from ``variables``, the environment, or else
+    ``default_variables[VAR]()``, called only for a variable the grid uses and nothing else sets,
+    e.g. a zoo built on demand), replace every eval set's ``limit`` when given, check it
+    (:func:`~evomerge.ablate.grid.validate_grid`; ``validate_only`` checks recipes against
+    bundled configs, no weights) and, unless only checking or a problem was found, score it into
+    ``out_dir`` (default ``DEFAULT_OUT/<grid name>``) with :func:`run_grid`. File problems raise
+    :class:`~evomerge.ablate.grid.GridError`; recipe, model and task problems are in the report."""
+    import os
+
+    chosen = dict(variables or {})
+    wanted = grid_variables(path) if Path(path).is_file() and default_variables else []
+    for name, make in (default_variables or {}).items():
+        if name in wanted and name not in chosen and name not in os.environ:
+            chosen[name] = make()
+    grid = load_grid(path, chosen)
+    if limit is not None:
+        grid = grid.with_limit(limit)
+    report = validate_grid(grid, config_only=validate_only, check_tasks=check_tasks,
+                           allow_pickle=allow_pickle)
+    if validate_only or report.problems:
+        return Ablation(grid, report)
+    out = Path(out_dir) if out_dir is not None else DEFAULT_OUT / grid.name
+    return Ablation(grid, report, run_grid(grid, out, device=device, allow_pickle=allow_pickle, log=log))
 
 
 def run_grid(grid: Grid, out_dir: str | Path, *, device: str = "cpu",

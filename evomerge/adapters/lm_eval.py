@@ -198,6 +198,11 @@ def resident_hflm_class() -> type:
         class ResidentHFLM(HFLM):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
+                # HFLM sends inputs to model.device, which is `meta` when accelerate offloaded
+                # the first parameter: send them where the forward runs (evomerge.offload)
+                from evomerge.offload import execution_device
+
+                self._device = execution_device(self._model)
                 self._encodings: dict[Any, Any] = {}
                 self._scoring_plans: dict[Any, Any] = {}
                 # lm-eval reads max_length several times per request; it walks the config each time

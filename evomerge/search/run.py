@@ -28,7 +28,7 @@ from evomerge.search.objectives import counting_evaluators
 from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
 from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
-                                   open_storage, open_study, space_from_study)
+                                   open_existing_storage, open_storage, open_study, space_from_study)
 from evomerge.search.workers import claim_worker_slot, retry_dead_trials
 from evomerge.space import SearchSpace
 
@@ -133,13 +133,15 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
         say("building the evaluation tasks")
         evals = counting_evaluators(space, stack.enter_context(
             Evaluators(**evaluators) if evaluators is not None else Evaluators.for_space(space, options.device)))
-        known = stored_trial_count(storage, study_name)
-        claim_out_dir(out_dir, storage, study_name)
+        # the storage is opened once for the run (not yet when its SQLite file does not exist)
+        opened = open_existing_storage(storage, heartbeat=beat)
+        known = stored_trial_count(storage, study_name, storage=opened)
+        claim_out_dir(out_dir, storage, study_name, storage=opened)
         say("loading the resident model")
         candidate = stack.enter_context(load_candidate())
         # nothing was written up to here: a bad space, task, model or folder leaves no trace
         out_dir.mkdir(parents=True, exist_ok=True)
-        study = open_study(space, storage=open_storage(storage, heartbeat=beat), study_name=study_name,
+        study = open_study(space, storage=opened or open_storage(storage, heartbeat=beat), study_name=study_name,
                            sampler=sampler, seed=sampler_seed(space.seed, known))
         if known:
             say(f"resuming study {study_name} ({count_finished(study)} finished trials)")

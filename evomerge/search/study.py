@@ -1,6 +1,6 @@
 """Where a study lives and what it holds: the storage, the stored space, the start points.
 
-    storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per process
+    storage = open_storage(url, default_sqlite=out_dir / "study.db")   # once per run
     study = open_study(space, storage=storage, study_name=name)        # creates or resumes
     enqueue_start_points(study, space, points)                         # once, when new
 
@@ -116,6 +116,17 @@ def open_storage(url: str | None, default_sqlite: Path | None = None, *,
             raise StorageError(f"cannot open storage {redact(url)}: {_first_line(err)}; {fix}") from None
 
 
+def open_existing_storage(url: str, *, heartbeat: Heartbeat | None = None) -> RDBStorage | None:
+    """The storage at ``url`` opened once for a whole run, or None while it is a SQLite file that
+    does not exist yet: opening would create the file, and a search writes nothing before its
+    checks pass (it opens the storage with :func:`open_storage` after them)."""
+    from evomerge.search.preflight import sqlite_path
+
+    if (path := sqlite_path(url)) is not None and not path.exists():
+        return None
+    return open_storage(url, heartbeat=heartbeat)
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     """Fail fast on an unreachable server; survive a server restart between long trials;
     let concurrent SQLite writers wait for each other instead of failing."""
@@ -142,8 +153,9 @@ def redact(url: str | BaseStorage) -> str:
 
 
 # ---------------------------------------------------------------- the study
-# Fields of a space that may change between runs of one study (a resume with a larger budget).
-_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start")
+# Fields of a space that may change between runs of one study (a resume with a larger budget, or
+# other objective weights to pick the best of the same Pareto front).
+_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start", "objective_weights")
 
 
 def default_storage(out_dir: Path) -> str:
@@ -172,6 +184,9 @@ def open_study(space: SearchSpace, *, storage: str | BaseStorage, study_name: st
         raise EvomergeError(f"study {study_name!r} in {redact(storage)} was created from a "
                             f"different search space ({', '.join(differ)} differ); use the same "
                             "space file or a new --study name")
+    elif stored.get("objective_weights", {}) != space.objective_weights:
+        # the results this run writes rank the front with the weights it was given
+        study.set_user_attr("space", {**stored, "objective_weights": space.objective_weights})
     return study
 
 

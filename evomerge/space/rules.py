@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.space.layer_path import layer_path_problems
+from evomerge.space.objectives import objective_problems
 from evomerge.space.rungs import fidelity_problems
 from evomerge.space.schema import (GENE_RULES, SearchSpace, method_spec, registry_range, signed,
                                    switches)
@@ -16,8 +17,6 @@ from merge_engine.methods.spec import MethodSpec
 
 
 def space_problems(space: SearchSpace) -> list[str]:
-    from evomerge.search.objectives import objective_problems  # search.objectives reads the space
-
     problems: list[str] = []
     specs: list[MethodSpec] = []
     for name in space.methods:

@@ -21,13 +21,13 @@ from pydantic import Field, field_validator, model_validator
 from evomerge.errors import ProblemsError
 from evomerge.evaluate import EvalConfig, load_preset
 from evomerge.space.layer_path import LayerPath
+from evomerge.space.objectives import SCORE, directions, split_weighted_entries
 from evomerge.space.rungs import Fidelity
 from evomerge.space.stages import StagesRef
 from merge_engine.dtypes import DTYPE_NAMES, MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
 
-SCORE = "score"  # the objective name of the weighted eval score
 REST = "rest"    # the name of the filter entry that matches every tensor no filter took
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -209,6 +209,7 @@ class SearchSpace(Frozen):
     eval: EvalConfig
     report_eval: EvalConfig | None = None
     objectives: tuple[str, ...] = (SCORE,)
+    objective_weights: dict[str, float] = Field(default_factory=dict)  # short form: objectives entries' weight
     sampler: str | None = None
     budget: Budget = Budget()
     pruning: Pruning | None = None
@@ -227,8 +228,10 @@ class SearchSpace(Frozen):
             data["base_model"] = {"name": "base", "model": data["base_model"]}
         if isinstance(data.get("method"), list):
             data["method"] = tuple(data["method"])
-        if isinstance(data.get("objectives"), str):
-            data["objectives"] = (data["objectives"],)
+        if "objectives" in data:  # entries {name, weight}: names here, weights in objective_weights
+            data["objectives"], weights = split_weighted_entries(data["objectives"])
+            if weights:
+                data["objective_weights"] = {**(data.get("objective_weights") or {}), **weights}
         if isinstance(data.get("filters"), str):
             data["filters"] = (data["filters"],)
         if isinstance(data.get("start"), (str, Mapping)):
@@ -268,9 +271,7 @@ class SearchSpace(Frozen):
 
     @property
     def directions(self) -> list[str]:
-        """Optuna directions, one per objective (:mod:`evomerge.search.objectives`)."""
-        from evomerge.search.objectives import directions
-
+        """Optuna directions, one per objective (:mod:`evomerge.space.objectives`)."""
         return directions(self)
 
     def all_models(self) -> list[ModelEntry]:

@@ -164,7 +164,8 @@ def _build_into(root: Path, recipe: ZooRecipe, variant: str, seed: int,
 
     from evomerge.zoo.scoring import exact_match, mc_accuracy
     from evomerge.zoo.tasks import split_examples
-    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+    from evomerge.zoo.checkpoint import save_checkpoint
+    from evomerge.zoo.tokenizer import build_tokenizer
     from evomerge.zoo.train import make_model, train
 
     start = time.perf_counter()
@@ -176,8 +177,7 @@ def _build_into(root: Path, recipe: ZooRecipe, variant: str, seed: int,
                     "em": round(exact_match(model, tok, evals[s]), 4)} for s in recipe.skills}
 
     def save(model, name: str) -> None:
-        model.save_pretrained(root / name, safe_serialization=True)
-        save_tokenizer(tok, root / name)
+        save_checkpoint(model, tok, root / name)
 
     log(f"training base ({recipe.base.steps} steps) ...")
     model = make_model(recipe.model, tok, seed)

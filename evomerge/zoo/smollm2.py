@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
-from evomerge.zoo.tokenizer import save_tokenizer
+from evomerge.zoo.checkpoint import save_checkpoint
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "evomerge_smollm2.json"
@@ -64,8 +64,7 @@ def convert_smollm2(out_dir: Path, dtype: str = "bfloat16", log: Callable[[str],
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(tok, tmp)
+    save_checkpoint(model, tok, tmp)
     (tmp / _MARKER).write_text(json.dumps({"source": gguf.name, "dtype": dtype}, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

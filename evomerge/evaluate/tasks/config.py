@@ -10,6 +10,7 @@ exist, does it produce the metric) live in :func:`evomerge.evaluate.tasks.valida
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +110,9 @@ class EvalConfig(BaseModel):
     - ``vllm_args``: extra keyword arguments for ``vllm.LLM`` (e.g. ``max_model_len``).
     - Placement on GPUs (see :mod:`evomerge.devices` for each backend's memory plan):
       ``device_map: auto`` (hf) spreads a model too big for one GPU over all visible GPUs;
+      ``max_memory`` (hf, with ``device_map: auto``; GPU index or ``cpu`` -> bytes or a size such
+      as ``70GiB``) caps each device, the rest spilling to CPU memory (merged in place through
+      accelerate's CPU store, :mod:`evomerge.offload`; a spill to disk is refused);
       ``load_in: 8bit|4bit`` (hf, CUDA, bitsandbytes) scores a quantized copy of each merged
       model, the merge itself stays at full precision; ``gpu_memory_utilization`` (vllm, the
       share of the GPU the engine reserves; vLLM's default when unset) and
@@ -131,6 +135,7 @@ class EvalConfig(BaseModel):
     lm_eval_args: dict[str, Any] = Field(default_factory=dict)
     vllm_args: dict[str, Any] = Field(default_factory=dict)
     device_map: Literal["auto"] | None = None
+    max_memory: dict[int | Literal["cpu"], int | str] | None = None
     load_in: Literal["8bit", "4bit"] | None = None
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -147,6 +152,24 @@ class EvalConfig(BaseModel):
     @classmethod
     def _known_backend(cls, name: str) -> str:
         return registered_backend(name).name
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _gpu_indices(cls, value: Any) -> Any:
+        # YAML reads `0:` as an int but `"0":`/`cuda:0:` as strings; accelerate wants ints
+        if isinstance(value, dict):
+            return {_memory_device(k): v for k, v in value.items()}
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _sizes(cls, value: dict[int | str, int | str] | None) -> Any:
+        for device, size in (value or {}).items():
+            if isinstance(size, bool) or (isinstance(size, int) and size <= 0) or (
+                    isinstance(size, str) and not _SIZE.fullmatch(size.strip())):
+                raise ValueError(f"max_memory[{device!r}] = {size!r} is not a size; give bytes or "
+                                 "a number with a unit, e.g. 70GiB or 500MB")
+        return value
 
     @field_validator("include_paths", mode="before")
     @classmethod
@@ -181,11 +204,25 @@ class EvalConfig(BaseModel):
         return self
 
 
+_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
+
+
+def _memory_device(key: Any) -> Any:
+    """A ``max_memory`` key as accelerate takes it: a GPU index (int) or ``cpu``."""
+    text = str(key).strip().lower()
+    text = text.removeprefix("cuda:")
+    if text.isdigit():
+        return int(text)
+    if text == "cpu":
+        return "cpu"
+    raise ValueError(f"max_memory key {key!r} is not a device; use GPU indices (0, 1, ...) and cpu")
+
+
 def _placement_problems(cfg: EvalConfig) -> list[str]:
     """Device/memory fields set for a backend that does not use them."""
     problems = []
     if cfg.backend != "hf":
-        for name in ("device_map", "load_in"):
+        for name in ("device_map", "load_in", "max_memory"):
             if getattr(cfg, name) is not None:
                 problems.append(f"{name} is an hf backend setting; remove it or set backend: hf "
                                 "(vLLM quantizes through vllm_args: {quantization: ...})")
@@ -193,6 +230,9 @@ def _placement_problems(cfg: EvalConfig) -> list[str]:
         if cfg.gpu_memory_utilization is not None or cfg.tensor_parallel_size != 1:
             problems.append("gpu_memory_utilization and tensor_parallel_size are vllm backend "
                             "settings; remove them or set backend: vllm (hf: device_map: auto)")
+    if cfg.max_memory is not None and cfg.device_map is None and cfg.backend == "hf":
+        problems.append("max_memory caps what device_map: auto puts on each device; add "
+                        "device_map: auto (or remove max_memory)")
     if cfg.load_in is not None and cfg.device_map is not None:
         problems.append("load_in places the quantized copy on the run's GPU; remove device_map "
                         "(or load_in, to spread a full-precision model over several GPUs)")
