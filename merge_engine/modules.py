@@ -36,16 +36,19 @@ class ModuleDef:
     ``prefixes`` (the first module that matches owns a tensor); ``layers_key`` is the dotted
     config key of its layer count (None: no layer count in config); ``after`` are name fragments
     of its tensors outside the stack that follow the stack (None: the text rule, everything but
-    the input embeddings)."""
+    the input embeddings); ``last`` are name fragments of tensors at gradient position 1, not 0
+    (mergekit's Qwen2-VL projector lists its MLP as a layer without an index, planned once for
+    each of its two fixed layers: the second write, at the last layer, is the one kept)."""
 
     prefixes: tuple[str, ...]
     layers_key: str | None = None
     after: tuple[str, ...] | None = None
+    last: tuple[str, ...] = ()
 
 
 _QWEN2_VL = {  # hub checkpoints name the text decoder model.*, the vision side visual.*
     "text_decoder": ModuleDef(("model.", "lm_head."), "text_config.num_hidden_layers"),
-    "multi_modal_projector": ModuleDef(("visual.merger.",), after=()),
+    "multi_modal_projector": ModuleDef(("visual.merger.",), after=(), last=("visual.merger.mlp.",)),
     "vision_tower": ModuleDef(("visual.",), "vision_config.depth", after=()),
 }
 _LLAVA_LIKE = {  # language_model.*, vision_tower.*, multi_modal_projector.*
@@ -100,6 +103,10 @@ class ModelModule:
         if after is None:
             return not (whole.is_embedding(name) and not is_output_head(name))
         return any(part in name for part in after)
+
+    def position(self, name: str) -> float:
+        """The gradient position of tensor ``name`` outside the stack (0, or 1 for ``spec.last``)."""
+        return 1.0 if self.spec is not None and any(part in name for part in self.spec.last) else 0.0
 
 
 def architecture(config: Mapping[str, Any]) -> str:

@@ -370,7 +370,7 @@ class _Planner:
         post = [n for n in non_layer if mod.reference.after_stack(n, self.layout)]
         for name in non_layer:
             if name not in post:
-                targets.append(self.tensor_node(name, slices[0], None, 0, 0.0))
+                targets.append(self.tensor_node(name, slices[0], None, 0, mod.reference.position(name)))
         out_layer = 0
         for sl in slices:
             for i in range(sl.num_layers):
@@ -381,7 +381,7 @@ class _Planner:
                                                     out_layer, t))
             out_layer += sl.num_layers
         for name in post:
-            targets.append(self.tensor_node(name, slices[-1], None, 0, 0.0))
+            targets.append(self.tensor_node(name, slices[-1], None, 0, mod.reference.position(name)))
         return out_layer
 
 

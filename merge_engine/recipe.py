@@ -23,7 +23,6 @@ from merge_engine.errors import RecipeError, validation_problems
 from merge_engine.io.refs import ModelRef
 
 
-
 def _parse_ref(value: Any) -> Any:
     if isinstance(value, ModelRef):
         return value
@@ -211,12 +210,9 @@ class MergeRecipe(_HasParameters):
         if len(given) != 1:
             raise ValueError("give exactly one of 'models', 'slices' or 'modules', got "
                              + (", ".join(given) if given else "neither"))
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty; list at least one model")
-        if self.slices is not None and not self.slices:
-            raise ValueError("'slices' is empty; list at least one slice")
-        if self.modules is not None and not self.modules:
-            raise ValueError("'modules' is empty; name at least one module")
+        for key, what in (("models", "model"), ("slices", "slice"), ("modules", "module")):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"'{key}' is empty; list at least one {what}")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("'tokenizer' and 'tokenizer_source' are mutually exclusive; keep one")
         return self
@@ -227,7 +223,7 @@ class MergeRecipe(_HasParameters):
         seen: dict[ModelRef, None] = {}
         if self.base_model is not None:
             seen[self.base_model] = None
-        for models, slices in self.layouts():
+        for models, slices in self.input_lists():
             for m in models or ():
                 seen[m.model] = None
             for s in slices or ():
@@ -237,7 +233,7 @@ class MergeRecipe(_HasParameters):
                     seen[src.model] = None
         return list(seen)
 
-    def layouts(self) -> list[tuple[list[InputModel] | None, list[Slice] | None]]:
+    def input_lists(self) -> list[tuple[list[InputModel] | None, list[Slice] | None]]:
         """``(models, slices)`` of the recipe, or of each module of a ``modules`` recipe."""
         if self.modules is not None:
             return [(m.models, m.slices) for m in self.modules.values()]

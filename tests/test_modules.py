@@ -212,3 +212,15 @@ def test_one_module_model_is_default_and_problems_name_the_module(tmp_path: Path
     x, y = load_state(tmp_path / "modules"), load_state(tmp_path / "slices")
     assert set(x) == set(y) and all(torch.equal(x[n], y[n]) for n in x)
     assert parse_recipe(fixed.to_dict()) == fixed  # dumps and reloads with its modules
+
+
+def test_qwen2_vl_projector_mlp_sits_at_the_last_gradient_position(tmp_path: Path) -> None:
+    base = make_tiny_vlm(tmp_path / "base", "qwen2_5_vl", 0)
+    ft = make_tiny_vlm(tmp_path / "ft", "qwen2_5_vl", 1, perturb_from=base)
+    recipe = parse_recipe({"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": [0.0, 1.0]}}, {"model": str(ft), "parameters": {"weight": 1.0}}]})
+    run_merge(recipe, tmp_path / "out", device="cpu")
+    out, b, f = load_state(tmp_path / "out"), load_state(base), load_state(ft)
+    for name, t in (("visual.merger.mlp.0.weight", 1.0), ("visual.merger.ln_q.weight", 0.0),
+                    ("visual.patch_embed.proj.weight", 0.0), ("visual.blocks.2.mlp.up_proj.weight", 1.0)):
+        torch.testing.assert_close(out[name], (t * b[name] + f[name]) / (t + 1), rtol=0, atol=2e-6, msg=name)
