@@ -151,6 +151,10 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         dup = sorted({str(r) for r in refs if refs.count(r) > 1})
         if dup:
             report.add(f"{where}models lists {', '.join(dup)} more than once; list each model once")
+        base = recipe.base_model
+        if spec.base == "unused" and models is not None and base is not None and base not in refs:
+            report.warnings.append(f"{where}models does not list base_model {base}: mergekit merges it in as "
+                                   f"one more {spec.name} input, evomerge leaves it out; list it to merge it")
     check_tokens(recipe, report)
     if recipe.chat_template is not None:
         problem = setting_problem(recipe.chat_template)

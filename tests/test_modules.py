@@ -224,3 +224,19 @@ def test_qwen2_vl_projector_mlp_sits_at_the_last_gradient_position(tmp_path: Pat
     for name, t in (("visual.merger.mlp.0.weight", 1.0), ("visual.merger.ln_q.weight", 0.0),
                     ("visual.patch_embed.proj.weight", 0.0), ("visual.blocks.2.mlp.up_proj.weight", 1.0)):
         torch.testing.assert_close(out[name], (t * b[name] + f[name]) / (t + 1), rtol=0, atol=2e-6, msg=name)
+
+
+def test_an_unlisted_base_of_a_base_free_method_is_a_warning_per_models_list(vlm) -> None:
+    recipe = _recipe(vlm, """
+merge_method: linear
+base_model: "@base"
+modules:
+  text_decoder: {models: [{model: "@ft1"}, {model: "@base"}]}
+  vision_tower: {models: [{model: "@ft1"}, {model: "@ft2"}]}
+  multi_modal_projector: {models: [{model: "@ft2"}]}
+parameters: {weight: 1.0}
+""")
+    report = validate(recipe)
+    assert report.problems == []
+    warned = [w.split("models does not list")[0] for w in report.warnings if "mergekit merges it in" in w]
+    assert warned == ["modules.vision_tower.", "modules.multi_modal_projector."]
