@@ -110,6 +110,7 @@ class ModelModule:
 
 
 def architecture(config: Mapping[str, Any]) -> str:
+    """The config's first ``architectures`` entry (else its ``model_type``): the key of MODULES."""
     archs = config.get("architectures")
     return str(archs[0]) if isinstance(archs, list) and archs else str(config.get("model_type", "?"))
 
@@ -144,8 +145,12 @@ class ModulePlan:
     name: str
     slices: list[OutSlice]
     stacks: dict[ModelRef, LayerLayout]
-    reference: ModelModule
-    layers_key: str | None
+    reference: ModelModule  # the module as the reference model holds it
+
+    @property
+    def layers_key(self) -> str | None:
+        """The dotted config key of this module's layer count (None: the main stack's keys)."""
+        return self.reference.spec.layers_key if self.reference.spec is not None else None
 
 
 def module_plans(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], reference: ModelRef,
@@ -187,7 +192,9 @@ def module_plans(recipe: MergeRecipe, readers: Mapping[ModelRef, Any], reference
                             f"model without them; add each (e.g. '{left[0]}: {{models: [...]}}')")
         if problems:
             raise RecipeError(problems)
-    return [ModulePlan(name, out_slices(recipe, ref_modules[name].layout.num_layers, wanted[name]),
-                       {ref: mods[name].layout for ref, mods in found.items()}, ref_modules[name],
-                       ref_modules[name].spec.layers_key if ref_modules[name].spec else None)
-            for name in names]
+    plans = []
+    for name in names:
+        module = ref_modules[name]
+        slices = out_slices(recipe, module.layout.num_layers, wanted[name])
+        plans.append(ModulePlan(name, slices, {ref: mods[name].layout for ref, mods in found.items()}, module))
+    return plans
