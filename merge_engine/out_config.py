@@ -26,12 +26,13 @@ def output_config(recipe: MergeRecipe, reference: Mapping[str, Any], layout: Lay
     vocabulary size (``vocab_rows`` of the output tokenizer, else the cropped embedding rows).
     ``shapes``: (name, shape, dtype, cropped rows or None) of every output tensor."""
     config = with_num_layers(copy.deepcopy(dict(reference)), num_layers)
-    # per-layer lists (e.g. layer_types) follow the layers they came from
-    for key, value in list(config.items()):
-        if isinstance(value, list) and len(value) == layout.num_layers and num_layers != len(value) \
-                and key not in ("architectures",):
-            config[key] = [value[min(s.sources[0].first_layer + i, len(value) - 1)]
-                           for s in slices for i in range(s.num_layers)]
+    # per-layer lists (e.g. layer_types, at the top or in text_config) follow the layers they came from
+    for scope in (config, config.get("text_config")):
+        for key, value in list(scope.items()) if isinstance(scope, dict) else ():
+            if isinstance(value, list) and len(value) == layout.num_layers and num_layers != len(value) \
+                    and key not in ("architectures",):
+                scope[key] = [value[min(s.sources[0].first_layer + i, len(value) - 1)]
+                              for s in slices for i in range(s.num_layers)]
     for key, count in module_layers.items():
         set_config_value(config, key, count)
     # unset: the dtype most of the output's weights are written in

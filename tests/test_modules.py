@@ -214,9 +214,32 @@ def test_one_module_model_is_default_and_problems_name_the_module(tmp_path: Path
     assert parse_recipe(fixed.to_dict()) == fixed  # dumps and reloads with its modules
 
 
-def test_qwen2_vl_projector_mlp_sits_at_the_last_gradient_position(tmp_path: Path) -> None:
-    base = make_tiny_vlm(tmp_path / "base", "qwen2_5_vl", 0)
-    ft = make_tiny_vlm(tmp_path / "ft", "qwen2_5_vl", 1, perturb_from=base)
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("qwen")
+    base = make_tiny_vlm(root / "base", "qwen2_5_vl", 0)
+    return base, make_tiny_vlm(root / "ft", "qwen2_5_vl", 1, perturb_from=base)
+
+
+def test_a_cut_vlm_loads_in_transformers_with_every_weight(qwen, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    base, ft = qwen
+    recipe = parse_recipe({"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": str(base), "layer_range": [0, 3]}]},
+                                    {"sources": [{"model": str(ft), "layer_range": [1, 4]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": str(ft), "layer_range": [1, 3]}]}]},
+        "multi_modal_projector": {"models": [{"model": str(base)}]}}})
+    run_merge(recipe, tmp_path / "out", device="cpu")
+    text = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 6 and len(text["layer_types"]) == 6  # per-layer lists follow
+    model, info = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 96)
+
+
+def test_qwen2_vl_projector_mlp_sits_at_the_last_gradient_position(qwen, tmp_path: Path) -> None:
+    base, ft = qwen
     recipe = parse_recipe({"merge_method": "linear", "models": [
         {"model": str(base), "parameters": {"weight": [0.0, 1.0]}}, {"model": str(ft), "parameters": {"weight": 1.0}}]})
     run_merge(recipe, tmp_path / "out", device="cpu")
