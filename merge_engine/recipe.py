@@ -223,7 +223,7 @@ class MergeRecipe(_HasParameters):
         seen: dict[ModelRef, None] = {}
         if self.base_model is not None:
             seen[self.base_model] = None
-        for models, slices in self.input_lists():
+        for _, models, slices, _ in self.input_lists():
             for m in models or ():
                 seen[m.model] = None
             for s in slices or ():
@@ -233,11 +233,12 @@ class MergeRecipe(_HasParameters):
                     seen[src.model] = None
         return list(seen)
 
-    def input_lists(self) -> list[tuple[list[InputModel] | None, list[Slice] | None]]:
-        """``(models, slices)`` of the recipe, or of each module of a ``modules`` recipe."""
+    def input_lists(self) -> list[tuple[str, list[InputModel] | None, list[Slice] | None, Parameters | None]]:
+        """``(where, models, slices, module parameters)`` of the recipe (where ``""``), or of each
+        module of a ``modules`` recipe (where ``modules.NAME.``)."""
         if self.modules is not None:
-            return [(m.models, m.slices) for m in self.modules.values()]
-        return [(self.models, self.slices)]
+            return [(f"modules.{n}.", m.models, m.slices, m.parameters) for n, m in self.modules.items()]
+        return [("", self.models, self.slices, None)]
 
     def base_of(self, sl: Slice | None) -> ModelRef | None:
         """The base model of output slice ``sl`` (None: of a ``models`` recipe): its own, else the recipe's."""

@@ -35,19 +35,11 @@ class Report:
             self.problems.append(text)
 
 
-def _groups(recipe: MergeRecipe) -> Iterator[tuple[str, Any, Any, Mapping[str, Any] | None]]:
-    """(where, models, slices, module parameters) of the recipe, or of each of its modules."""
-    if recipe.modules is None:
-        yield "", recipe.models, recipe.slices, None
-    for name, module in (recipe.modules or {}).items():
-        yield f"modules.{name}.", module.models, module.slices, module.parameters
-
-
 def _parameter_levels(recipe: MergeRecipe) -> Iterator[tuple[str, bool, Mapping[str, Any]]]:
     """(where, is_model_level, parameters) for every parameters block in the recipe."""
     if recipe.parameters:
         yield "parameters", False, recipe.parameters
-    for where, models, slices, params in _groups(recipe):
+    for where, models, slices, params in recipe.input_lists():
         if params:
             yield f"{where}parameters", False, params
         for i, m in enumerate(models or ()):
@@ -100,7 +92,7 @@ def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> N
 
 def _input_groups(recipe: MergeRecipe) -> Iterator[tuple[list[ModelRef], ModelRef | None]]:
     """The models merged together and their base: the ``models`` list, or each slice's sources."""
-    for _, models, slices, _ in _groups(recipe):
+    for _, models, slices, _ in recipe.input_lists():
         if models is not None:
             yield [m.model for m in models], recipe.base_model
         for sl in slices or ():
@@ -138,7 +130,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         return report
     check_parameters(recipe, spec, report)
     check_inputs(recipe, spec, report)
-    for where, models, slices, _ in _groups(recipe):
+    for where, models, slices, _ in recipe.input_lists():
         for i, sl in enumerate(slices or ()):
             refs = [s.model for s in sl.sources]
             if spec.name != "passthrough" and len(set(refs)) != len(refs):
