@@ -54,7 +54,7 @@ DEFAULT_EVOMERGE = Path(sys.executable).parent / "evomerge"
 DEFAULT_REPORT = REPO / "results" / "benchmarks" / "merge_parity.md"
 MODEL_VERSION = "v3"  # bump when the tiny models change
 VOCAB_VERSION = "v1"  # bump when the tokenizer models change
-VLM_VERSION = "v1"  # bump when the multi-module models change
+VLM_VERSION = "v2"  # bump when the multi-module models change
 
 
 # ---------------------------------------------------------------- tiny models

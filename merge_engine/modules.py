@@ -56,9 +56,15 @@ _LLAVA_LIKE = {  # language_model.*, vision_tower.*, multi_modal_projector.*
     "multi_modal_projector": ModuleDef(("multi_modal_projector.",), after=()),
     "vision_tower": ModuleDef(("vision_tower.",), "vision_config.num_hidden_layers", after=("post_layernorm.",)),
 }
+_QWEN3_VL = {  # everything under model.language_model.* / model.visual.*; deepstack mergers are layers
+    "text_decoder": ModuleDef(("model.language_model.", "lm_head."), "text_config.num_hidden_layers"),
+    "multi_modal_projector": ModuleDef(("model.visual.merger.", "model.visual.deepstack_merger_list."), after=()),
+    "vision_tower": ModuleDef(("model.visual.",), "vision_config.depth", after=()),
+}
 MODULES: dict[str, dict[str, ModuleDef]] = {
     "Qwen2VLForConditionalGeneration": _QWEN2_VL,
     "Qwen2_5_VLForConditionalGeneration": _QWEN2_VL,
+    "Qwen3VLForConditionalGeneration": _QWEN3_VL,
     "Mistral3ForConditionalGeneration": _LLAVA_LIKE,
     "Gemma3ForConditionalGeneration": _LLAVA_LIKE,
 }

@@ -5,7 +5,8 @@
 
 Each is built with transformers from a small config, offline, in well under a second. Names are
 those of the checkpoints on the hub (which mergekit 0.1.5's architecture files name): Qwen2-VL and
-Qwen2.5-VL ``model.*`` / ``visual.*``, Mistral3 and Gemma3 ``language_model.*`` / ``vision_tower.*`` /
+Qwen2.5-VL ``model.*`` / ``visual.*``, Qwen3-VL ``model.language_model.*`` /
+``model.visual.*``, Mistral3 and Gemma3 ``language_model.*`` / ``vision_tower.*`` /
 ``multi_modal_projector.*`` (Gemma3's tower under ``vision_tower.vision_model.``).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "mistral3", "gemma3")
+VLM_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mistral3", "gemma3")
 
 
 def _config(kind: str):
@@ -38,6 +39,12 @@ def _config(kind: str):
             vision_config=dict(depth=3, hidden_size=16, intermediate_size=32, out_hidden_size=32, num_heads=2,
                                patch_size=2, spatial_merge_size=2, temporal_patch_size=1,
                                fullatt_block_indexes=[2], window_size=8))
+    if kind == "qwen3_vl":
+        return T.Qwen3VLConfig(
+            text_config=dict(text, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+            vision_config=dict(depth=3, hidden_size=16, intermediate_size=32, out_hidden_size=32, num_heads=2,
+                               patch_size=2, spatial_merge_size=2, temporal_patch_size=1,
+                               num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]))
     if kind == "mistral3":
         return T.Mistral3Config(
             text_config=dict(text, model_type="mistral"),

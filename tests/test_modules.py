@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import load_state, make_tiny_llama
-from fixtures_vlm import make_tiny_vlm
+from fixtures_vlm import VLM_KINDS, make_tiny_vlm
 
 from merge_engine.apply import InMemoryMerger
 from merge_engine.errors import RecipeError
@@ -263,3 +263,18 @@ parameters: {weight: 1.0}
     assert report.problems == []
     warned = [w.split("models does not list")[0] for w in report.warnings if "mergekit merges it in" in w]
     assert warned == ["modules.vision_tower.", "modules.multi_modal_projector."]
+
+
+@pytest.mark.parametrize("kind", VLM_KINDS)
+def test_every_table_architecture_splits_into_its_modules(kind: str, tmp_path: Path) -> None:
+    from merge_engine.io.reader import CheckpointReader
+    from merge_engine.layout import detect_layout
+    from merge_engine.modules import model_modules
+
+    with CheckpointReader(make_tiny_vlm(tmp_path / kind, kind, 0)) as reader:
+        modules, outside = model_modules(reader.tensor_names, reader.config,
+                                         detect_layout(reader.tensor_names, reader.config))
+    assert outside == [] and sorted(modules) == ["multi_modal_projector", "text_decoder", "vision_tower"]
+    assert sum(len(m.names) for m in modules.values()) == len(reader.tensor_names)
+    assert modules["text_decoder"].layout.num_layers == 4 and modules["vision_tower"].layout.num_layers == 3
+    assert modules["multi_modal_projector"].layout.num_layers == (3 if kind == "qwen3_vl" else 0)
