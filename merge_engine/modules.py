@@ -71,8 +71,8 @@ MODULES: dict[str, dict[str, ModuleDef]] = {
 
 
 def config_value(config: Mapping[str, Any], key: str) -> Any:
-    """The value at dotted ``key`` of ``config`` (a text key missing at the top level is read in
-    ``text_config``, where newer configs keep it), or None."""
+    """The value at dotted ``key`` of ``config``, or None; a ``text_config.`` key that is missing
+    there is read at the top level, where older configs (hub Qwen2-VL) keep the text settings."""
     value: Any = config
     for part in key.split("."):
         value = value.get(part) if isinstance(value, Mapping) else None
