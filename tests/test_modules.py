@@ -278,3 +278,22 @@ def test_every_table_architecture_splits_into_its_modules(kind: str, tmp_path: P
     assert sum(len(m.names) for m in modules.values()) == len(reader.tensor_names)
     assert modules["text_decoder"].layout.num_layers == 4 and modules["vision_tower"].layout.num_layers == 3
     assert modules["multi_modal_projector"].layout.num_layers == (3 if kind == "qwen3_vl" else 0)
+
+
+def test_tensors_no_module_owns_are_not_written_and_named_in_a_warning(vlm, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    odd = []
+    for key in ("ft1", "ft2"):
+        shutil.copytree(vlm[key], tmp_path / key)
+        state = load_state(tmp_path / key)
+        state["image_newline"] = torch.ones(4)  # a tensor of none of Mistral3's modules
+        save_file(state, tmp_path / key / "model.safetensors", metadata={"format": "pt"})
+        odd.append({"model": str(tmp_path / key)})
+    recipe = parse_recipe({"merge_method": "linear", "models": odd, "parameters": {"weight": 1.0}})
+    result = run_merge(recipe, tmp_path / "out", device="cpu")
+    assert "image_newline" not in load_state(tmp_path / "out")
+    assert any(w.startswith("tensors image_newline belong to no module of Mistral3ForConditionalGeneration")
+               for w in result.warnings)
