@@ -54,6 +54,7 @@ DEFAULT_EVOMERGE = Path(sys.executable).parent / "evomerge"
 DEFAULT_REPORT = REPO / "results" / "benchmarks" / "merge_parity.md"
 MODEL_VERSION = "v3"  # bump when the tiny models change
 VOCAB_VERSION = "v1"  # bump when the tokenizer models change
+VLM_VERSION = "v2"  # bump when the multi-module models change
 
 
 # ---------------------------------------------------------------- tiny models
@@ -139,6 +140,24 @@ def build_vocab_models(root: Path) -> Path:
         tok.save_pretrained(vocab / name)
     (vocab / "DONE").write_text("ok\n")
     return vocab
+
+
+def build_vlm_models(root: Path) -> Path:
+    """Tiny multi-module (vision-language) checkpoints (tests/fixtures_vlm.py) under
+    ``root/vlm-<version>/<kind>/{base,ft1,ft2}``, fine-tunes = base + seeded noise; built once."""
+    vlm = root / f"vlm-{VLM_VERSION}"
+    if (vlm / "DONE").exists():
+        return vlm
+    sys.path.insert(0, str(REPO / "tests"))
+    from fixtures_vlm import VLM_KINDS, make_tiny_vlm
+
+    shutil.rmtree(vlm, ignore_errors=True)
+    for kind in VLM_KINDS:
+        make_tiny_vlm(vlm / kind / "base", kind, 0)
+        for i in (1, 2):
+            make_tiny_vlm(vlm / kind / f"ft{i}", kind, i, perturb_from=vlm / kind / "base")
+    (vlm / "DONE").write_text("ok\n")
+    return vlm
 
 
 # ---------------------------------------------------------------- running
@@ -525,23 +544,24 @@ class Case:
     rows_aligned: bool = False
 
 
-def read_template(path: Path, models: Path, vocab: Path) -> tuple[str, Case]:
+def read_template(path: Path, models: Path, vocab: Path, vlm: Path) -> tuple[str, Case]:
     text = path.read_text()
     mode = (re.search(r"^# parity: (\w+)", text, re.M) or [None, "exact"])[1]
     note = (re.search(r"^# note: (.*)$", text, re.M) or [None, ""])[1]
     compare = (re.search(r"^# compare: (.*)$", text, re.M) or [None, ""])[1]
     method = re.search(r"^merge_method: (\S+)", text, re.M)[1]
     body = text.replace("MODELS/", str(models) + "/").replace("VOCAB/", str(vocab) + "/")
+    body = body.replace("VLM/", str(vlm) + "/")
     extra = tuple(w.strip() for w in compare.split(",") if w.strip())
     return body, Case(path.stem, method, mode, note, extra)
 
 
-def run_cases(templates: list[Path], models: Path, vocab: Path, work: Path, mergekit: Path,
+def run_cases(templates: list[Path], models: Path, vocab: Path, vlm: Path, work: Path, mergekit: Path,
               evomerge: Path, dump_check: bool, keep: bool, cli: bool) -> list[Case]:
     """Write every recipe (and our dump of it), run each tool over all of them, then compare."""
     cases, dirs = [], []
     for path in templates:
-        body, case = read_template(path, models, vocab)
+        body, case = read_template(path, models, vocab, vlm)
         cdir = work / "cases" / case.name
         shutil.rmtree(cdir, ignore_errors=True)
         cdir.mkdir(parents=True)
@@ -681,7 +701,10 @@ def write_report(cases: list[Case], path: Path, args: argparse.Namespace, versio
         "recipes, several YAML documents, by mergekit-multi's own steps, as `mergekit-multi RECIPE "
         "-I OUT.stages --out-path OUT --no-lazy`; the method column is the final stage's). Tokenizer and "
         "chat-template recipes (`VOCAB/`, see their section below) use tiny Llamas with tokenizers "
-        "(2 layers, hidden 64, 99-105 tokens) from `tests/fixtures.py`.",
+        "(2 layers, hidden 64, 99-105 tokens) from `tests/fixtures.py`. Multi-module recipes (`VLM/`, "
+        "`modules_*`, `models_vlm_*`) use tiny Qwen2-VL, Qwen2.5-VL, Mistral3 and Gemma3 vision-language "
+        "models (4 text layers, 3 vision layers, hub tensor names; base + two seeded fine-tunes) from "
+        "`tests/fixtures_vlm.py`.",
         "",
         "## Deterministic methods (bit-for-bit)",
         "",
@@ -836,12 +859,12 @@ def main() -> int:
         print(f"mergekit not found at {args.mergekit}; see benchmarks/README.md to install it in "
               ".venv-mergekit", file=sys.stderr)
         return 2
-    models, vocab = build_models(args.workdir), build_vocab_models(args.workdir)
+    models, vocab, vlm = build_models(args.workdir), build_vocab_models(args.workdir), build_vlm_models(args.workdir)
     templates = sorted(RECIPES.glob("*.yml"))
     if args.only:
         wanted = set(args.only.split(","))
         templates = [t for t in templates if t.stem in wanted]
-    cases = run_cases(templates, models, vocab, args.workdir, args.mergekit, args.evomerge,
+    cases = run_cases(templates, models, vocab, vlm, args.workdir, args.mergekit, args.evomerge,
                       not args.no_dump_check, args.keep, args.cli)
     if args.only and args.report == DEFAULT_REPORT:
         print("(--only given: report not written)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.spec import MethodSpec
-from merge_engine.recipe import MergeRecipe
+from merge_engine.recipe import MergeRecipe, Module
 
 
 @dataclass
@@ -33,16 +33,19 @@ class OutSlice:
     num_layers: int
     params: Mapping[str, Any] | None
     base: ModelRef | None  # the slice's own base_model, else the recipe's
+    module_params: Mapping[str, Any] | None = None  # its module's parameters (``modules:`` recipes)
 
 
-def out_slices(recipe: MergeRecipe, num_layers: int) -> list[OutSlice]:
-    """The output slices of ``recipe`` (``num_layers``: the reference's layer count, the span of
-    a ``models:`` recipe)."""
-    if recipe.models is not None:
-        return [OutSlice([Source(m.model, 0, m.parameters) for m in recipe.models], num_layers, None,
-                         recipe.base_model)]
+def out_slices(recipe: MergeRecipe, num_layers: int, module: Module | None = None) -> list[OutSlice]:
+    """The output slices of ``recipe``, or of one ``module`` of it (``num_layers``: the
+    reference's layer count there, the span of a ``models:`` list)."""
+    models, slices = (module.models, module.slices) if module is not None else (recipe.models, recipe.slices)
+    params = module.parameters if module is not None else None
+    if models is not None:
+        return [OutSlice([Source(m.model, 0, m.parameters) for m in models], num_layers, None,
+                         recipe.base_model, params)]
     return [OutSlice([Source(s.model, s.layer_range[0], s.parameters) for s in sl.sources],
-                     sl.num_layers, sl.parameters, recipe.base_of(sl)) for sl in recipe.slices or ()]
+                     sl.num_layers, sl.parameters, recipe.base_of(sl), params) for sl in slices or ()]
 
 
 def out_of_bounds(slices: list[OutSlice], layer_counts: Mapping[ModelRef, int]) -> list[str]:

@@ -6,10 +6,8 @@ every problem it finds is collected so ``validate`` can report them all at once.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,10 +17,12 @@ import torch
 from merge_engine.devices import SourceHome, stage
 from merge_engine.dtypes import dtype_name, torch_dtype
 from merge_engine.errors import NonFiniteError, RecipeError
-from merge_engine.layout import LayerLayout, detect_layout, is_output_head, with_num_layers
+from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
-from merge_engine.out_slices import OutSlice, Source, out_of_bounds, out_slices, split_base
+from merge_engine.modules import ModulePlan, module_plans
+from merge_engine.out_config import output_config
+from merge_engine.out_slices import OutSlice, Source, out_of_bounds, split_base
 from merge_engine.randomness import TensorRandom
 from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
 from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabulary
@@ -191,6 +191,7 @@ class _Planner:
         self.reference = recipe.base_model or recipe.referenced_models()[0]
         self.layouts = {ref: detect_layout(r.tensor_names, r.config) for ref, r in readers.items()}
         self.layout = self.layouts[self.reference]
+        self.stacks = self.layouts  # each model's layer stack in the module being planned
         self.vocabulary: Vocabulary | None = None
         self.vocab_unchecked = False  # a tokenizer source, but only configs to plan from
         if recipe.tokenizer_source_setting() is not None:
@@ -213,11 +214,11 @@ class _Planner:
             if p.per_model:
                 values = []
                 for src in inputs:
-                    v = resolve((src.params, sl.params, top), p.name, tensor_name, t)
+                    v = resolve((src.params, sl.params, sl.module_params, top), p.name, tensor_name, t)
                     values.append(self._default(p, v, tensor_name, src.model))
                 out.append((p.name, tuple(values)))
             else:
-                v = resolve((sl.params, top), p.name, tensor_name, t)
+                v = resolve((sl.params, sl.module_params, top), p.name, tensor_name, t)
                 out.append((p.name, self._default(p, v, tensor_name, None)))
         return tuple(out)
 
@@ -259,7 +260,7 @@ class _Planner:
     def source_name(self, out_name: str, out_layer: int | None, src: Source, slice_start: int) -> str:
         if out_layer is None:
             return out_name
-        return self.layouts[src.model].rename(out_name, src.first_layer + out_layer - slice_start)
+        return self.stacks[src.model].rename(out_name, src.first_layer + out_layer - slice_start)
 
     def load_nodes(self, out_name: str, names: list[tuple[Source, str]],
                    base: ModelRef | None) -> list[LoadTensor] | None:
@@ -329,67 +330,59 @@ class _Planner:
 
     # -- whole plan ----------------------------------------------------------
     def build(self) -> MergePlan:
-        layout = self.layout
-        names = self.readers[self.reference].tensor_names
-        slices = out_slices(self.recipe, layout.num_layers)
-        for text in out_of_bounds(slices, {ref: lay.num_layers for ref, lay in self.layouts.items()}):
-            self.problem(text)
+        try:
+            modules = module_plans(self.recipe, self.readers, self.reference, self.layouts, self.warnings)
+        except RecipeError as err:
+            raise RecipeError(self.problems + [p for p in err.problems if p not in self.problems]) from None
+        for mod in modules:
+            counts = {ref: lay.num_layers for ref, lay in mod.stacks.items()}
+            for text in out_of_bounds(mod.slices, counts):
+                self.problem(f"modules.{mod.name}: {text}" if self.recipe.modules else text)
         if self.problems:
             raise RecipeError(self.problems)
+        targets: list[MergeTensor | None] = []
+        main, module_layers = (modules[0].slices, self.layout.num_layers), {}
+        for mod in modules:
+            out_layer = self._plan_module(mod, targets)
+            if mod.reference.layout.prefix == self.layout.prefix:
+                main = (mod.slices, out_layer)
+            elif mod.layers_key:
+                module_layers[mod.layers_key] = out_layer
+        if self.problems:
+            raise RecipeError(self.problems)
+        done = [t for t in targets if t is not None]
+        shapes = [(t.out_name, *output_shape_dtype(t, self.readers),
+                   next((ld.crop[0] for ld in t.loads() if ld.crop), None)) for t in done]
+        config = output_config(self.recipe, self.readers[self.reference].config, self.layout, main[1], main[0],
+                               shapes, self.vocabulary.rows if self.vocabulary else None, module_layers)
+        return MergePlan(self.recipe, done, config, self.reference, self.layout, main[1], self.warnings,
+                         self.vocabulary)
+
+    def _plan_module(self, mod: ModulePlan, targets: list[MergeTensor | None]) -> int:
+        """Add the nodes of one module to ``targets`` (before its stack, its layers slice by slice,
+        after it); returns its output layer count."""
+        self.stacks, layout, slices = mod.stacks, mod.reference.layout, mod.slices
+        names = list(mod.reference.names)
         non_layer = [n for n in names if layout.layer_of(n) is None]
+        # each per-layer suffix, ordered as in layer 0 of the reference
         templates = sorted({layout.rename(n, 0) for n in names if layout.layer_of(n) is not None},
                            key=lambda n: names.index(n) if n in names else 0)
-        # each template's suffix, ordered as in layer 0 of the reference
-        targets: list[MergeTensor] = []
-        pre = [n for n in non_layer if layout.is_embedding(n) and not is_output_head(n)]
-        post = [n for n in non_layer if n not in pre]
-        for name in pre:
-            targets.append(self.tensor_node(name, slices[0], None, 0, 0.0))
+        post = [n for n in non_layer if mod.reference.after_stack(n, self.layout)]
+        for name in non_layer:
+            if name not in post:
+                targets.append(self.tensor_node(name, slices[0], None, 0, mod.reference.position(name)))
         out_layer = 0
         for sl in slices:
             for i in range(sl.num_layers):
                 t = layer_position(i, sl.num_layers)
                 for tmpl in templates:
-                    out_name = layout.rename(tmpl, out_layer + i)
                     # source names are computed relative to the slice start
-                    node = self.tensor_node(out_name, sl, out_layer + i, out_layer, t)
-                    targets.append(node)
+                    targets.append(self.tensor_node(layout.rename(tmpl, out_layer + i), sl, out_layer + i,
+                                                    out_layer, t))
             out_layer += sl.num_layers
         for name in post:
-            targets.append(self.tensor_node(name, slices[-1], None, 0, 0.0))
-        if self.problems:
-            raise RecipeError(self.problems)
-        return MergePlan(self.recipe, [t for t in targets if t is not None],
-                         self._config(out_layer, slices, targets), self.reference, layout,
-                         out_layer, self.warnings, self.vocabulary)
-
-    def _config(self, num_layers: int, slices: list[OutSlice], targets: list) -> dict[str, Any]:
-        config = with_num_layers(copy.deepcopy(self.readers[self.reference].config), num_layers)
-        # per-layer lists (e.g. layer_types) follow the layers they came from
-        for key, value in list(config.items()):
-            if isinstance(value, list) and len(value) == self.layout.num_layers and num_layers != len(value) \
-                    and key not in ("architectures",):
-                config[key] = [value[min(s.sources[0].first_layer + i, len(value) - 1)]
-                               for s in slices for i in range(s.num_layers)]
-        # unset: the dtype most of the output's weights are written in
-        sizes: dict[torch.dtype, int] = {}
-        for node in (t for t in targets if t is not None):
-            shape, dtype = output_shape_dtype(node, self.readers)
-            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
-        most = max(sizes, key=sizes.__getitem__) if sizes else None
-        out_dtype = self.recipe.out_dtype or self.recipe.dtype or (most and dtype_name(most))
-        if out_dtype:
-            config["torch_dtype"] = out_dtype
-            if "dtype" in config:
-                config["dtype"] = out_dtype
-        emb = next((t for t in targets if t is not None and self.layout.is_embedding(t.out_name)), None)
-        if self.vocabulary is not None and "vocab_size" in config:
-            config["vocab_size"] = self.vocabulary.rows
-        elif emb is not None and "vocab_size" in config:
-            crop = next((ld.crop for ld in emb.loads() if ld.crop), None)
-            if crop:
-                config["vocab_size"] = crop[0]
-        return config
+            targets.append(self.tensor_node(name, slices[-1], None, 0, mod.reference.position(name)))
+        return out_layer
 
 
 def build_plan(recipe: MergeRecipe, readers: Mapping[ModelRef, Any]) -> MergePlan:

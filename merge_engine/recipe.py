@@ -23,7 +23,6 @@ from merge_engine.errors import RecipeError, validation_problems
 from merge_engine.io.refs import ModelRef
 
 
-
 def _parse_ref(value: Any) -> Any:
     if isinstance(value, ModelRef):
         return value
@@ -130,6 +129,21 @@ class Slice(_HasParameters):
         return end - start
 
 
+class Module(_HasParameters):
+    """``modules.<name>``: one module of a multi-module model (mergekit's names, e.g.
+    ``text_decoder``, ``vision_tower``), merged from ``models`` or ``slices`` like a whole recipe;
+    its ``parameters`` rank between the slice's and the recipe's."""
+
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> Module:
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module gives exactly one of 'models' or 'slices', non-empty")
+        return self
+
+
 class ModelTokenSource(Frozen):
     """A token's row taken from row ``token_id`` (or token ``token``'s row) of ``model``."""
 
@@ -174,7 +188,7 @@ class MergeRecipe(_HasParameters):
     base_model: Ref | None = None
     models: list[InputModel] | None = None
     slices: list[Slice] | None = None
-    modules: dict[str, Any] | None = None
+    modules: dict[str, Module] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: Union[Literal["base", "union"], Ref, None] = None
@@ -193,15 +207,12 @@ class MergeRecipe(_HasParameters):
     @model_validator(mode="after")
     def _one_layout(self) -> MergeRecipe:
         given = [k for k in ("models", "slices", "modules") if getattr(self, k) is not None]
-        if self.modules is not None:
-            raise ValueError("'modules' (multi-module models) is not supported yet; use 'models' or 'slices'")
         if len(given) != 1:
-            raise ValueError("give exactly one of 'models' or 'slices', got "
+            raise ValueError("give exactly one of 'models', 'slices' or 'modules', got "
                              + (", ".join(given) if given else "neither"))
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty; list at least one model")
-        if self.slices is not None and not self.slices:
-            raise ValueError("'slices' is empty; list at least one slice")
+        for key, what in (("models", "model"), ("slices", "slice"), ("modules", "module")):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"'{key}' is empty; list at least one {what}")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("'tokenizer' and 'tokenizer_source' are mutually exclusive; keep one")
         return self
@@ -212,14 +223,22 @@ class MergeRecipe(_HasParameters):
         seen: dict[ModelRef, None] = {}
         if self.base_model is not None:
             seen[self.base_model] = None
-        for m in self.models or ():
-            seen[m.model] = None
-        for s in self.slices or ():
-            if s.base_model is not None:
-                seen[s.base_model] = None
-            for src in s.sources:
-                seen[src.model] = None
+        for _, models, slices, _ in self.input_lists():
+            for m in models or ():
+                seen[m.model] = None
+            for s in slices or ():
+                if s.base_model is not None:
+                    seen[s.base_model] = None
+                for src in s.sources:
+                    seen[src.model] = None
         return list(seen)
+
+    def input_lists(self) -> list[tuple[str, list[InputModel] | None, list[Slice] | None, Parameters | None]]:
+        """``(where, models, slices, module parameters)`` of the recipe (where ``""``), or of each
+        module of a ``modules`` recipe (where ``modules.NAME.``)."""
+        if self.modules is not None:
+            return [(f"modules.{n}.", m.models, m.slices, m.parameters) for n, m in self.modules.items()]
+        return [("", self.models, self.slices, None)]
 
     def base_of(self, sl: Slice | None) -> ModelRef | None:
         """The base model of output slice ``sl`` (None: of a ``models`` recipe): its own, else the recipe's."""
@@ -256,7 +275,7 @@ def _model_first(obj: Any) -> Any:
     return obj
 
 
-_KEY_ORDER = ("name", "merge_method", "base_model", "models", "slices", "parameters", "dtype",
+_KEY_ORDER = ("name", "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype",
               "out_dtype", "tokenizer_source", "tokenizer", "chat_template", "seed")
 
 

@@ -39,15 +39,18 @@ def _parameter_levels(recipe: MergeRecipe) -> Iterator[tuple[str, bool, Mapping[
     """(where, is_model_level, parameters) for every parameters block in the recipe."""
     if recipe.parameters:
         yield "parameters", False, recipe.parameters
-    for i, m in enumerate(recipe.models or ()):
-        if m.parameters:
-            yield f"models[{i}] ({m.model})", True, m.parameters
-    for i, sl in enumerate(recipe.slices or ()):
-        if sl.parameters:
-            yield f"slices[{i}]", False, sl.parameters
-        for j, src in enumerate(sl.sources):
-            if src.parameters:
-                yield f"slices[{i}].sources[{j}] ({src.model})", True, src.parameters
+    for where, models, slices, params in recipe.input_lists():
+        if params:
+            yield f"{where}parameters", False, params
+        for i, m in enumerate(models or ()):
+            if m.parameters:
+                yield f"{where}models[{i}] ({m.model})", True, m.parameters
+        for i, sl in enumerate(slices or ()):
+            if sl.parameters:
+                yield f"{where}slices[{i}]", False, sl.parameters
+            for j, src in enumerate(sl.sources):
+                if src.parameters:
+                    yield f"{where}slices[{i}].sources[{j}] ({src.model})", True, src.parameters
 
 
 def _numbers(setting: Any) -> Iterator[Any]:
@@ -89,10 +92,11 @@ def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> N
 
 def _input_groups(recipe: MergeRecipe) -> Iterator[tuple[list[ModelRef], ModelRef | None]]:
     """The models merged together and their base: the ``models`` list, or each slice's sources."""
-    if recipe.models is not None:
-        yield [m.model for m in recipe.models], recipe.base_model
-    for sl in recipe.slices or ():
-        yield [s.model for s in sl.sources], recipe.base_of(sl)
+    for _, models, slices, _ in recipe.input_lists():
+        if models is not None:
+            yield [m.model for m in models], recipe.base_model
+        for sl in slices or ():
+            yield [s.model for s in sl.sources], recipe.base_of(sl)
 
 
 def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
@@ -126,22 +130,23 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         return report
     check_parameters(recipe, spec, report)
     check_inputs(recipe, spec, report)
-    if spec.name != "passthrough" and recipe.slices is not None:
-        for i, sl in enumerate(recipe.slices):
+    for where, models, slices, _ in recipe.input_lists():
+        for i, sl in enumerate(slices or ()):
             refs = [s.model for s in sl.sources]
-            if len(set(refs)) != len(refs):
-                report.add(f"slices[{i}] lists the same model twice; list each model once per slice")
-    if spec.base != "unused" and recipe.slices is not None:
-        for i, sl in enumerate(recipe.slices):
+            if spec.name != "passthrough" and len(set(refs)) != len(refs):
+                report.add(f"{where}slices[{i}] lists the same model twice; list each model once per slice")
             base = recipe.base_of(sl)
-            if base is not None and all(s.model != base for s in sl.sources):
-                report.add(f"slices[{i}] does not list the base model {base} among its "
+            if spec.base != "unused" and base is not None and base not in refs:
+                report.add(f"{where}slices[{i}] does not list the base model {base} among its "
                            "sources; add it with the same layer_range (mergekit requires it too)")
-    if recipe.models is not None:
-        refs = [m.model for m in recipe.models]
+        refs = [m.model for m in models or ()]
         dup = sorted({str(r) for r in refs if refs.count(r) > 1})
         if dup:
-            report.add(f"models lists {', '.join(dup)} more than once; list each model once")
+            report.add(f"{where}models lists {', '.join(dup)} more than once; list each model once")
+        base = recipe.base_model
+        if spec.base == "unused" and models is not None and base is not None and base not in refs:
+            report.warnings.append(f"{where}models does not list base_model {base}: mergekit merges it in as "
+                                   f"one more {spec.name} input, evomerge leaves it out; list it to merge it")
     check_tokens(recipe, report)
     if recipe.chat_template is not None:
         problem = setting_problem(recipe.chat_template)
