@@ -42,8 +42,11 @@ def out_slices(recipe: MergeRecipe, num_layers: int, module: Module | None = Non
     models, slices = (module.models, module.slices) if module is not None else (recipe.models, recipe.slices)
     params = module.parameters if module is not None else None
     if models is not None:
-        return [OutSlice([Source(m.model, 0, m.parameters) for m in models], num_layers, None,
-                         recipe.base_model, params)]
+        sources = [Source(m.model, 0, m.parameters) for m in models]
+        base = recipe.base_model
+        if base is not None and all(m.model != base for m in models):
+            sources.append(Source(base, 0, None))  # as mergekit: an unlisted base is one more input
+        return [OutSlice(sources, num_layers, None, base, params)]
     return [OutSlice([Source(s.model, s.layer_range[0], s.parameters) for s in sl.sources],
                      sl.num_layers, sl.parameters, recipe.base_of(sl), params) for sl in slices or ()]
 

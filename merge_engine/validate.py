@@ -93,8 +93,10 @@ def check_parameters(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> N
 def _input_groups(recipe: MergeRecipe) -> Iterator[tuple[list[ModelRef], ModelRef | None]]:
     """The models merged together and their base: the ``models`` list, or each slice's sources."""
     for _, models, slices, _ in recipe.input_lists():
-        if models is not None:
-            yield [m.model for m in models], recipe.base_model
+        if models is not None:  # an unlisted base is one more input (out_slices.out_slices)
+            refs = [m.model for m in models]
+            base = recipe.base_model
+            yield refs + ([base] if base is not None and base not in refs else []), base
         for sl in slices or ():
             yield [s.model for s in sl.sources], recipe.base_of(sl)
 
@@ -107,6 +109,24 @@ def check_inputs(recipe: MergeRecipe, spec: MethodSpec, report: Report) -> None:
         for text in spec.input_problems(n, base is not None,
                                         add_base="add 'base_model: <model>' to the recipe"):
             report.add(text)
+
+
+def check_unlisted_base(recipe: MergeRecipe, spec: MethodSpec, where: str, base: ModelRef,
+                        module_params: Mapping[str, Any] | None, report: Report) -> None:
+    """A ``models`` list without its ``base_model``, for a method that takes no base: mergekit
+    merges the base in as one more input with the module's or top-level parameters, and so do we
+    (said as a warning); a per-model parameter the method requires must then be set there."""
+    given = {**(recipe.parameters or {}), **(module_params or {})}
+    missing = [p.name for p in spec.params if p.required and p.per_model and p.default is None
+               and p.name not in given]
+    if missing:
+        names = ", ".join(repr(m) for m in missing)
+        report.add(f"{where}models does not list base_model {base}, so it is merged in as one more "
+                   f"{spec.name} input (as mergekit does) and needs {names}: list it under models with "
+                   f"{names}, set {names} in the top-level parameters, or remove base_model")
+    else:
+        report.warnings.append(f"{where}models does not list base_model {base}: it is merged in as one "
+                               f"more {spec.name} input with the top-level parameters, as mergekit does")
 
 
 def check_tokens(recipe: MergeRecipe, report: Report) -> None:
@@ -130,7 +150,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
         return report
     check_parameters(recipe, spec, report)
     check_inputs(recipe, spec, report)
-    for where, models, slices, _ in recipe.input_lists():
+    for where, models, slices, module_params in recipe.input_lists():
         for i, sl in enumerate(slices or ()):
             refs = [s.model for s in sl.sources]
             if spec.name != "passthrough" and len(set(refs)) != len(refs):
@@ -145,8 +165,7 @@ def check_recipe(recipe: MergeRecipe, report: Report | None = None) -> Report:
             report.add(f"{where}models lists {', '.join(dup)} more than once; list each model once")
         base = recipe.base_model
         if spec.base == "unused" and models is not None and base is not None and base not in refs:
-            report.warnings.append(f"{where}models does not list base_model {base}: mergekit merges it in as "
-                                   f"one more {spec.name} input, evomerge leaves it out; list it to merge it")
+            check_unlisted_base(recipe, spec, where, base, module_params, report)
     check_tokens(recipe, report)
     if recipe.chat_template is not None:
         problem = setting_problem(recipe.chat_template)

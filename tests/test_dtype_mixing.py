@@ -15,6 +15,7 @@ from merge_engine.apply import InMemoryMerger
 from merge_engine.merge import run_merge
 from merge_engine.multistage import run_stages
 from merge_engine.recipe import parse_recipe
+from merge_engine.methods.registry import get_method
 from merge_engine.stages import parse_stages
 
 METHODS = [
@@ -39,8 +40,10 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 def recipe(zoo, method, params, top, models=("f32",), **extra):
-    data = {"merge_method": method, "base_model": str(zoo["base"]), "seed": 3,
+    data = {"merge_method": method, "seed": 3,
             "models": [{"model": str(zoo[m]), "parameters": dict(params)} for m in models]}
+    if get_method(method).base != "unused":  # an unlisted base would be merged in as one more input
+        data["base_model"] = str(zoo["base"])
     if method == "slerp":  # slerp takes the base as one of its two inputs
         data["models"].insert(0, {"model": str(zoo["base"])})
     if top:

@@ -187,7 +187,7 @@ def test_seed_changes_random_masks(zoo, tmp_path):
 def test_in_memory_apply_equals_disk_merge(zoo, tmp_path, method, params, top):
     from transformers import AutoModelForCausalLM
 
-    r = recipe(method, zoo, models=("a", "b", "c"), params=params, top=top, seed=5)
+    r = recipe(method, zoo, models=("a", "b", "c"), base=method != "linear", params=params, top=top, seed=5)
     out = tmp_path / "disk"
     run_merge(r, out, device="cpu")
     from_disk = AutoModelForCausalLM.from_pretrained(out).state_dict()
@@ -469,3 +469,27 @@ def test_validate_counts_inputs_and_needs_a_base(zoo):
     r = parse_recipe({"merge_method": "task_arithmetic", "models": [{"model": str(zoo["a"])}]})
     assert validate(r, with_models=False).problems == [
         "task_arithmetic needs a base_model; add 'base_model: <model>' to the recipe"]
+
+
+def test_an_unlisted_base_is_merged_in_as_one_more_input_as_mergekit_does(zoo, tmp_path):
+    """mergekit adds a ``base_model`` its ``models`` list lacks as one more input, with the
+    top-level parameters, whatever the method: for linear that is a third weighted model."""
+    unlisted = recipe("linear", zoo, params={"weight": 0.5}, top={"weight": 0.25})
+    listed = parse_recipe({"merge_method": "linear", "parameters": {"weight": 0.25}, "models": [
+        {"model": str(zoo["a"]), "parameters": {"weight": 0.5}},
+        {"model": str(zoo["b"]), "parameters": {"weight": 0.5}},
+        {"model": str(zoo["base"])}]})
+    report = validate(unlisted)
+    assert report.problems == [] and any("merged in as one more linear input" in w for w in report.warnings)
+    run_merge(unlisted, tmp_path / "unlisted", device="cpu")
+    run_merge(listed, tmp_path / "listed", device="cpu")
+    assert _sha(tmp_path / "unlisted") == _sha(tmp_path / "listed")
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(zoo["base"])
+    with InMemoryMerger(model) as merger:
+        merger.apply(unlisted)
+    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "listed").state_dict()
+    assert all(torch.equal(v, on_disk[k]) for k, v in model.state_dict().items())
+    # without a weight for it: one problem naming the fixes, before any tensor is read
+    problems = validate(recipe("linear", zoo, params={"weight": 0.5})).problems
+    assert len(problems) == 1 and "needs 'weight'" in problems[0] and "remove base_model" in problems[0]

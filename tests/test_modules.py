@@ -249,7 +249,7 @@ def test_qwen2_vl_projector_mlp_sits_at_the_last_gradient_position(qwen, tmp_pat
         torch.testing.assert_close(out[name], (t * b[name] + f[name]) / (t + 1), rtol=0, atol=2e-6, msg=name)
 
 
-def test_an_unlisted_base_of_a_base_free_method_is_a_warning_per_models_list(vlm) -> None:
+def test_an_unlisted_base_of_a_base_free_method_is_said_per_models_list(vlm) -> None:
     recipe = _recipe(vlm, """
 merge_method: linear
 base_model: "@base"
@@ -261,7 +261,7 @@ parameters: {weight: 1.0}
 """)
     report = validate(recipe)
     assert report.problems == []
-    warned = [w.split("models does not list")[0] for w in report.warnings if "mergekit merges it in" in w]
+    warned = [w.split("models does not list")[0] for w in report.warnings if "merged in as one more" in w]
     assert warned == ["modules.vision_tower.", "modules.multi_modal_projector."]
 
 
