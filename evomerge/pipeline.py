@@ -131,11 +131,14 @@ def _check_spaces(pipeline: Pipeline) -> None:
     from evomerge.space.genome import trial_stages
 
     problems: list[str] = []
+    lora_dtypes: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="evomerge-pipeline-check-") as tmp:
         fixed: Path | None = None
         for stage in pipeline.stages:
             try:
                 space = pipeline.space(stage, fixed)
+                if space.lora_merge_dtype is not None:
+                    lora_dtypes[stage.name] = space.lora_merge_dtype
                 stand_in = trial_stages(space, optuna.trial.FixedTrial(equal_params(space)))
             except (EvomergeError, MergeError) as err:  # a bad space, or a recipe it cannot build
                 lines = getattr(err, "problems", None) or [str(err)]
@@ -143,8 +146,20 @@ def _check_spaces(pipeline: Pipeline) -> None:
                 break  # later stages read this one
             fixed = Path(tmp) / f"{stage.name}.yaml"
             fixed.write_text(stages_yaml(named(stand_in, stage.name)))
+    if len(set(lora_dtypes.values())) > 1:  # final.yaml is merged with one --lora-merge-dtype
+        given = ", ".join(f"{name}: {dtype}" for name, dtype in lora_dtypes.items())
+        problems.append(f"stages set different lora_merge_dtype ({given}); final.yaml is merged with one "
+                        "--lora-merge-dtype: set the same value in every stage that sets one")
     if problems:
         raise PipelineError(problems, str(pipeline.path))
+
+
+def reproduce_line(pipeline: Pipeline) -> str:
+    """The comment heading ``final.yaml``: the command that rebuilds the pipeline's best merge
+    (with the ``lora_merge_dtype`` a stage's space sets, one value for all: ``_check_spaces``)."""
+    dtypes = {d for d in (stage.data.get("lora_merge_dtype") for stage in pipeline.stages) if d}
+    option = f" --lora-merge-dtype {dtypes.pop()}" if dtypes else ""
+    return f"# reproduce: evomerge merge {FINAL} OUT_DIR{option}\n"
 
 
 def named(stages: list[Stage], name: str | None) -> list[Stage]:
@@ -199,5 +214,5 @@ def run_pipeline(pipeline: Pipeline, out_dir: Path, *, storage: str | None = Non
         atomic_write(result, stages_yaml(named(trial_stages_of(best[0]), stage.name)))
         ran.append(stage.name)
         fixed = result
-    atomic_write(out_dir / FINAL, stages_yaml(named(load_stages(fixed), None)))
+    atomic_write(out_dir / FINAL, reproduce_line(pipeline) + stages_yaml(named(load_stages(fixed), None)))
     return PipelineSummary(out_dir, storage, out_dir / FINAL, ran, skipped)

@@ -64,7 +64,9 @@ def test_two_stage_pipeline_final_recipe_remerges_to_the_best_candidate(zoo, tmp
     assert [s.name for s in final][-2:] == ["params", None]
     assert final[-1].recipe.merge_method == "passthrough" and "params" in final[-1].needs
     best = optuna.load_study(study_name="path", storage=f"sqlite:///{out / 'pipeline.db'}")
-    assert (out / FINAL).read_text().split("---\n")[0] in best.best_trial.user_attrs["recipe"]
+    reproduce, text = (out / FINAL).read_text().split("\n", 1)
+    assert reproduce == f"# reproduce: evomerge merge {FINAL} OUT_DIR"
+    assert text.split("---\n")[0] in best.best_trial.user_attrs["recipe"]
     with Candidate.load(zoo / "math", dtype="float32") as cand:  # the resident model of stage 2
         cand.apply(final)
         assert main(["merge", str(out / FINAL), str(tmp_path / "merged"), "--device", "cpu"]) == 0
@@ -139,3 +141,16 @@ def test_the_example_pipeline_loads(tmp_path):
         make_tiny_llama(tmp_path / name, i, perturb_from=base)
     pipeline = load_pipeline(example, {"ZOO": str(tmp_path)})
     assert [(s.name, s.needs) for s in pipeline.stages] == [("params", ()), ("path", ("params",))]
+
+
+def test_stages_with_different_lora_merge_dtypes_are_one_line_before_any_search(zoo, tmp_path):
+    spec = pipeline_file(zoo, tmp_path / "p.yaml")
+    params, path = list(yaml.safe_load_all(spec.read_text()))
+    params["lora_merge_dtype"], path["lora_merge_dtype"] = "bfloat16", "float32"
+    spec.write_text(yaml.safe_dump_all([params, path], sort_keys=False))
+    with pytest.raises(PipelineError, match="different lora_merge_dtype .params: bfloat16, path: float32."):
+        load_pipeline(spec)
+    path["lora_merge_dtype"] = "bfloat16"  # one value: final.yaml's reproduce line carries it
+    spec.write_text(yaml.safe_dump_all([params, path], sort_keys=False))
+    from evomerge.pipeline import reproduce_line
+    assert reproduce_line(load_pipeline(spec)).endswith("--lora-merge-dtype bfloat16\n")
