@@ -4,10 +4,11 @@
     python benchmarks/search_efficiency.py --seeds 2 --trials 12 --reference-trials 30   # quick look
     python benchmarks/search_efficiency.py --limit 40 --cheap-limit 10     # cheaper evaluations
     python benchmarks/search_efficiency.py --space search_spaces/zoo_big.yaml \
-        --samplers default,cmaes,random --samples 4500 --reference-trials 20 --start   # 36 parameters
+        --samplers default,cmaes,random --samples 9000 --reference-trials 40 --start   # 36 parameters
 
-For each sampler (CMA-ES, TPE, GP, random, and our default: the space's default sampler, GP for
-the 6-parameter space, with cheap-first pruning, and CMA-ES with cheap-first pruning) and
+For each sampler (CMA-ES, TPE, GP, random, and our default: the space's default sampler with
+its rungs, GP with cheap-first pruning on the 6-parameter space, coarse-to-fine with
+successive-halving rungs on zoo_big; and CMA-ES with the space's rungs) and
 each seed, a search runs on the demo zoo's space without start points (so samplers are compared
 on what they propose themselves). A long CMA-ES run (plus every run's best) sets the reference
 best score B. Every candidate shares one resident model and one set of built lm-eval tasks, so
