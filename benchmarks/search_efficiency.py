@@ -49,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +57,16 @@ SAMPLERS = ("default", "cmaes+pruning", "cmaes", "tpe", "gp", "random")
 
 
 def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Path, *,
-            samples: int | None = None, start: bool = False) -> list[dict]:
+            samples: int | None = None, start: bool = False,
+            on_trial: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """One search; returns per finished trial: state, value (COMPLETE only), samples spent so far.
 
     Only ``default`` and ``cmaes+pruning`` keep the space's cheap rungs (``pruning:`` or
     ``fidelity:``); with ``start`` the default also scores the space's start points first (as
     ``evomerge search`` does). ``samples``: run until that many docs are scored instead of
-    ``trials`` finished trials (the same evaluation budget for every sampler)."""
+    ``trials`` finished trials (the same evaluation budget for every sampler). ``on_trial`` gets
+    the trace so far after each trial (a run cut short keeps it: with a budget of samples the
+    trace up to any smaller budget is exactly that smaller run's, the runs being seeded)."""
     from dataclasses import replace
 
     from evomerge.search.fidelity import RungLadder
@@ -88,6 +92,14 @@ def run_one(space, bench, sampler: str, seed: int, trials: int, storage_dir: Pat
     else:
         while sum(t.user_attrs.get("samples", 0) for t in study.get_trials(deepcopy=False)) < samples:
             search_loop(study, variant, candidate, evaluators, trials=count_finished(study) + 1, timeout=None)
+            if on_trial is not None:
+                on_trial(trace_of(study, samples))
+    return trace_of(study, samples)
+
+
+def trace_of(study, samples: int | None) -> list[dict]:
+    """Per finished trial (in trial order): state, value (COMPLETE only), samples spent so far;
+    with a budget of ``samples``, only the trials within it."""
     out, spent = [], 0
     for t in study.get_trials(deepcopy=False):
         spent += t.user_attrs.get("samples", 0)
@@ -180,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--reference-trials)")
     p.add_argument("--start", action="store_true",
                    help="the default also scores the space's start points first, as `evomerge search` does")
+    p.add_argument("--cut", type=int, help="with --reuse: read every run up to this many evaluated docs "
+                   "(a smaller budget, the same for all; each run must have got that far)")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"))
     p.add_argument("--name", help="file name of the table (default: search_efficiency for zoo_demo.yaml, "
                    "search_efficiency_<space> otherwise)")
@@ -229,12 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         for sampler in filter(None, args.samplers.split(",")):  # none: only the table of --reuse
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 t0 = time.monotonic()
+                def keep(trace: list[dict], sampler: str = sampler) -> None:
+                    partial.write_text(json.dumps({"reference": reference, "best_input": baseline,
+                                                   "runs": {**runs, sampler: [*runs.get(sampler, []), trace]}}))
+
                 runs.setdefault(sampler, []).append(run_one(space, bench, sampler, seed, args.trials, Path(tmp),
-                                                            samples=args.samples, start=args.start))
+                                                            samples=args.samples, start=args.start, on_trial=keep))
                 best = max((r["value"] for r in runs[sampler][-1] if r["value"] is not None), default=float("nan"))
                 print(f"{sampler} seed {seed}: best {best:.4f} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
                 # each finished run is kept at once: a long run cut short still has its traces
                 partial.write_text(json.dumps({"reference": reference, "best_input": baseline, "runs": runs}))
+    if args.cut:
+        runs = {k: [[r for r in t if r["samples"] <= args.cut] for t in ts] for k, ts in runs.items()}
+        args.samples = args.cut
     all_values = [r["value"] for trace in [reference, *(t for ts in runs.values() for t in ts)]
                   for r in trace if r["value"] is not None]
     best = max(all_values)
