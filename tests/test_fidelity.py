@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 
+import numpy as np
 import optuna
 import pytest
 from fixtures import make_math_code_zoo
@@ -161,3 +162,55 @@ def test_fidelity_and_pruning_together_are_refused(zoo):
 
     with pytest.raises(SpaceError, match="pruning is the one-rung case of fidelity"):
         parse_space(space_dict(zoo, fidelity={"rungs": [2]}, pruning={"limit": 2}))
+
+
+def test_two_worker_processes_share_rungs_and_score_each_doc_once_per_trial(zoo, tmp_path):
+    """Two `evomerge worker`s on one SQLite study with rungs and the anchor rung: each trial's
+    cost is the docs of the rung it stopped at, each once (a complete trial: the full set, not
+    more); both workers' trials set the bars (every pruning decision equals the rule applied to
+    the trials of both workers finished before it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import evomerge
+    from evomerge.search.study import enqueue_start_points, open_storage, open_study
+
+    space = parse_space(space_dict(zoo, name="w2", sampler="random", budget={"trials": 10},
+                                   fidelity={"rungs": [2, 4], "reduction_factor": 2, "startup_trials": 2,
+                                             "anchors": 1, "anchor_trials": 2}))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    enqueue_start_points(open_study(space, storage=open_storage(url), study_name="w2"), space)
+    here = str(Path(evomerge.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "evomerge.cli", "worker", "--storage", url, "--study", "w2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-1500:] for o in outputs)
+
+    trials = optuna.load_study(study_name="w2", storage=url).get_trials()
+    finished = [t for t in trials if t.state.is_finished()]
+    assert 10 <= len(finished) <= 11 and len(finished) == len(trials)
+    assert {t.user_attrs["worker"]["pid"] for t in finished} == {p.pid for p in procs}
+    assert any(t.state == TrialState.PRUNED for t in finished)
+    for t in finished:
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["samples"] == 6          # the full set, every doc once
+            assert sum(len(d) for d in stored_doc_items(t).values()) == 6
+        else:  # stopped at the anchor rung (1 doc) or a doc rung (its docs and the anchor)
+            assert 1 <= t.user_attrs["samples"] <= {0: 1, 1: 3, 2: 5}[t.user_attrs["rung"]]
+    # each stop is the rule (below the median of the finished trials' values at that rung, once
+    # two have one) on the trials of both workers finished before it
+    shared = False
+    for t in (t for t in finished if t.state == TrialState.PRUNED):
+        step = max(t.intermediate_values)
+        peers = [p for p in finished if step in p.intermediate_values and p.datetime_complete < t.datetime_complete]
+        assert len(peers) >= 2, t.number
+        assert t.intermediate_values[step] < float(np.quantile([p.intermediate_values[step] for p in peers], 0.5))
+        shared |= len({p.user_attrs["worker"]["pid"] for p in peers}) == 2
+    assert shared
+    # the anchor rung starts once two trials have full per-doc results
+    assert any(0 in t.intermediate_values and t.user_attrs["rung"] >= 0 for t in finished)

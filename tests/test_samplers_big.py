@@ -62,7 +62,9 @@ def synthetic(params: dict, optimum: float = 0.3) -> float:
 
 
 def test_cmaes_for_a_big_space_starts_at_the_start_point_with_hansens_population(zoo, tmp_path):
-    space = big_space(zoo)
+    # named: the default for this space is coarse-to-fine (tests/test_samplers_coarse.py), whose
+    # fine phase is this CMA-ES
+    space = big_space(zoo, sampler="cmaes")
     numeric = {n for n, d in distributions(space).items() if not isinstance(d, optuna.distributions.CategoricalDistribution)}
     assert len(numeric) == 25
     # the sampler's bookkeeping, not the database, is under test here: SQLite commits 25 params

@@ -231,7 +231,7 @@ def test_default_sampler_follows_the_space_size(zoo):
     small = parse_space(space_dict(zoo))
     assert len(distributions(small)) <= GP_MAX_PARAMS and default_sampler(small) == "gp"
     big = parse_space(space_dict(zoo, layer_granularity=1, filters=["self_attn", "mlp"]))
-    assert len(distributions(big)) > GP_MAX_PARAMS and default_sampler(big) == "cmaes"
+    assert len(distributions(big)) > GP_MAX_PARAMS and default_sampler(big) == "coarse-to-fine"
     assert default_sampler(parse_space(space_dict(zoo, sampler="tpe"))) == "tpe"
 
 

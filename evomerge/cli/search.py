@@ -129,8 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--study", help="study name (default: the space's name)")
     p.add_argument("--sampler", metavar="NAME",
                    help="an Optuna sampler by name (an unknown name lists the known ones); default: "
-                        "gp for one objective over few parameters, cmaes over many, nsga2 for several "
-                        "objectives")
+                        "gp for one objective over few parameters, coarse-to-fine (a GP over per-model "
+                        "values tied across layers, then CMA-ES over all) over many per-layer ones, "
+                        "cmaes over many others, nsga2 for several objectives")
     p.add_argument("--timeout", type=positive_seconds, metavar="S",
                    help="stop asking for new trials after S seconds (default: the space's budget)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output dir)")

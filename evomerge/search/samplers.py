@@ -4,7 +4,10 @@ Every sampler is seeded: one uninterrupted run proposes the same candidates ever
 resumed run and each worker get their own seed (``search.preflight.sampler_seed``; worker k of a
 study gets seed ``space.seed + k * 0x9E3779B1 mod 2**32``, distinct for every k), so they propose
 new ones. The default (:func:`default_sampler`) is ``gp`` for one objective over at most
-:data:`GP_MAX_PARAMS` parameters, ``cmaes`` above that, and ``nsga2`` for several objectives. The
+:data:`GP_MAX_PARAMS` parameters; above that ``coarse-to-fine`` (:mod:`evomerge.search.coarse`:
+a GP over the space with every layer's copy of a number tied, then CMA-ES over all of them from
+the best tied point) where the tied space has at most :data:`GP_MAX_PARAMS` numbers, else
+``cmaes``; and ``nsga2`` for several objectives. The
 space file's ``sampler`` and ``evomerge search --sampler`` are checked against :data:`SAMPLERS`.
 
 Several workers on one study (trials still running when a worker asks):
@@ -16,6 +19,8 @@ Several workers on one study (trials still running when a worker asks):
   see it at once, and a proposal that repeats an earlier trial's point (two workers asking at the
   same moment) is made again (:class:`~evomerge.adapters.optuna.DistinctGPSampler`).
 - ``tpe`` runs with ``constant_liar``: a running trial counts as a bad result at its point.
+- ``coarse-to-fine`` fits its coarse phase's GP with the running trials' (tied) points, as
+  ``gp`` does; its fine phase is ``cmaes``.
 - ``cmaes`` needs no liar: a generation's points are independent draws from one Gaussian that only
   changes once the whole generation is scored, so a running trial would not change the next draw
   even in one process; workers' distinct seeds make their draws differ. The same holds for
@@ -43,6 +48,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 
 from evomerge.adapters.optuna import DistinctGPSampler, PrunedAsComplete, RestartingCmaEsSampler
 from evomerge.errors import EvomergeError
+from evomerge.search.coarse import FINE_SIGMA, CoarseToFineSampler, coarse_trials, tie_groups
 from evomerge.search.fidelity import RungPruner
 from evomerge.space.genome import distributions, equal_params
 from evomerge.space.rungs import Fidelity
@@ -88,25 +94,35 @@ def cmaes_settings(space: SearchSpace | None) -> dict[str, Any]:
     return {"popsize": 4 + int(3 * math.log(len(numeric))), "x0": x0}
 
 
-def _inside(value: float, dist: FloatDistribution | IntDistribution) -> float | int:
-    """``value`` moved at least one initial step (a sixth of the range) away from each bound: a
-    mean on a bound (a method's default density 1.0 in [0.1, 1]) would put half of every draw
-    outside the box, where CMA-ES clips it onto the bound."""
-    step = (dist.high - dist.low) / 6
+def _inside(value: float, dist: FloatDistribution | IntDistribution, step: float = 1 / 6) -> float | int:
+    """``value`` moved at least one initial step (``step`` of the range, CMA-ES's first sigma)
+    away from each bound: a mean on a bound (a method's default density 1.0 in [0.1, 1]) would
+    put half of every draw outside the box, where CMA-ES clips it onto the bound."""
+    step = (dist.high - dist.low) * step
     inner = min(max(value, dist.low + step), dist.high - step)
     return round(inner) if isinstance(dist, IntDistribution) else inner
 
 
-def _cmaes(s: SamplerSettings) -> optuna.samplers.BaseSampler:
+def _cmaes(s: SamplerSettings, x0: dict[str, Any] | None = None,
+           sigma0: float | None = None) -> optuna.samplers.BaseSampler:
+    """CMA-ES with :func:`cmaes_settings`; ``x0``/``sigma0``: its mean (moved inside the box by
+    ``sigma0``) and first step (a fraction of each range) instead."""
+    settings = cmaes_settings(s.space)
+    if x0 and settings:
+        dists = distributions(s.space)
+        settings["x0"] = {n: _inside(x0.get(n, v), dists[n], sigma0 or 1 / 6) for n, v in settings["x0"].items()}
+    if sigma0 is not None:
+        settings["sigma0"] = sigma0
     # Categorical choices (method, normalize) are outside CMA-ES; a seeded random sampler
     # proposes them, which is expected here, so the warning is noise. Optuna marks x0
     # deprecated (to go in optuna 6; pinned below that): the warning says nothing to a user.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # consider_pruned_trials
         return RestartingCmaEsSampler(
             seed=s.seed, consider_pruned_trials=s.pruning, warn_independent_sampling=False,
             independent_sampler=optuna.samplers.RandomSampler(seed=s.seed),
-            max_restarts=CMAES_MAX_RESTARTS, **cmaes_settings(s.space))
+            max_restarts=CMAES_MAX_RESTARTS, **settings)
 
 
 def _gp(s: SamplerSettings) -> optuna.samplers.BaseSampler:
@@ -116,8 +132,16 @@ def _gp(s: SamplerSettings) -> optuna.samplers.BaseSampler:
         return gp(seed=s.seed, n_startup_trials=5, warn_independent_sampling=False)
 
 
+def _coarse_to_fine(s: SamplerSettings) -> optuna.samplers.BaseSampler:
+    if s.space is None:
+        raise EvomergeError("sampler coarse-to-fine needs the search space")
+    return CoarseToFineSampler(s.space, seed=s.seed, pruning=s.pruning, coarse_trials=coarse_trials(s.space, s.budget),
+                               fine=lambda x0: _cmaes(s, x0, FINE_SIGMA))
+
+
 SAMPLERS: dict[str, SamplerKind] = {
     "cmaes": SamplerKind(_cmaes, multi=False),
+    "coarse-to-fine": SamplerKind(_coarse_to_fine, multi=False),
     "tpe": SamplerKind(lambda s: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=5,
                                                             constant_liar=True)),
     "gp": SamplerKind(_gp, multi=False),
@@ -163,12 +187,18 @@ def make_sampler(name: str, *, seed: int, n_objectives: int = 1, pruning: bool =
 def default_sampler(space: SearchSpace) -> str:
     """The space's ``sampler``, else: NSGA-II for several objectives; for one, a Gaussian
     process while the space has at most ``GP_MAX_PARAMS`` parameters (far fewer evaluations
-    than CMA-ES at that size: results/benchmarks/search_efficiency.md), CMA-ES above."""
+    than CMA-ES at that size: results/benchmarks/search_efficiency.md); above, coarse-to-fine
+    (a GP over the tied space, then CMA-ES over all: :mod:`evomerge.search.coarse`) where tying
+    the per-layer copies leaves at most ``GP_MAX_PARAMS`` numbers
+    (results/benchmarks/search_efficiency_big.md), else CMA-ES."""
     if space.sampler:
         return space.sampler
     if len(space.objectives) > 1:
         return "nsga2"
-    return "gp" if len(distributions(space)) <= GP_MAX_PARAMS else "cmaes"
+    n = len(distributions(space))
+    if n <= GP_MAX_PARAMS:
+        return "gp"
+    return "coarse-to-fine" if len(tie_groups(space)) <= GP_MAX_PARAMS else "cmaes"
 
 
 def make_pruner(pruning: Pruning | Fidelity | None) -> optuna.pruners.BasePruner:
