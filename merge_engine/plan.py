@@ -24,7 +24,8 @@ from merge_engine.modules import ModulePlan, module_plans
 from merge_engine.out_config import output_config
 from merge_engine.out_slices import OutSlice, Source, out_of_bounds, split_base
 from merge_engine.randomness import TensorRandom
-from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
+from merge_engine.recipe import MergeRecipe
+from merge_engine.settings import MISSING, layer_position, resolve
 from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabulary
 
 

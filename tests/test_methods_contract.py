@@ -10,7 +10,8 @@ import torch
 from merge_engine.errors import RecipeError, UnknownMethodError
 from merge_engine.methods.registry import METHODS, get_method, method_names
 from merge_engine.methods.spec import MethodSpec
-from merge_engine.recipe import MISSING, parse_recipe, resolve
+from merge_engine.recipe import parse_recipe
+from merge_engine.settings import MISSING, resolve
 from methods_helpers import call, make_inputs, model_count, param_values, same_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -7,7 +7,8 @@ import yaml
 
 from merge_engine.errors import RecipeError
 from merge_engine.io.refs import ModelRef
-from merge_engine.recipe import MISSING, evaluate_setting, gradient_value, load_recipe, parse_recipe, resolve
+from merge_engine.recipe import load_recipe, parse_recipe
+from merge_engine.settings import MISSING, evaluate_setting, gradient_value, resolve
 
 RECIPE = """
 merge_method: ties

@@ -10,7 +10,8 @@ from fixtures import make_tiny_gpt2, make_tiny_llama
 from evomerge.search.samplers import default_sampler
 from evomerge.space import (SpaceError, distributions, equal_params, load_space, parse_space,
                             start_points, trial_recipe)
-from merge_engine.recipe import MergeRecipe, evaluate_setting, parse_recipe
+from merge_engine.recipe import MergeRecipe, parse_recipe
+from merge_engine.settings import evaluate_setting
 from merge_engine.validate import check_recipe
 
 LAYERS = 4

@@ -22,7 +22,8 @@ from evomerge.evaluate.result import EvalResult
 from evomerge.results.store import objectives
 from evomerge.space.objectives import objective_label_of
 from evomerge.space import SCORE
-from merge_engine.recipe import MISSING, FilterEntry, MergeRecipe, layer_position, resolve
+from merge_engine.recipe import FilterEntry, MergeRecipe
+from merge_engine.settings import MISSING, layer_position, resolve
 
 _METRIC_NAMES = {"acc": "accuracy", "acc_norm": "length-normalized accuracy",
                  "exact_match": "exact match", "f1": "F1", "mcc": "Matthews correlation",
@@ -144,7 +145,7 @@ class LayerTable:
 
 def layer_table(recipe: MergeRecipe, num_layers: int, names: Mapping[str, str] | None = None) -> LayerTable:
     """The value each parameter of ``recipe`` takes at each layer, resolved as the engine does
-    (:func:`merge_engine.recipe.resolve` at layer position ``i / (num_layers - 1)``, the planner's
+    (:func:`merge_engine.settings.resolve` at layer position ``i / (num_layers - 1)``, the planner's
     rule). ``names`` maps model paths to readable names (default: the folder name)."""
     names = names or {}
     levels: list[tuple[str, Mapping[str, Any]]] = [

@@ -32,7 +32,8 @@ from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace
                                    method_spec, registry_range, signed, switches)
 from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.methods.spec import MethodSpec, Param
-from merge_engine.recipe import MergeRecipe, evaluate_setting, layer_position, parse_recipe, resolve
+from merge_engine.recipe import MergeRecipe, parse_recipe
+from merge_engine.settings import evaluate_setting, layer_position, resolve
 from merge_engine.stages import Stage
 
 
