@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_engine.native import l1 as native_l1
 from merge_engine.native import sparse as native_sparse
 from merge_engine.methods._reduce import total
 from merge_engine.selection import Histogram, Select, top_k
@@ -168,7 +169,7 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
         return None
     cache = _current.get()
     deltas = [_stats(x, base, i, cache).delta for i, x in enumerate(tensors)]
-    var, chosen, kept = None, None, deltas
+    var, chosen = None, None
     if select_topk < 1:
         var = native_sparse.variance(deltas)
         hist = Histogram.from_counts(native_sparse.histogram(var))
@@ -176,12 +177,20 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
         chosen = top_k(var, hist, int(abs(select_topk) * (var.numel() - zeros)))
         if chosen[0] == native_sparse.KEEP_ALL:
             var = None
-        else:  # the energies are of the masked deltas (the mask reads var's bits, not the delta's)
+    if native_l1.usable(base):
+        # the energies of the masked deltas, the mask read off var's bits inside the pass
+        top = (chosen[1], chosen[2]) if var is not None else (0, 0)
+        energy = [float(native_l1.total(d, None, square=True, var=var, top=top)) / d.numel()
+                  for d in deltas]
+        shares = _shares(energy)
+    else:
+        kept = deltas
+        if var is not None:  # the energies are of the masked deltas (the mask reads var's bits)
             keys, lo, lo_cut = var.view(torch.int16), chosen[1], chosen[2]
             mask = keys > lo
             mask[:lo_cut + 1] |= keys[:lo_cut + 1] == lo
             kept = [d * mask for d in deltas]
-    shares = energy_shares(kept)
+        shares = energy_shares(kept)
     if not all(math.isfinite(v) for v in shares):  # inf/NaN deltas: torch's NaN payloads decide
         return None
     weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
@@ -191,6 +200,9 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
 
 def energy_shares(deltas: Sequence[torch.Tensor]) -> list[float]:
     """SCE's model weights: each delta's ``mean(delta**2)`` over their sum (equal when ~0)."""
-    energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
+    return _shares([float(total(d.float() ** 2)) / d.numel() for d in deltas])
+
+
+def _shares(energy: list[float]) -> list[float]:
     energy_sum = sum(energy)
     return [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]
