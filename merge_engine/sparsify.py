@@ -203,9 +203,7 @@ def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> tor
     """
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
-    if (delta.dim() == 2 and delta.dtype == torch.bfloat16 and delta.device.type == "cpu"
-            and delta.is_contiguous() and delta.numel() >= native.MIN_ENTRIES
-            and native_draws.usable()):
+    if _native_ranks(delta):
         table = _rank_probs(torch.arange(n, dtype=torch.float32), n, density, epsilon)
         probs = native_draws.row_rank_probs(delta, table)
         if probs is not None:
@@ -241,11 +239,27 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorR
         raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1, got "
                          f"density={density}, epsilon={epsilon}; lower epsilon or move density "
                          "away from 0 and 1")
-    probs = della_keep_probs(delta, density, epsilon)
-    keep = rng.bernoulli(probs, delta.shape, model_index, device=delta.device)
     if rescale and paper_rescale:
+        probs = della_keep_probs(delta, density, epsilon)
+        keep = rng.bernoulli(probs, delta.shape, model_index, device=delta.device)
         return ((delta * keep).float() / probs.to(delta.device)).to(delta.dtype)
+    keep = None
+    if _native_ranks(delta):  # ranks and the draw in one pass, no float32 probabilities
+        table = _rank_probs(torch.arange(delta.shape[1], dtype=torch.float32), delta.shape[1],
+                            density, epsilon)
+        u = rng.uniform(delta.shape, model_index, delta.device)
+        keep = native_draws.row_rank_keep(delta, table, u.contiguous())
+    if keep is None:
+        keep = rng.bernoulli(della_keep_probs(delta, density, epsilon), delta.shape, model_index,
+                             device=delta.device)
     return _keep(delta, keep, rescale)
+
+
+def _native_ranks(delta: torch.Tensor) -> bool:
+    """Whether DELLA's per-row ranks of ``delta`` run natively (2-D bf16 CPU, large enough)."""
+    return (delta.dim() == 2 and delta.dtype == torch.bfloat16 and delta.device.type == "cpu"
+            and delta.is_contiguous() and delta.numel() >= native.MIN_ENTRIES
+            and native_draws.usable())
 
 
 # ---------------------------------------------------------------- combining
