@@ -22,6 +22,7 @@ from merge_engine.errors import NonFiniteError, RecipeError
 from merge_engine.layout import LayerLayout, detect_layout, is_output_head, with_num_layers
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
+from merge_engine.native import l1 as native_l1
 from merge_engine.out_slices import OutSlice, Source, out_of_bounds, out_slices, split_base
 from merge_engine.randomness import TensorRandom
 from merge_engine.recipe import MISSING, MergeRecipe, layer_position, resolve
@@ -29,9 +30,13 @@ from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabu
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary)."""
+    """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary; for a large
+    bf16 CPU tensor a native count of exponent-all-ones entries on the kernels' threads)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    count = native_l1.nonfinite(t)
+    if count is not None:
+        return count == 0
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

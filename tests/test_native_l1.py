@@ -75,3 +75,14 @@ def test_fused_dare_and_rescale_equal_the_torch_expressions() -> None:
     assert torch.equal(rescale_l1(d, kept).view(torch.int16), want.view(torch.int16))
     zero = torch.zeros_like(d)
     assert rescale_l1(zero, zero) is zero  # below RESCALE_EPS: unchanged, as the torch path
+
+
+def test_nonfinite_count_and_all_finite() -> None:
+    from merge_engine.plan import all_finite
+
+    d = delta(1 << 17, 8, 1.0)
+    assert l1.nonfinite(d) == 0 and all_finite(d)
+    d[5], d[70000], d[-1] = float("nan"), float("inf"), float("-inf")
+    d[6] = 3.3e38  # the largest finite bf16 range stays finite
+    assert l1.nonfinite(d) == 3 and not all_finite(d)
+    assert l1.nonfinite(d.float()) is None and not all_finite(d.float())

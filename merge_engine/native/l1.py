@@ -25,6 +25,7 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "chunk_sums_bf16": ([_P, _P, _L, _P, _P, _I, _L, _I, _I, _L, _L], None),
     "mask_scale_bf16": ([_P, _P, _P, _F, _I, _L, _L], None),
+    "count_nonfinite_bf16": ([_P, _L, _L], _L),
 }
 _LANES = {"AVX2": 8, "AVX512": 8}  # the lanes of torch's float sum kernel per CPU capability
 
@@ -89,3 +90,18 @@ def mask_scale(delta: torch.Tensor, mask: torch.Tensor | None, scale: float | No
             float(scale) if scale is not None else 1.0, int(scale is not None))
     _run(lambda a, b: lib.mask_scale_bf16(*args, a, b), flat.numel(), native.MIN_ENTRIES)
     return out.view(delta.shape)
+
+
+def nonfinite(t: torch.Tensor) -> int | None:
+    """How many entries of ``t`` are NaN or infinite, in one pass over its bf16 bits; None where
+    the kernel does not apply (not a large contiguous bf16 CPU tensor)."""
+    if not usable(t):
+        return None
+    lib = _lib()
+    flat = t.reshape(-1)
+    counts = [0]
+
+    def part(a: int, b: int) -> None:
+        counts.append(int(lib.count_nonfinite_bf16(flat.data_ptr(), a, b)))
+    _run(part, flat.numel(), native.MIN_ENTRIES)
+    return sum(counts)

@@ -81,3 +81,10 @@ void mask_scale_bf16(uint16_t *out, const uint16_t *d, const uint8_t *mask, floa
         out[i] = rbf(do_scale ? v * scale : v);
     }
 }
+
+/* how many entries of [start, stop) are NaN or +-inf (exponent bits all ones) */
+long count_nonfinite_bf16(const uint16_t *d, long start, long stop) {
+    long c = 0;
+    for (long i = start; i < stop; i++) c += (d[i] & 0x7F80) == 0x7F80;
+    return c;
+}
