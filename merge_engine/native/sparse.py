@@ -27,6 +27,7 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "delta_hist_bf16": ([_P, _P, _P, _P, _L, _L], None),
     "hist_bf16": ([_P, _P, _L, _L], None),
+    "delta_bf16": ([_P, _P, _P, _L, _L], None),
     "count_key_bf16": ([_P, _L, _L, _I], _L),
     "nth_key_bf16": ([_P, _L, _L, _I, _L], _L),
     "select_bf16": ([_P, _P, _I, _I, _L, _I, _L, _L, _L], None),
@@ -90,6 +91,15 @@ def delta_and_histogram(x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tens
     _parallel(lambda p, a, b: lib.delta_hist_bf16(delta.data_ptr(), parts[p].ctypes.data,
                                                   x.data_ptr(), base.data_ptr(), a, b), n)
     return delta, torch.from_numpy(parts.sum(0))
+
+
+def delta_only(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``x - base`` in bf16 (flat), as :func:`delta_and_histogram` gives it, without the histogram."""
+    lib = _lib()
+    n = x.numel()
+    delta = torch.empty(n, dtype=torch.bfloat16)
+    _parallel(lambda p, a, b: lib.delta_bf16(delta.data_ptr(), x.data_ptr(), base.data_ptr(), a, b), n)
+    return delta
 
 
 def _parts(n: int) -> np.ndarray:
