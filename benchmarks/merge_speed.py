@@ -571,6 +571,9 @@ def main() -> int:
         cmd["ours"] = lambda m: [py, "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device", "cpu",
                                  "--force"]
         env["ours"] = dict(ours_env, PYTHONPATH=str(REPO))
+        for kind in ("old", "ours"):  # build each tree's native kernels now, not inside a measured run
+            subprocess.run([py, "-c", "from merge_engine import native; native.available()"], env=env[kind],
+                           check=True)
     runs: list[Measure] = []
     n = [0]
     identical: dict[str, bool] = {}
