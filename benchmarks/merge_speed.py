@@ -565,15 +565,17 @@ def main() -> int:
     if args.baseline_rev:  # the old commit's code, run as a module by the same interpreter
         old_dir = Path(tempfile.mkdtemp(prefix="merge-speed-baseline-"))
         subprocess.run(f"git -C {REPO} archive {args.baseline_rev} | tar -x -C {old_dir}", shell=True, check=True)
-        cmd["old"] = lambda m: [py, "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device", "cpu",
-                                "--force"]
+        # -P: `python -m` would otherwise put the working directory (often a checkout) ahead of
+        # PYTHONPATH on sys.path, and both sides would run that checkout's code
+        cmd["old"] = lambda m: [py, "-P", "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device",
+                                "cpu", "--force"]
         env["old"] = dict(ours_env, PYTHONPATH=str(old_dir))
-        cmd["ours"] = lambda m: [py, "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device", "cpu",
-                                 "--force"]
+        cmd["ours"] = lambda m: [py, "-P", "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device",
+                                 "cpu", "--force"]
         env["ours"] = dict(ours_env, PYTHONPATH=str(REPO))
         for kind in ("old", "ours"):  # build each tree's native kernels now, not inside a measured run
-            subprocess.run([py, "-c", "from merge_engine import native; native.available()"], env=env[kind],
-                           check=True)
+            subprocess.run([py, "-P", "-c", "import sys; from merge_engine import native; native.available(); "
+                            "print(native.__file__, file=sys.stderr)"], env=env[kind], check=True)
     runs: list[Measure] = []
     n = [0]
     identical: dict[str, bool] = {}
@@ -638,7 +640,7 @@ def main() -> int:
           [f"{args.mergekit} {recipes[m]} OUT --lazy-unpickle --no-copy-tokenizer" for m in methods]),
         *(["# torch baseline: the same evomerge commands with EVOMERGE_NATIVE=0"] if args.torch_baseline else []),
         *([f"# baseline: git archive {args.baseline_rev} into a temp dir; ours and it run as "
-           f"`PYTHONPATH=<tree> {py} -m evomerge.cli merge RECIPE OUT --device cpu --force`"]
+           f"`PYTHONPATH=<tree> {py} -P -m evomerge.cli merge RECIPE OUT --device cpu --force`"]
           if args.baseline_rev else []),
         "# each wrapped as: sync; /usr/bin/time -v -o TIMEFILE <command>",
         "",
