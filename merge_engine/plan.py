@@ -30,12 +30,10 @@ from merge_engine.tokenizer import RowPlan, Vocabulary, plan_rows, recipe_vocabu
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary; for a large
-    bf16 CPU tensor a native count of exponent-all-ones entries on the kernels' threads)."""
+    """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    count = native_l1.nonfinite(t)
-    if count is not None:
+    if (count := native_l1.nonfinite(t)) is not None:  # large bf16 CPU: one native pass over the bits
         return count == 0
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
