@@ -89,6 +89,17 @@ static int rank_row(uint32_t *idx, uint32_t *tmp, const uint16_t *d, long cols) 
     for (int b = 0; b < 256; b++) { long c = lo[b]; lo[b] = sum; sum += c; }
     sum = 0;
     for (int b = 0; b < 128; b++) { long c = hi[b]; hi[b] = sum; sum += c; }
+    if (cols <= (1L << 17)) {  /* key and column packed in one word: the second pass reads no row */
+        for (long c = 0; c < cols; c++) {
+            const uint32_t k = d[c] & 0x7FFF;
+            tmp[lo[k & 0xFF]++] = (k << 17) | (uint32_t)c;
+        }
+        for (long r = 0; r < cols; r++) {
+            const uint32_t v = tmp[r];
+            idx[hi[v >> 25]++] = v & 0x1FFFFu;
+        }
+        return 0;
+    }
     for (long c = 0; c < cols; c++) tmp[lo[d[c] & 0xFF]++] = (uint32_t)c;
     for (long r = 0; r < cols; r++) {
         const uint32_t c = tmp[r];
