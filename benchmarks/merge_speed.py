@@ -28,6 +28,7 @@ Run:  .venv/bin/python benchmarks/merge_speed.py [--repeats 2] [--methods linear
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -445,6 +447,24 @@ def write_report(path: Path, runs: list[Measure], ctx: dict) -> None:
             ts, os_ = statistics.median(t), statistics.median(o)
             lines.append(f"| {method} | {fmt(ts)} | {fmt(os_)} | {ratio(ts, floor)} | {ratio(os_, floor, 5.0)} "
                          f"| {ts / os_:.1f}x |")
+    if ctx.get("baseline_rev"):
+        rev = ctx["baseline_rev"]
+        lines += ["", f"Before/after this change, side by side in this run: `old` is the same merge run by "
+                  f"commit {rev}'s code (alternating with ours); CPU s = user + sys of the process.", "",
+                  "| method | old merge s | ours merge s | old / floor | ours / floor | speed-up (merge s) "
+                  "| old CPU s | ours CPU s | CPU ratio old / ours | outputs identical |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for method in ctx["methods"]:
+            t = [m for m in by("old", method) if m.ok and m.inner_s is not None]
+            o = [m for m in by("ours", method) if m.ok and m.inner_s is not None]
+            if not t or not o:
+                continue
+            ts, os_ = statistics.median(m.inner_s for m in t), statistics.median(m.inner_s for m in o)
+            tc, oc = statistics.median(m.cpu_s for m in t), statistics.median(m.cpu_s for m in o)
+            same = ctx["identical"].get(method)
+            lines.append(f"| {method} | {fmt(ts)} | {fmt(os_)} | {ratio(ts, floor)} | {ratio(os_, floor, 5.0)} "
+                         f"| {ts / os_:.2f}x | {tc:.1f} | {oc:.1f} | {tc / oc:.2f}x "
+                         f"| {'yes' if same else ('NO' if same is False else '?')} |")
     loads = [float(m.load) for m in runs if m.load not in ("", "?")]
     if loads and max(loads) > 1.5:
         lines += ["", f"**Warning: the machine was busy** (1-min load average up to {max(loads):.1f} before a "
@@ -489,6 +509,10 @@ def main() -> int:
     ap.add_argument("--torch-baseline", default="",
                     help="comma-separated methods also run with EVOMERGE_NATIVE=0 (the torch path, as "
                          "before the native kernels), side by side")
+    ap.add_argument("--baseline-rev", default="",
+                    help="also run every method with this git revision's code (exported to a temp dir, "
+                         "run by the same python with PYTHONPATH pointing at it), alternating with ours; "
+                         "reports merge and CPU seconds side by side and whether the outputs are identical")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--smoke", action="store_true",
                     help="a ~20M-parameter model instead of ~1B: checks the script end to end in a minute")
@@ -537,14 +561,40 @@ def main() -> int:
     env = {"floor_raw": ours_env, "startup": ours_env, "ours": ours_env, "mergekit": mk_env,
            "torch": dict(ours_env, EVOMERGE_NATIVE="0")}
     cmd["torch"] = cmd["ours"]
+    old_dir = None
+    if args.baseline_rev:  # the old commit's code, run as a module by the same interpreter
+        old_dir = Path(tempfile.mkdtemp(prefix="merge-speed-baseline-"))
+        subprocess.run(f"git -C {REPO} archive {args.baseline_rev} | tar -x -C {old_dir}", shell=True, check=True)
+        # -P: `python -m` would otherwise put the working directory (often a checkout) ahead of
+        # PYTHONPATH on sys.path, and both sides would run that checkout's code
+        cmd["old"] = lambda m: [py, "-P", "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device",
+                                "cpu", "--force"]
+        env["old"] = dict(ours_env, PYTHONPATH=str(old_dir))
+        cmd["ours"] = lambda m: [py, "-P", "-m", "evomerge.cli", "merge", str(recipes[m]), str(out), "--device",
+                                 "cpu", "--force"]
+        env["ours"] = dict(ours_env, PYTHONPATH=str(REPO))
+        for kind in ("old", "ours"):  # build each tree's native kernels now, not inside a measured run
+            subprocess.run([py, "-P", "-c", "import sys; from merge_engine import native; native.available(); "
+                            "print(native.__file__, file=sys.stderr)"], env=env[kind], check=True)
     runs: list[Measure] = []
     n = [0]
+    identical: dict[str, bool] = {}
 
     def go(kind: str, method: str = "") -> None:
         shutil.rmtree(out, ignore_errors=True)
         n[0] += 1
         label = f"{n[0]:02d}-{kind}{'-' + method if method else ''}"
         runs.append(measure(label, kind, method, cmd[kind](method), env[kind], work / "logs"))
+        if old_dir is not None and kind in ("old", "ours") and out.exists():
+            other = work / f"kept-{'ours' if kind == 'old' else 'old'}-{method}"
+            if other.exists():  # the other side ran already: compare every weight file byte for byte
+                files = sorted(p.name for p in out.glob("*.safetensors"))
+                identical[method] = identical.get(method, True) and bool(files) and files == sorted(
+                    p.name for p in other.glob("*.safetensors")) and all(
+                    filecmp.cmp(out / f, other / f, shallow=False) for f in files)
+                shutil.rmtree(other, ignore_errors=True)
+            else:
+                shutil.move(str(out), str(work / f"kept-{kind}-{method}"))
         shutil.rmtree(out, ignore_errors=True)
 
     # warm the page cache so every run sees the same (warm) state
@@ -562,7 +612,8 @@ def main() -> int:
             for method in methods:
                 if rep >= (args.repeats if method == "linear" else args.heavy_repeats):
                     continue
-                kinds = tools + (["torch"] if method in args.torch_baseline.split(",") else [])
+                kinds = tools + (["torch"] if method in args.torch_baseline.split(",") else []) + (
+                    ["old"] if old_dir is not None else [])
                 for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
                     go(kind, method)
         go("floor_raw")
@@ -574,6 +625,10 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     cached_after = cached_fraction(root)
     shutil.rmtree(work / "out", ignore_errors=True)
+    for kept in work.glob("kept-*"):
+        shutil.rmtree(kept, ignore_errors=True)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
 
     params = sum(_numel(s) for _, s in tensor_shapes())
     commands = [
@@ -584,6 +639,9 @@ def main() -> int:
         *([] if args.no_mergekit else
           [f"{args.mergekit} {recipes[m]} OUT --lazy-unpickle --no-copy-tokenizer" for m in methods]),
         *(["# torch baseline: the same evomerge commands with EVOMERGE_NATIVE=0"] if args.torch_baseline else []),
+        *([f"# baseline: git archive {args.baseline_rev} into a temp dir; ours and it run as "
+           f"`PYTHONPATH=<tree> {py} -P -m evomerge.cli merge RECIPE OUT --device cpu --force`"]
+          if args.baseline_rev else []),
         "# each wrapped as: sync; /usr/bin/time -v -o TIMEFILE <command>",
         "",
         *[f"# {m}.yml\n" + "\n".join("#   " + ln for ln in recipes[m].read_text().splitlines())
@@ -593,6 +651,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "root": root, "params": params,
         "bytes": params * 2, "cached_before": cached_before, "cached_after": cached_after,
         "methods": methods, "commands": commands, "torch_baseline": args.torch_baseline,
+        "baseline_rev": args.baseline_rev, "identical": identical,
         "ours_versions": versions(Path(py), ("torch", "safetensors")),
         "mk_versions": versions(args.mergekit.parent / "python", ("mergekit", "torch", "transformers"))
         if not args.no_mergekit else {},

@@ -7,6 +7,7 @@ on-disk merge of the same recipe into a model of the same dtype.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,6 +31,20 @@ class ApplyStats:
     recomputed: int
     unchanged: int
     seconds: float
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``; between contiguous CPU tensors of one dtype and shape a plain
+    memmove, because torch's parallel copy wakes its OpenMP team, whose workers then spin while
+    the next tensor's native kernels need the cores (38 % of a TIES candidate's busy time on 2
+    cores). Under ``no_grad``; the parameter's autograd version counter is not bumped (no graph
+    holds the resident model's parameters during a search)."""
+    if (target.device.type == value.device.type == "cpu" and target.dtype == value.dtype
+            and target.shape == value.shape and target.is_contiguous() and value.is_contiguous()):
+        if target.data_ptr() != value.data_ptr():
+            ctypes.memmove(target.data_ptr(), value.data_ptr(), value.numel() * value.element_size())
+    else:
+        target.copy_(value)
 
 
 class InMemoryMerger:
@@ -135,7 +150,7 @@ class InMemoryMerger:
         executor = Executor(todo, ctx, cached=cached, on_computed=remember)
         with torch.no_grad(), caching(self.task_vectors if self.task_vectors.cap_bytes else None):
             for node, value in executor.run():
-                self.targets[node.out_name].copy_(value)
+                _write(self.targets[node.out_name], value)
                 self._applied[node.out_name] = node
         return ApplyStats(len(todo), len(plan.targets) - len(todo), time.perf_counter() - start)
 

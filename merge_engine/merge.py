@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import tempfile
@@ -171,13 +172,21 @@ def planned_model(plan: MergePlan, readers, recipe: MergeRecipe, name: str, file
 
 def _execute(plan: MergePlan, readers, device: torch.device, prefetch: int | None,
              sink: Callable[[str, torch.Tensor], None], progress: Callable[[int, int], None] | None) -> int:
-    """Run ``plan``, handing each output tensor (on the CPU) to ``sink``; the executor's peak."""
+    """Run ``plan``, handing each output tensor (on the CPU) to ``sink``; the executor's peak.
+
+    The objects alive before the run (torch, transformers, the plan) are frozen out of the garbage
+    collector's scans while it runs: the per-tensor calls allocate enough small objects to trigger
+    full collections that would walk them all, about 5 % of a sparsifying merge's time."""
     executor = Executor(plan.targets, MergeContext(readers, device), prefetch=prefetch)
     total = len(plan.targets)
-    for i, (node, tensor) in enumerate(executor.run(), 1):
-        sink(node.out_name, tensor.cpu())
-        if progress is not None:
-            progress(i, total)
+    gc.freeze()
+    try:
+        for i, (node, tensor) in enumerate(executor.run(), 1):
+            sink(node.out_name, tensor.cpu())
+            if progress is not None:
+                progress(i, total)
+    finally:
+        gc.unfreeze()
     return executor.peak_live
 
 

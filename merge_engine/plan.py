@@ -21,6 +21,7 @@ from merge_engine.layout import LayerLayout, detect_layout
 from merge_engine.io.refs import ModelRef
 from merge_engine.methods.registry import get_method
 from merge_engine.modules import ModulePlan, module_plans
+from merge_engine.native import l1 as native_l1
 from merge_engine.out_config import output_config
 from merge_engine.out_slices import OutSlice, Source, out_of_bounds, split_base
 from merge_engine.randomness import TensorRandom
@@ -33,6 +34,8 @@ def all_finite(t: torch.Tensor) -> bool:
     """True when ``t`` holds no NaN or inf (one reduction pass, no boolean temporary)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
+    if (count := native_l1.nonfinite(t)) is not None:  # large bf16 CPU: one native pass over the bits
+        return count == 0
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

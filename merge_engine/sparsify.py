@@ -22,6 +22,7 @@ from merge_engine.blocks import blockwise
 from merge_engine.errors import MergeError
 from merge_engine.methods._reduce import total
 from merge_engine.native import draws as native_draws
+from merge_engine.native import l1 as native_l1
 from merge_engine.randomness import TensorRandom
 
 SMALL = 1 << 14  # top_k_mask sorts up to this many entries (a histogram pass costs more there)
@@ -33,10 +34,42 @@ Trim = Callable[[int, torch.Tensor], torch.Tensor]  # (model index, delta) -> tr
 # ---------------------------------------------------------------- rescaling
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """``kept`` scaled so its L1 norm equals ``delta``'s (skipped when either is ~0)."""
+    fused = _fused_rescale(delta, kept, None)
+    if fused is not None:
+        return fused
     before, after = total(delta.abs()), total(kept.abs())
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return kept
     return kept * (before / after)
+
+
+def _fused_rescale(delta: torch.Tensor, kept: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``rescale_l1(delta, kept)`` (``mask`` None) or ``rescale_l1(delta, delta * mask)`` in native
+    passes without temporaries, the same bits; None where the torch path must run: other dtypes
+    or devices, and non-finite deltas (torch's vectorized bf16 rounding keeps NaN payloads that
+    the kernels' rounding does not reproduce)."""
+    src = kept if mask is None else mask
+    if not (native_l1.usable(delta) and native_l1.usable(kept) and src.is_contiguous()
+            and src.device.type == "cpu" and src.numel() == delta.numel()
+            and src.dtype in (torch.bfloat16, torch.uint8, torch.bool)):
+        return None
+    before = native_l1.total(delta)
+    if not torch.isfinite(before):
+        return None
+    after = native_l1.total(kept, mask)
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept if mask is None else native_l1.mask_scale(kept, mask, None)
+    return native_l1.mask_scale(kept, mask, float(before / after))
+
+
+def _keep(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """``delta * mask``, then ``rescale_l1`` when ``rescale``: fused where it can be."""
+    if rescale:
+        fused = _fused_rescale(delta, delta, mask)
+        if fused is not None:
+            return fused
+    kept = delta * mask
+    return rescale_l1(delta, kept) if rescale else kept
 
 
 def _order_keys(flat: torch.Tensor, nonnegative: bool) -> tuple[torch.Tensor, int]:
@@ -151,12 +184,11 @@ def dare_drop(delta: torch.Tensor, density: float, rng: TensorRandom, model_inde
     """
     if density >= 1:
         return delta
-    kept = delta * rng.keep_mask(density, delta.shape, model_index, device=delta.device)
-    if not rescale:
-        return kept
-    if paper_rescale:
+    mask = rng.keep_mask(density, delta.shape, model_index, device=delta.device)
+    if rescale and paper_rescale:
+        kept = delta * mask
         return kept / density if density > 0 else kept
-    return rescale_l1(delta, kept)
+    return _keep(delta, mask, rescale)
 
 
 def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -171,9 +203,7 @@ def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> tor
     """
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
     n = rows.shape[1]
-    if (delta.dim() == 2 and delta.dtype == torch.bfloat16 and delta.device.type == "cpu"
-            and delta.is_contiguous() and delta.numel() >= native.MIN_ENTRIES
-            and native_draws.usable()):
+    if _native_ranks(delta):
         table = _rank_probs(torch.arange(n, dtype=torch.float32), n, density, epsilon)
         probs = native_draws.row_rank_probs(delta, table)
         if probs is not None:
@@ -209,14 +239,27 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorR
         raise MergeError(f"della needs 0 < density - epsilon and density + epsilon < 1, got "
                          f"density={density}, epsilon={epsilon}; lower epsilon or move density "
                          "away from 0 and 1")
-    probs = della_keep_probs(delta, density, epsilon)
-    keep = rng.bernoulli(probs, delta.shape, model_index, device=delta.device)
-    kept = delta * keep
-    if not rescale:
-        return kept
-    if paper_rescale:
-        return (kept.float() / probs.to(kept.device)).to(delta.dtype)
-    return rescale_l1(delta, kept)
+    if rescale and paper_rescale:
+        probs = della_keep_probs(delta, density, epsilon)
+        keep = rng.bernoulli(probs, delta.shape, model_index, device=delta.device)
+        return ((delta * keep).float() / probs.to(delta.device)).to(delta.dtype)
+    keep = None
+    if _native_ranks(delta):  # ranks and the draw in one pass, no float32 probabilities
+        table = _rank_probs(torch.arange(delta.shape[1], dtype=torch.float32), delta.shape[1],
+                            density, epsilon)
+        u = rng.uniform(delta.shape, model_index, delta.device)
+        keep = native_draws.row_rank_keep(delta, table, u.contiguous())
+    if keep is None:
+        keep = rng.bernoulli(della_keep_probs(delta, density, epsilon), delta.shape, model_index,
+                             device=delta.device)
+    return _keep(delta, keep, rescale)
+
+
+def _native_ranks(delta: torch.Tensor) -> bool:
+    """Whether DELLA's per-row ranks of ``delta`` run natively (2-D bf16 CPU, large enough)."""
+    return (delta.dim() == 2 and delta.dtype == torch.bfloat16 and delta.device.type == "cpu"
+            and delta.is_contiguous() and delta.numel() >= native.MIN_ENTRIES
+            and native_draws.usable())
 
 
 # ---------------------------------------------------------------- combining

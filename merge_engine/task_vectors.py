@@ -31,22 +31,24 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_engine.native import l1 as native_l1
 from merge_engine.native import sparse as native_sparse
 from merge_engine.methods._reduce import total
 from merge_engine.selection import Histogram, Select, top_k
 from merge_engine.sparsify import Trim, merge_task_vectors, rescale_l1
 
 
-@dataclass(frozen=True)
+@dataclass
 class DeltaStats:
-    """``x - base`` (flat bf16) and the histogram of its magnitudes; independent of any candidate."""
+    """``x - base`` (flat bf16) and the histogram of its magnitudes (None until a method that
+    selects by rank asks for it); independent of any candidate."""
 
     delta: torch.Tensor
-    hist: Histogram
+    hist: Histogram | None
 
     @property
     def nbytes(self) -> int:
-        return self.delta.numel() * self.delta.element_size() + self.hist.nbytes
+        return self.delta.numel() * self.delta.element_size() + (self.hist.nbytes if self.hist else 0)
 
 
 class TaskVectorCache:
@@ -82,6 +84,10 @@ class TaskVectorCache:
         for t in (x, base):
             weakref.finalize(t, self._drop, key)
 
+    def grew(self, stats: DeltaStats) -> None:
+        """Count the histogram just added to a held entry (held past the cap: it is small)."""
+        self.bytes += stats.hist.nbytes
+
     def _drop(self, key: tuple[int, int]) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -112,14 +118,23 @@ def caching(cache: TaskVectorCache | None) -> Iterator[None]:
         _current.reset(token)
 
 
-def _stats(x: torch.Tensor, base: torch.Tensor, index: int, cache: TaskVectorCache | None) -> DeltaStats:
-    """Keyed by the tensor objects the caller was handed (the merger's cached sources), not views."""
+def _stats(x: torch.Tensor, base: torch.Tensor, index: int, cache: TaskVectorCache | None,
+           hist: bool = True) -> DeltaStats:
+    """Keyed by the tensor objects the caller was handed (the merger's cached sources), not views.
+    ``hist``: the histogram is needed (a cached entry without one gets it added)."""
     stats = cache.get(x, base) if cache is not None else None
     if stats is None:
-        delta, counts = native_sparse.delta_and_histogram(x.reshape(-1), base.reshape(-1))
-        stats = DeltaStats(delta, Histogram.from_counts(counts))
+        if hist:
+            delta, counts = native_sparse.delta_and_histogram(x.reshape(-1), base.reshape(-1))
+            stats = DeltaStats(delta, Histogram.from_counts(counts))
+        else:  # DARE, DELLA and SCE read no histogram: one pass less over every delta
+            stats = DeltaStats(native_sparse.delta_only(x.reshape(-1), base.reshape(-1)), None)
         if cache is not None:
             cache.put(x, base, stats, index)
+    elif hist and stats.hist is None:
+        stats.hist = Histogram.from_counts(native_sparse.histogram(stats.delta))
+        if cache is not None:
+            cache.grew(stats)
     return stats
 
 
@@ -140,7 +155,7 @@ def merge_trimmed(tensors: Sequence[torch.Tensor], base: torch.Tensor, weight: S
     flat_base = base.reshape(-1)
     deltas, selections = [], []
     for i, x in enumerate(tensors):
-        stats = _stats(x, base, i, cache)
+        stats = _stats(x, base, i, cache, hist=select is not None)
         chosen = select(i, stats.delta, stats.hist) if select is not None else None
         if chosen is None:
             kept = trim(i, stats.delta.view(base.shape)).reshape(-1)
@@ -167,8 +182,8 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
     if not tensors or not native_sparse.usable(base, *tensors):
         return None
     cache = _current.get()
-    deltas = [_stats(x, base, i, cache).delta for i, x in enumerate(tensors)]
-    var, chosen, kept = None, None, deltas
+    deltas = [_stats(x, base, i, cache, hist=False).delta for i, x in enumerate(tensors)]
+    var, chosen = None, None
     if select_topk < 1:
         var = native_sparse.variance(deltas)
         hist = Histogram.from_counts(native_sparse.histogram(var))
@@ -176,12 +191,20 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
         chosen = top_k(var, hist, int(abs(select_topk) * (var.numel() - zeros)))
         if chosen[0] == native_sparse.KEEP_ALL:
             var = None
-        else:  # the energies are of the masked deltas (the mask reads var's bits, not the delta's)
+    if native_l1.usable(base):
+        # the energies of the masked deltas, the mask read off var's bits inside the pass
+        top = (chosen[1], chosen[2]) if var is not None else (0, 0)
+        energy = [float(native_l1.total(d, None, square=True, var=var, top=top)) / d.numel()
+                  for d in deltas]
+        shares = _shares(energy)
+    else:
+        kept = deltas
+        if var is not None:  # the energies are of the masked deltas (the mask reads var's bits)
             keys, lo, lo_cut = var.view(torch.int16), chosen[1], chosen[2]
             mask = keys > lo
             mask[:lo_cut + 1] |= keys[:lo_cut + 1] == lo
             kept = [d * mask for d in deltas]
-    shares = energy_shares(kept)
+        shares = energy_shares(kept)
     if not all(math.isfinite(v) for v in shares):  # inf/NaN deltas: torch's NaN payloads decide
         return None
     weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
@@ -191,6 +214,9 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
 
 def energy_shares(deltas: Sequence[torch.Tensor]) -> list[float]:
     """SCE's model weights: each delta's ``mean(delta**2)`` over their sum (equal when ~0)."""
-    energy = [float(total(d.float() ** 2)) / d.numel() for d in deltas]
+    return _shares([float(total(d.float() ** 2)) / d.numel() for d in deltas])
+
+
+def _shares(energy: list[float]) -> list[float]:
     energy_sum = sum(energy)
     return [1.0 / len(energy)] * len(energy) if energy_sum < 1e-6 else [e / energy_sum for e in energy]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = tuple(Path(__file__).with_name(name)
-                 for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c"))
+                 for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c", "l1_sums.c"))
 _HEADER = Path(__file__).with_name("bf16.h")  # bf16 conversions, included by every kernel
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -7,6 +7,8 @@
  * row_rank_probs_bf16: per row, a stable LSD radix sort (8 + 7 bits) of |delta|'s magnitude bits
  *   (ties by position, as torch.argsort(stable=True)), the rank r mapped by the caller's table
  *   probs[r]. Rows holding a NaN are reported (the caller then uses the torch reference).
+ * row_rank_keep_bf16: the same ranks, then DELLA's keep mask u < table[rank] straight away (no
+ *   float32 probabilities written and compared in a second pass).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -71,10 +73,46 @@ void mt_keep_u8(uint8_t *out, uint64_t seed, float keep, long n) {
     }
 }
 
-/* probs[row, c] = table[rank of |delta[row, c]| in its row]; returns the number of rows with a NaN
- * (their probs are left unset) or -1 when out of memory */
-long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table, long cols,
-                         long row_start, long row_stop) {
+/* idx[r] = the column of rank r in a stable ascending sort of row d by magnitude bits (an LSD radix
+ * sort, 8 then 7 bits, through tmp); returns 1 (idx unset) when the row holds a NaN */
+static int rank_row(uint32_t *idx, uint32_t *tmp, const uint16_t *d, long cols) {
+    long lo[256] = {0}, hi[128] = {0};
+    int nan = 0;
+    for (long c = 0; c < cols; c++) {
+        const unsigned k = d[c] & 0x7FFF;
+        nan |= k > 0x7F80;
+        lo[k & 0xFF]++;
+        hi[k >> 8]++;
+    }
+    if (nan) return 1;
+    long sum = 0;
+    for (int b = 0; b < 256; b++) { long c = lo[b]; lo[b] = sum; sum += c; }
+    sum = 0;
+    for (int b = 0; b < 128; b++) { long c = hi[b]; hi[b] = sum; sum += c; }
+    if (cols <= (1L << 17)) {  /* key and column packed in one word: the second pass reads no row */
+        for (long c = 0; c < cols; c++) {
+            const uint32_t k = d[c] & 0x7FFF;
+            tmp[lo[k & 0xFF]++] = (k << 17) | (uint32_t)c;
+        }
+        for (long r = 0; r < cols; r++) {
+            const uint32_t v = tmp[r];
+            idx[hi[v >> 25]++] = v & 0x1FFFFu;
+        }
+        return 0;
+    }
+    for (long c = 0; c < cols; c++) tmp[lo[d[c] & 0xFF]++] = (uint32_t)c;
+    for (long r = 0; r < cols; r++) {
+        const uint32_t c = tmp[r];
+        idx[hi[(d[c] & 0x7FFF) >> 8]++] = c;
+    }
+    return 0;
+}
+
+/* probs[row, c] = table[rank of |delta[row, c]| in its row] (keep == NULL), or, with keep,
+ * keep[row, c] = u[row, c] < table[rank] (DELLA's Bernoulli draw, torch's float32 `u < probs`);
+ * returns the number of rows with a NaN (their outputs are left unset) or -1 when out of memory */
+static long ranks(float *probs, uint8_t *keep, const float *u, const uint16_t *delta,
+                  const float *table, long cols, long row_start, long row_stop) {
     uint32_t *idx = malloc(sizeof(uint32_t) * cols), *tmp = malloc(sizeof(uint32_t) * cols);
     long nan_rows = 0;
     if (idx == NULL || tmp == NULL) {
@@ -83,32 +121,30 @@ long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table
         return -1;
     }
     for (long row = row_start; row < row_stop; row++) {
-        const uint16_t *d = delta + row * cols;
-        long lo[256] = {0}, hi[128] = {0};
-        int nan = 0;
-        for (long c = 0; c < cols; c++) {
-            const unsigned k = d[c] & 0x7FFF;
-            nan |= k > 0x7F80;
-            lo[k & 0xFF]++;
-            hi[k >> 8]++;
-        }
-        if (nan) {
+        if (rank_row(idx, tmp, delta + row * cols, cols)) {
             nan_rows++;
             continue;
         }
-        long sum = 0;
-        for (int b = 0; b < 256; b++) { long c = lo[b]; lo[b] = sum; sum += c; }
-        sum = 0;
-        for (int b = 0; b < 128; b++) { long c = hi[b]; hi[b] = sum; sum += c; }
-        for (long c = 0; c < cols; c++) tmp[lo[d[c] & 0xFF]++] = (uint32_t)c;
-        for (long r = 0; r < cols; r++) {
-            const uint32_t c = tmp[r];
-            idx[hi[(d[c] & 0x7FFF) >> 8]++] = c;
+        if (keep) {
+            uint8_t *k = keep + row * cols;
+            const float *ur = u + row * cols;
+            for (long r = 0; r < cols; r++) k[idx[r]] = ur[idx[r]] < table[r];
+        } else {
+            float *p = probs + row * cols;
+            for (long r = 0; r < cols; r++) p[idx[r]] = table[r];
         }
-        float *p = probs + row * cols;
-        for (long r = 0; r < cols; r++) p[idx[r]] = table[r];
     }
     free(idx);
     free(tmp);
     return nan_rows;
+}
+
+long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table, long cols,
+                         long row_start, long row_stop) {
+    return ranks(probs, 0, 0, delta, table, cols, row_start, row_stop);
+}
+
+long row_rank_keep_bf16(uint8_t *keep, const float *u, const uint16_t *delta, const float *table,
+                        long cols, long row_start, long row_stop) {
+    return ranks(0, keep, u, delta, table, cols, row_start, row_stop);
 }

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from merge_engine import native
@@ -26,6 +27,7 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "delta_hist_bf16": ([_P, _P, _P, _P, _L, _L], None),
     "hist_bf16": ([_P, _P, _L, _L], None),
+    "delta_bf16": ([_P, _P, _P, _L, _L], None),
     "count_key_bf16": ([_P, _L, _L, _I], _L),
     "nth_key_bf16": ([_P, _L, _L, _I, _L], _L),
     "select_bf16": ([_P, _P, _I, _I, _L, _I, _L, _L, _L], None),
@@ -85,19 +87,34 @@ def delta_and_histogram(x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tens
     lib = _lib()
     n = x.numel()
     delta = torch.empty(n, dtype=torch.bfloat16)
-    parts = torch.zeros(len(_cuts(n)), KEYS, dtype=torch.int64)
-    _parallel(lambda p, a, b: lib.delta_hist_bf16(delta.data_ptr(), parts[p].data_ptr(),
+    parts = _parts(n)
+    _parallel(lambda p, a, b: lib.delta_hist_bf16(delta.data_ptr(), parts[p].ctypes.data,
                                                   x.data_ptr(), base.data_ptr(), a, b), n)
-    return delta, parts.sum(0)
+    return delta, torch.from_numpy(parts.sum(0))
+
+
+def delta_only(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``x - base`` in bf16 (flat), as :func:`delta_and_histogram` gives it, without the histogram."""
+    lib = _lib()
+    n = x.numel()
+    delta = torch.empty(n, dtype=torch.bfloat16)
+    _parallel(lambda p, a, b: lib.delta_bf16(delta.data_ptr(), x.data_ptr(), base.data_ptr(), a, b), n)
+    return delta
+
+
+def _parts(n: int) -> np.ndarray:
+    """Zeroed per-thread histograms. numpy, not torch: these small ops would wake torch's OpenMP
+    team between native calls, whose spinning threads then compete with the kernels' threads."""
+    return np.zeros((len(_cuts(n)), KEYS), dtype=np.int64)
 
 
 def histogram(delta: torch.Tensor) -> torch.Tensor:
     """The int64 histogram [KEYS] of a bf16 tensor's magnitude bits."""
     lib = _lib()
     n = delta.numel()
-    parts = torch.zeros(len(_cuts(n)), KEYS, dtype=torch.int64)
-    _parallel(lambda p, a, b: lib.hist_bf16(parts[p].data_ptr(), delta.data_ptr(), a, b), n)
-    return parts.sum(0)
+    parts = _parts(n)
+    _parallel(lambda p, a, b: lib.hist_bf16(parts[p].ctypes.data, delta.data_ptr(), a, b), n)
+    return torch.from_numpy(parts.sum(0))
 
 
 def nth_with_key(delta: torch.Tensor, key: int, nth: int) -> int:

@@ -47,6 +47,11 @@ void delta_hist_bf16(uint16_t *delta, int64_t *hist, const uint16_t *x, const ui
     fold(hist, sub);
 }
 
+/* delta = bf16(x - base) alone, for the methods that read no histogram (DARE, DELLA, SCE) */
+void delta_bf16(uint16_t *delta, const uint16_t *x, const uint16_t *base, long start, long stop) {
+    for (long i = start; i < stop; i++) delta[i] = rbf(bf(x[i]) - bf(base[i]));
+}
+
 void hist_bf16(int64_t *hist, const uint16_t *delta, long start, long stop) {
     static _Thread_local uint32_t sub[HIST_WAYS][KEYS];
     memset(sub, 0, sizeof sub);
