@@ -29,7 +29,7 @@ import optuna
 
 from evomerge.errors import EvomergeError
 from evomerge.moe.candidate import MoECandidate
-from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params
+from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params, trial_moe_recipe
 from evomerge.results.files import _home_relative, _portable, _replace_dir, write_results  # the same file conventions
 from evomerge.results.store import provenance, top_trials
 from evomerge.search.held_out import one_model_recipe
@@ -59,7 +59,7 @@ def run_moe_search(space: MoESearchSpace, options: RunOptions, *,
     study, storage, outcome = run_study(
         space, options, sampler=sampler, evaluators=evaluators, progress=progress, say=say,
         load_candidate=lambda: MoECandidate.load(space, device=options.device),
-        enqueue_start=enqueue_defaults, held_out=moe_held_out)
+        enqueue_start=enqueue_defaults, held_out=moe_held_out, propose=trial_moe_recipe)
     out_dir = Path(options.out_dir)
     say(f"writing results to {out_dir}")
     files = write_results(study, out_dir, options.placeholders, best=write_moe_best, plots=False)
