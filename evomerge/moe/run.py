@@ -4,9 +4,11 @@
 
 The same lifecycle as :func:`evomerge.search.run.run_search` (checked before anything is written;
 a SQLite study that resumes; one resident model; a failed candidate told FAIL, the search goes
-on), with an :class:`~evomerge.moe.candidate.MoECandidate` as the resident model. A new study first
-gets mergekit-moe's default build as a start point. At the end the top-k are scored on the
-held-out split next to every input model, and the results are written:
+on), with an :class:`~evomerge.moe.candidate.MoECandidate` as the resident model and each trial's
+:class:`~evomerge.moe.search_space.MoERecipe` (:func:`~evomerge.moe.search_space.trial_moe_recipe`)
+as its proposal. A new study first gets mergekit-moe's default build as a start point. At the
+end the top-k are scored on the held-out split next to every input model, and the results are
+written:
 
     trials.csv, report.txt, summary.json, space.yaml     as every search
     best/01_trial0007.moe.yml      the mergekit-moe config (rebuild: evomerge moe ... OUT)
