@@ -8,11 +8,12 @@ model in memory and turn it into each merge without writing to disk:
             cand.apply(recipe)                     # only tensors whose recipe changed are rewritten
             evaluator.evaluate(cand.model, cand.tokenizer)
 
-A candidate may also be a multi-stage recipe (a list of :class:`~merge_engine.stages.Stage`, final
-last, e.g. fixed stages around a searched one): the stages before the final one are computed in
-memory by one :class:`~merge_engine.multistage.StagePipeline` kept for the candidate's life (each
-only when its recipe or inputs changed since it was last computed), and the final stage is
-written into the resident model reading those outputs from memory.
+A candidate may also be a multi-stage recipe (:class:`~evomerge.proposal.MultiStageRecipe`, or
+any sequence of :class:`~merge_engine.stages.Stage`, final last, e.g. fixed stages around a
+searched one): the stages before the final one are computed in memory by one
+:class:`~merge_engine.multistage.StagePipeline` kept for the candidate's life (each only when its
+recipe or inputs changed since it was last computed), and the final stage is written into the
+resident model reading those outputs from memory.
 
 Lifecycle: :meth:`Candidate.load` once (reads the model and tokenizer from a local directory onto
 the device the evaluation's memory plan names, :func:`evomerge.devices.placement`); :meth:`apply`

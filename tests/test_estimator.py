@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 import pytest
-from fixtures import make_math_code_zoo
+from spaces import math_code_space
 
 from evomerge.evaluate.estimator import AnchorEstimator
 from evomerge.search.fidelity import stored_doc_items
@@ -69,22 +69,11 @@ def test_uninformative_patterns_give_an_unbiased_stratified_estimate():
     assert np.mean(est) == pytest.approx(np.mean(list(truth["t"].values())), abs=0.02)
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("estimator_models"))
-
-
 def test_anchor_rung_in_a_real_search_scores_no_doc_twice(zoo, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    space = parse_space({
-        "name": "t",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc"], "limit": 8, "batch_size": 32},
-        "sampler": "tpe", "seed": 3, "start": [],
-        "fidelity": {"rungs": [4], "anchors": 3, "anchor_trials": 2, "startup_trials": 50},
-    })
+    space = parse_space(math_code_space(
+        zoo, limit=8, sampler="tpe", seed=3, start=[],
+        fidelity={"rungs": [4], "anchors": 3, "anchor_trials": 2, "startup_trials": 50}))
     out = tmp_path / "run"
     run_search(space, RunOptions(out_dir=out, trials=4))
     got = sorted(optuna.load_study(study_name="t", storage=default_storage(out)).get_trials(),

@@ -262,12 +262,12 @@ def test_fixed_stages_materialized_once_for_a_searched_final_stage(zoo, referenc
         assert sorted(refs) == ["first", "second"] and pipe.computed == ["first", "second"]
         model, _ = pipe.run()
         assert_state_equal(model.tensors(), load_state(reference))
-        # a searched final recipe: fixed stages reused, not recomputed
-        candidate = parse_recipe({**three_stages(zoo)[2], "merge_method": "linear"})
+        # a searched final recipe: fixed stages reused, not recomputed (linear names no base)
+        linear = {**three_stages(zoo)[2], "merge_method": "linear", "base_model": None}
+        candidate = parse_recipe(linear)
         model, _ = pipe.run({None: candidate})
         assert pipe.computed == ["first", "second", "None", "None"]
-        disk = one_by_one(three_stages(zoo)[:2] + [{**three_stages(zoo)[2], "merge_method": "linear"}],
-                          tmp_path / "disk")
+        disk = one_by_one(three_stages(zoo)[:2] + [linear], tmp_path / "disk")
         assert_state_equal(model.tensors(), load_state(disk))
         # the same outputs as prepare() readers: a bound recipe plans against them
         bound = pipe.bind(candidate)

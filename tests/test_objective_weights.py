@@ -8,19 +8,14 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
-from fixtures import make_math_code_zoo
 from optuna.distributions import FloatDistribution
 from optuna.trial import create_trial
+from spaces import math_code_space
 
 from evomerge.cli import main
 from evomerge.results.store import objective_weights, ranking_note, top_trials
 from evomerge.search.study import default_storage
 from evomerge.space import SearchSpace, SpaceError, parse_space
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("weighted_models"))
 
 
 @pytest.fixture(autouse=True)
@@ -36,19 +31,8 @@ def _hf_home(tmp_path, monkeypatch):
 
 
 def space_dict(zoo, objectives, **overrides):
-    data = {
-        "name": "w",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc", "smoke_gen"], "limit": 4, "batch_size": 32},
-        "objectives": objectives,
-        "sampler": "random",
-        "top_k": 1,
-        "seed": 3,
-    }
-    data.update(overrides)
-    return data
+    return math_code_space(zoo, tasks=["smoke_mc", "smoke_gen"], **{
+        "name": "w", "objectives": objectives, "sampler": "random", "top_k": 1, "seed": 3, **overrides})
 
 
 def test_weighted_entries_parse_round_trip_and_bad_weights_are_one_line_each(zoo):

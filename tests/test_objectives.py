@@ -4,13 +4,14 @@ directions, load-time problems, failed candidates, the report table and the plot
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import optuna
 import pytest
 import torch
-from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
+from spaces import math_code_space
 
 from evomerge.candidate import load_causal_lm
 from evomerge.errors import EvomergeError
@@ -51,11 +52,6 @@ def one_arg(model):
 '''
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("objective_models"))
-
-
 @pytest.fixture(autouse=True)
 def _scorers(tmp_path, monkeypatch):
     """A user's scorer module, importable by name (a fresh module per test)."""
@@ -68,18 +64,7 @@ def _scorers(tmp_path, monkeypatch):
     resolve_callable.cache_clear()
 
 
-def space_dict(zoo, **overrides):
-    data = {
-        "name": "o",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
-        "top_k": 1,
-        "seed": 5,
-    }
-    data.update(overrides)
-    return data
+space_dict = functools.partial(math_code_space, name="o", top_k=1, seed=5)
 
 
 def test_objective_kinds_directions_and_load_time_problems(zoo):

@@ -13,8 +13,9 @@ import optuna
 import pytest
 import torch
 import yaml
-from fixtures import load_state, make_math_code_zoo
+from fixtures import load_state
 from optuna.trial import TrialState
+from spaces import math_code_space
 from test_workers import FAST_HEARTBEAT, TrialWatch, evomerge, kill_mid_trial, process_env, wait_for
 
 from evomerge.candidate import Candidate
@@ -25,19 +26,12 @@ from merge_engine.stages import load_stages
 EVAL = {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32}
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    return make_math_code_zoo(tmp_path_factory.mktemp("pipeline_models"))
-
-
 def pipeline_file(zoo: Path, path: Path, trials: tuple[int, int] = (2, 1), slow: bool = False) -> Path:
     """Stage ``params`` (task arithmetic), then stage ``path`` over its merge and math. With one
     stage-2 trial, its best is the start point, the path through ``params``'s own layers, so the
     final recipe reads stage 1. ``slow``: stage-2 trials score every doc in batches of 4, long
     enough to be caught mid-way (as in test_workers)."""
-    params = {"name": "params", "base_model": str(zoo / "base"), "method": "task_arithmetic",
-              "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-              "eval": EVAL, "budget": {"trials": trials[0]}, "seed": 1}
+    params = math_code_space(zoo, name="params", eval=EVAL, budget={"trials": trials[0]}, seed=1)
     layers = {"name": "path", "method": "passthrough",
               "models": [{"name": "merged", "model": "params"}, {"name": "math", "model": str(zoo / "math")}],
               "layer_path": {"repeats": 1, "max_layers": 4, "scale": [0.8, 1.25]},

@@ -3,19 +3,13 @@ with tiny real Llamas and a real lm-eval task."""
 
 from __future__ import annotations
 
-import pytest
-from fixtures import make_math_code_zoo
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from spaces import math_code_space
 
 import evomerge.search.study as study_module
 from evomerge.search.run import RunOptions, run_search
 from evomerge.space import parse_space
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("storage_models"))
 
 
 def test_a_run_opens_its_storage_once_new_or_resumed(zoo, tmp_path, monkeypatch):
@@ -30,10 +24,7 @@ def test_a_run_opens_its_storage_once_new_or_resumed(zoo, tmp_path, monkeypatch)
             super().__init__(url, *args, **kwargs)
 
     monkeypatch.setattr(study_module, "RDBStorage", CountingRDBStorage)
-    space = parse_space({
-        "name": "once", "method": "task_arithmetic", "base_model": str(zoo / "base"),
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32}, "sampler": "random", "top_k": 1})
+    space = parse_space(math_code_space(zoo, name="once", sampler="random", top_k=1))
     out = tmp_path / "run"
     for trials in (1, 2):  # a new study, then the same folder resumed with one more trial
         opened.clear()

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
+from spaces import ties_per_layer_space
 
 import evomerge
 from evomerge.adapters.optuna import RestartingCmaEsSampler, _publish
@@ -24,11 +24,6 @@ from evomerge.search.samplers import make_sampler
 from evomerge.search.study import enqueue_start_points, open_storage, open_study
 from evomerge.search.workers import WORKERS_SUFFIX
 from evomerge.space import distributions, equal_params, parse_space
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("sampler_models"))
 
 
 @pytest.fixture(autouse=True)
@@ -41,19 +36,7 @@ def _quiet():
 
 def big_space(zoo, **overrides):
     """TIES weights and densities per layer and per filter, and lambda: 25 numeric parameters."""
-    data = {
-        "name": "big",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "ties",
-        "layer_granularity": 1,
-        "filters": ["self_attn", "mlp"],
-        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
-        "budget": {"trials": 8},
-        "seed": 7,
-    }
-    data.update(overrides)
-    return parse_space(data)
+    return parse_space(ties_per_layer_space(zoo, **{"budget": {"trials": 8}, **overrides}))
 
 
 def synthetic(params: dict, optimum: float = 0.3) -> float:

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
+from spaces import ties_per_layer_space
 
 from evomerge.search.coarse import FINE_SIGMA, _value, CoarseToFineSampler, coarse_trials, tie_groups
 from evomerge.search.samplers import default_sampler
 from evomerge.search.study import enqueue_start_points, open_study
 from evomerge.space import distributions, equal_params, parse_space
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("coarse_models"))
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +25,7 @@ def _quiet():
 
 def big_space(zoo, **overrides):
     """TIES weights and densities per layer and filter, and lambda: 25 numbers, 5 when tied."""
-    data = {
-        "name": "big", "base_model": str(zoo / "base"), "method": "ties",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "layer_granularity": 1, "filters": ["self_attn", "mlp"],
-        "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32},
-        "budget": {"trials": 36}, "seed": 7, "start": ["equal"],
-    }
-    data.update(overrides)
-    return parse_space(data)
+    return parse_space(ties_per_layer_space(zoo, **{"budget": {"trials": 36}, "start": ["equal"], **overrides}))
 
 
 def fitness(params: dict) -> float:

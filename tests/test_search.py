@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import subprocess
@@ -10,8 +11,8 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from fixtures import make_math_code_zoo
 from optuna.trial import TrialState
+from spaces import math_code_space
 
 from evomerge.cli import main
 from evomerge.results import export_study
@@ -22,28 +23,12 @@ from evomerge.space import distributions, parse_space
 from merge_engine.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("search_models"))
-
-
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
 
-def space_dict(zoo, **overrides):
-    data = {
-        "name": "t",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc"], "limit": 6, "batch_size": 32},
-        "top_k": 2,
-        "seed": 3,
-    }
-    data.update(overrides)
-    return data
+space_dict = functools.partial(math_code_space, limit=6, top_k=2, seed=3)
 
 
 def trials(out, name="t"):

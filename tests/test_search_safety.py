@@ -4,6 +4,7 @@ do with bad input and faults, on tiny real Llamas, real lm-eval tasks and real S
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 import tempfile
@@ -11,9 +12,9 @@ import tempfile
 import optuna
 import pytest
 import yaml
-from fixtures import make_math_code_zoo
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
+from spaces import math_code_space
 
 from evomerge.cli import build_parser, main
 from evomerge.errors import EXIT_CODES
@@ -24,23 +25,12 @@ from evomerge.search.study import default_storage
 from evomerge.space import parse_space
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("safety_models"))
-
-
 @pytest.fixture(autouse=True)
 def _hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
 
-def space_dict(zoo, **overrides):
-    data = {"name": "t", "models": [{"name": "math", "model": str(zoo / "math")},
-                                    {"name": "code", "model": str(zoo / "code")}],
-            "base_model": str(zoo / "base"), "method": "task_arithmetic",
-            "eval": {"tasks": ["smoke_mc"], "limit": 4, "batch_size": 32}, "top_k": 1, "seed": 3}
-    data.update(overrides)
-    return data
+space_dict = functools.partial(math_code_space, top_k=1, seed=3)
 
 
 def write_space(tmp_path, data, name="space.yaml"):

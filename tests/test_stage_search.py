@@ -14,7 +14,8 @@ from fixtures import load_state, make_tiny_llama
 
 from evomerge.candidate import Candidate
 from evomerge.space import SpaceError, distributions, equal_params, parse_space
-from evomerge.space.genome import trial_stages
+from evomerge.proposal import MultiStageRecipe
+from evomerge.space.genome import trial_candidate, trial_recipe, trial_stages
 from evomerge.space.stages import METHOD_STAGE, validate_candidate
 from merge_engine.stages import stages_yaml
 
@@ -88,6 +89,20 @@ def test_searched_stage_before_fixed_ones_is_recomputed_and_read_by_them(zoo, tm
             cand.apply(stages)
             merged_equals_memory(stages, zoo, tmp_path / f"out{i}", cand)
         assert cand.pipeline.computed == ["first", "first"]
+
+
+def test_a_trial_proposes_its_recipe_or_its_stages_as_one_multi_stage_recipe(zoo):
+    """What the search loop applies and stores: a plain space's recipe itself; a staged space's
+    stages as a MultiStageRecipe, whose YAML and seed are those of its stages."""
+    models = [{"name": "a", "model": str(zoo / "a")}, {"name": "b", "model": str(zoo / "b")}]
+    plain = space(zoo, method="linear", models=models)
+    trial = optuna.trial.FixedTrial({"a.weight": 0.2, "b.weight": 0.8})
+    assert trial_candidate(plain, trial) == trial_recipe(plain, trial)
+    staged = space(zoo, stages={"file": "around.yaml", "replace": "first"}, method="linear", models=models)
+    proposal, stages = trial_candidate(staged, trial), trial_stages(staged, trial)
+    assert isinstance(proposal, MultiStageRecipe) and list(proposal) == stages
+    assert proposal.to_yaml() == stages_yaml(stages) and proposal.to_yaml().count("merge_method") == 2
+    assert proposal.seed == stages[-1].recipe.seed
 
 
 def test_per_layer_group_methods_build_a_passthrough_of_method_stages(zoo, tmp_path):

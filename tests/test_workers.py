@@ -22,9 +22,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from fixtures import load_state, make_math_code_zoo
+from fixtures import load_state
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from pg import postgres_url  # noqa: F401  (the fixture)
+from spaces import math_code_space
 
 from evomerge.cli import main
 from evomerge.errors import EvomergeError
@@ -36,22 +37,8 @@ from merge_engine.recipe import MergeRecipe, load_recipe, parse_recipe
 FAST_HEARTBEAT = {"EVOMERGE_HEARTBEAT_INTERVAL": "1", "EVOMERGE_GRACE_PERIOD": "2"}
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    return make_math_code_zoo(tmp_path_factory.mktemp("worker_models"))
-
-
 def space_dict(zoo: Path, trials: int, limit: int = 4) -> dict:
-    return {
-        "name": "w",
-        "models": [{"name": "math", "model": str(zoo / "math")}, {"name": "code", "model": str(zoo / "code")}],
-        "base_model": str(zoo / "base"),
-        "method": "task_arithmetic",
-        "eval": {"tasks": ["smoke_mc"], "limit": limit, "batch_size": 32},
-        "budget": {"trials": trials},
-        "top_k": 2,
-        "seed": 3,
-    }
+    return math_code_space(zoo, limit=limit, name="w", budget={"trials": trials}, top_k=2, seed=3)
 
 
 def process_env(tmp_path: Path) -> dict[str, str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,6 @@ from evomerge.candidate import Candidate
 from evomerge.moe.search_space import MoERecipe, MoESearchSpace
 from merge_engine.moe import MoEBuilder, MoEState, load_moe_model
 from merge_engine.moe.apply import write_moe_into
-from merge_engine.stages import Stage
 
 
 @dataclass(frozen=True)
@@ -68,12 +66,8 @@ class MoECandidate:
         builder = MoEBuilder(device=device, router_dtype=router_dtype, seed=space.seed)
         return cls(dense, builder, device)
 
-    def apply(self, recipe: MoERecipe | Sequence[Stage]) -> MoEApplyStats:
-        """Make ``recipe``'s MoE the resident model (RecipeError for a build that cannot be made).
-        The search loop hands every candidate over as stages; an MoE candidate is one stage."""
-        if not isinstance(recipe, MoERecipe):
-            (stage,) = recipe
-            recipe = stage.recipe
+    def apply(self, recipe: MoERecipe) -> MoEApplyStats:
+        """Make ``recipe``'s MoE the resident model (RecipeError for a build that cannot be made)."""
         t0 = time.perf_counter()
         base_tensors = None
         if recipe.shared is not None:

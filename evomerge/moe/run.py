@@ -4,9 +4,11 @@
 
 The same lifecycle as :func:`evomerge.search.run.run_search` (checked before anything is written;
 a SQLite study that resumes; one resident model; a failed candidate told FAIL, the search goes
-on), with an :class:`~evomerge.moe.candidate.MoECandidate` as the resident model. A new study first
-gets mergekit-moe's default build as a start point. At the end the top-k are scored on the
-held-out split next to every input model, and the results are written:
+on), with an :class:`~evomerge.moe.candidate.MoECandidate` as the resident model and each trial's
+:class:`~evomerge.moe.search_space.MoERecipe` (:func:`~evomerge.moe.search_space.trial_moe_recipe`)
+as its proposal. A new study first gets mergekit-moe's default build as a start point. At the
+end the top-k are scored on the held-out split next to every input model, and the results are
+written:
 
     trials.csv, report.txt, summary.json, space.yaml     as every search
     best/01_trial0007.moe.yml      the mergekit-moe config (rebuild: evomerge moe ... OUT)
@@ -29,7 +31,7 @@ import optuna
 
 from evomerge.errors import EvomergeError
 from evomerge.moe.candidate import MoECandidate
-from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params
+from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params, trial_moe_recipe
 from evomerge.results.files import _home_relative, _portable, _replace_dir, write_results  # the same file conventions
 from evomerge.results.store import provenance, top_trials
 from evomerge.search.held_out import one_model_recipe
@@ -59,7 +61,7 @@ def run_moe_search(space: MoESearchSpace, options: RunOptions, *,
     study, storage, outcome = run_study(
         space, options, sampler=sampler, evaluators=evaluators, progress=progress, say=say,
         load_candidate=lambda: MoECandidate.load(space, device=options.device),
-        enqueue_start=enqueue_defaults, held_out=moe_held_out)
+        enqueue_start=enqueue_defaults, held_out=moe_held_out, propose=trial_moe_recipe)
     out_dir = Path(options.out_dir)
     say(f"writing results to {out_dir}")
     files = write_results(study, out_dir, options.placeholders, best=write_moe_best, plots=False)

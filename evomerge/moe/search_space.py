@@ -59,8 +59,9 @@ class MoESearchSpace(SearchSpace):
 @dataclass(frozen=True)
 class MoERecipe:
     """One MoE candidate: its mergekit-moe config, the merge of its shared weights (None: the
-    base's own), and the seed of random routers and expert noise. The search loop stores
-    :meth:`to_yaml` per trial and reads ``seed``, as for a merge recipe."""
+    base's own), and the seed of random routers and expert noise: the
+    :class:`~evomerge.proposal.Proposal` of an MoE search (the loop stores :meth:`to_yaml` per
+    trial and reads ``seed``, as for a merge recipe)."""
 
     config: MoEConfig
     shared: MergeRecipe | None

@@ -1,8 +1,9 @@
 """The search loop on Optuna's ask/tell: ask → recipe → apply in place → evaluate → tell.
 
-One candidate per trial: :func:`~evomerge.space.genome.trial_stages` builds (and validates) it
-once (one recipe, or a multi-stage recipe), it is stored in the trial (user attr ``recipe``) and
-written into the resident model.
+One candidate per trial: ``propose(space, trial)`` builds (and validates) it once, a
+:class:`~evomerge.proposal.Proposal` (by default :func:`~evomerge.space.genome.trial_candidate`:
+a recipe or a multi-stage recipe; an MoE search proposes MoE builds); it is stored in the trial
+(user attr ``recipe``) and written into the resident model (a :class:`~evomerge.proposal.Resident`).
 A candidate that fails is told FAIL with its cause in the trial's user attrs; the search goes on.
 """
 
@@ -16,19 +17,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.candidate import Candidate
+from evomerge.proposal import Proposal, Resident
 from evomerge.results.store import top_trials
 from evomerge.search.fidelity import RungLadder, climb
 from evomerge.search.objectives import objective_values
 from evomerge.search.study import Heartbeat
 from evomerge.search.workers import ask, heartbeat, requeue, worker_id
 from evomerge.space import SearchSpace
-from evomerge.space.genome import trial_stages
-from merge_engine.stages import stages_yaml
+from evomerge.space.genome import trial_candidate
 from evomerge.errors import EvomergeError
 from merge_engine.errors import MergeError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+Propose = Callable[[Any, Any], Proposal]  # (space, trial) -> the candidate the trial proposes
 
 
 @dataclass
@@ -104,13 +105,13 @@ def _record(trial: optuna.Trial, stage: str, result: Any) -> None:
     trial.set_user_attr(f"{stage}_seconds", round(result.wall_time_s, 3))
 
 
-def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
-              evaluators: Evaluators) -> list[float]:
+def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Resident, evaluators: Evaluators,
+              propose: Propose = trial_candidate) -> list[float]:
     """Score one candidate; raises ``optuna.TrialPruned`` when a cheap rung stops it."""
-    stages = trial_stages(space, trial)  # one stage, or a multi-stage candidate
-    trial.set_user_attr("recipe", stages_yaml(stages))
-    trial.set_user_attr("seed", {"merge": stages[-1].recipe.seed, "eval": space.eval.seed})
-    candidate.apply(stages)
+    proposal = propose(space, trial)
+    trial.set_user_attr("recipe", proposal.to_yaml())
+    trial.set_user_attr("seed", {"merge": proposal.seed, "eval": space.eval.seed})
+    candidate.apply(proposal)
     if evaluators.ladder is not None:
         start = time.perf_counter()
         result = climb(trial, evaluators.ladder, candidate.model, candidate.tokenizer)
@@ -122,11 +123,11 @@ def run_trial(trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
     return objective_values(space, result, candidate.model, candidate.tokenizer)
 
 
-def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, candidate: Candidate,
-                 evaluators: Evaluators) -> TrialState:
+def tell_outcome(study: optuna.Study, trial: optuna.Trial, space: SearchSpace, candidate: Resident,
+                 evaluators: Evaluators, propose: Propose = trial_candidate) -> TrialState:
     """Run the candidate and tell Optuna how it ended; only KeyboardInterrupt propagates."""
     try:
-        values = run_trial(trial, space, candidate, evaluators)
+        values = run_trial(trial, space, candidate, evaluators, propose)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
@@ -157,12 +158,13 @@ def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, evaluators: Evaluators,
+def search_loop(study: optuna.Study, space: SearchSpace, candidate: Resident, evaluators: Evaluators,
                 *, trials: int, timeout: float | None, progress: Callable[[Progress], None] | None = None,
-                beat: Heartbeat | None = None) -> LoopOutcome:
+                beat: Heartbeat | None = None, propose: Propose = trial_candidate) -> LoopOutcome:
     """Evaluate candidates until ``trials`` finished trials exist; returns why it stopped early
     (None: the budget was reached) and how many of this loop's candidates failed.
-    ``beat`` (default: from the environment) says when a trial's worker counts as dead."""
+    ``beat`` (default: from the environment) says when a trial's worker counts as dead;
+    ``propose(space, trial)`` builds each trial's candidate (see the module docstring)."""
     beat = beat or Heartbeat.from_env()
     start, failures = time.monotonic(), 0
     max_failures = space.budget.max_failures or max(10, trials)
@@ -177,7 +179,7 @@ def search_loop(study: optuna.Study, space: SearchSpace, candidate: Candidate, e
         trial = ask(study, beat)  # first fails the trials of dead workers and retries them
         with heartbeat(study, trial):
             trial.set_user_attr("worker", worker_id())
-            state = tell_outcome(study, trial, space, candidate, evaluators)
+            state = tell_outcome(study, trial, space, candidate, evaluators, propose)
         failures += state == TrialState.FAIL
         if progress is not None:
             progress(_progress(study, trial.number, state, trials, done_at_start, start, t0))

@@ -25,12 +25,13 @@ from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_stages_of
 from evomerge.search.held_out import evaluate_held_out
 from evomerge.search.objectives import counting_evaluators
-from evomerge.search.loop import Evaluators, LoopOutcome, Progress, count_finished, search_loop
+from evomerge.search.loop import Evaluators, LoopOutcome, Progress, Propose, count_finished, search_loop
 from evomerge.search.preflight import check_models, claim_out_dir, sampler_seed, stored_trial_count
 from evomerge.search.study import (Heartbeat, default_storage, enqueue_start_points, load_stored_study,
                                    open_existing_storage, open_storage, open_study, space_from_study)
 from evomerge.search.workers import claim_worker_slot, retry_dead_trials
 from evomerge.space import SearchSpace
+from evomerge.space.genome import trial_candidate
 
 
 @dataclass(frozen=True)
@@ -116,12 +117,14 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
               evaluators: dict[str, Any] | None, progress: Callable[[Progress], None] | None,
               say: Callable[[str], None], load_candidate: Callable[[], Any],
               enqueue_start: Callable[[optuna.Study, int], None],
-              held_out: Callable[..., None]) -> tuple[optuna.Study, str, LoopOutcome]:
+              held_out: Callable[..., None],
+              propose: Propose = trial_candidate) -> tuple[optuna.Study, str, LoopOutcome]:
     """The lifecycle every kind of search shares (a merge search, an MoE search): build the
     evaluators, claim the output folder, load the resident candidate (``load_candidate()``, a
     context manager), then — nothing written before this point — open or resume the study, mark
     dead trials, ``enqueue_start(study, trials stored before this run)``, run the loop and score
     the best on the held-out split (``held_out(study, space, candidate, evals, log=)``).
+    ``propose(space, trial)`` builds each trial's candidate for the resident model.
     Returns the study, its storage URL and the loop's outcome; writing results is the caller's."""
     out_dir = Path(options.out_dir)
     storage = options.storage or default_storage(out_dir)
@@ -150,7 +153,7 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
         retry_dead_trials(study, beat)  # before the start points: a new study gets them only once
         enqueue_start(study, known)
         outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
-                              progress=progress, beat=beat)
+                              progress=progress, beat=beat, propose=propose)
         held_out(study, space, candidate, evals, log=say)
     return study, storage, outcome
 

@@ -2,7 +2,8 @@
 
     dists = distributions(space)                   # every parameter a study may suggest, by name
     recipe = trial_recipe(space, trial)            # any optuna trial, including FixedTrial
-    stages = trial_stages(space, trial)            # the candidate as stages (what a search applies)
+    stages = trial_stages(space, trial)            # the candidate as stages, final last
+    proposal = trial_candidate(space, trial)       # the candidate a search applies (evomerge.proposal)
     points = start_points(space)                   # (label, params) to enqueue in a new study
 
 Parameter names are readable and stable: ``<layers>.<filter>.<model>.<param>``, each part present
@@ -27,6 +28,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 
 import evomerge.space.layer_path as layer_path
+from evomerge.proposal import MultiStageRecipe
 from evomerge.space.stages import candidate_stages, group_method_genes, layer_method_stages
 from evomerge.space.schema import (GENE_RULES, REST, SWITCH_CHOICES, SearchSpace, SpaceError,
                                    method_spec, registry_range, signed, switches)
@@ -150,10 +152,6 @@ def trial_recipe(space: SearchSpace, trial: Any) -> MergeRecipe:
     if space.layer_methods:
         raise SpaceError("a layer_methods space proposes multi-stage candidates; use trial_stages",
                          f"search space {space.name}")
-    if getattr(space, "moe", None) is not None:  # an MoE space (evomerge.moe builds on this module)
-        from evomerge.moe.search_space import trial_moe_recipe
-
-        return trial_moe_recipe(space, trial)
     method = trial.suggest_categorical("method", space.methods) if len(space.methods) > 1 \
         else space.methods[0]
     return _method_recipe(space, trial, method)
@@ -168,6 +166,13 @@ def trial_stages(space: SearchSpace, trial: Any) -> list[Stage]:
         choice = [trial.suggest_categorical(g, space.methods) for g in group_method_genes(group_labels(space))]
         return layer_method_stages(space, choice, {m: _method_recipe(space, trial, m) for m in dict.fromkeys(choice)})
     return candidate_stages(space, trial_recipe(space, trial))
+
+
+def trial_candidate(space: SearchSpace, trial: Any) -> MergeRecipe | MultiStageRecipe:
+    """The candidate ``trial`` proposes, as the search loop applies and stores it: the recipe
+    when :func:`trial_stages` is one stage, else the stages as a :class:`MultiStageRecipe`."""
+    stages = trial_stages(space, trial)
+    return stages[0].recipe if len(stages) == 1 else MultiStageRecipe(stages)
 
 
 def _method_recipe(space: SearchSpace, trial: Any, method: str) -> MergeRecipe:
