@@ -71,9 +71,10 @@ def test_uninformative_patterns_give_an_unbiased_stratified_estimate():
 
 def test_anchor_rung_in_a_real_search_scores_no_doc_twice(zoo, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # a bank of 5: the 3 input models (scored when the study is created), then 2 trials
     space = parse_space(math_code_space(
         zoo, limit=8, sampler="tpe", seed=3, start=[],
-        fidelity={"rungs": [4], "anchors": 3, "anchor_trials": 2, "startup_trials": 50}))
+        fidelity={"rungs": [4], "anchors": 3, "anchor_trials": 5, "startup_trials": 50}))
     out = tmp_path / "run"
     run_search(space, RunOptions(out_dir=out, trials=4))
     got = sorted(optuna.load_study(study_name="t", storage=default_storage(out)).get_trials(),
@@ -81,7 +82,10 @@ def test_anchor_rung_in_a_real_search_scores_no_doc_twice(zoo, tmp_path, monkeyp
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in got)
     first, later = got[:2], got[2:]
     assert all(0 not in t.intermediate_values for t in first)  # before the estimator is fitted
-    est = AnchorEstimator.fit([stored_doc_items(t) for t in first], 3, seed=space.eval.seed)
+    study = optuna.load_study(study_name="t", storage=default_storage(out))
+    inputs = [{leaf: {int(i): v for i, v in d.items()} for leaf, d in items.items()}
+              for _, items in study.user_attrs["anchor_inputs"]]
+    est = AnchorEstimator.fit([*inputs, *(stored_doc_items(t) for t in first)], 3, seed=space.eval.seed)
     for t in later:
         items = stored_doc_items(t)
         assert t.user_attrs["samples"] == 8  # anchors, then the 4-doc rung, then the rest: 8 docs once

@@ -214,3 +214,43 @@ def test_two_worker_processes_share_rungs_and_score_each_doc_once_per_trial(zoo,
     assert shared
     # the anchor rung starts once two trials have full per-doc results
     assert any(0 in t.intermediate_values and t.user_attrs["rung"] >= 0 for t in finished)
+
+
+def test_the_input_models_fill_the_anchor_bank_so_the_anchor_rung_starts_at_the_first_trial(zoo, tmp_path):
+    """A new study scores its input models on the full search docs before the first trial and
+    keeps their per-doc items; the anchor estimator's bank (anchor_trials models) takes them
+    first, so with anchor_trials = the inputs it is fitted before any candidate finished, and a
+    worker reading the study fits the same anchors."""
+    from evomerge.evaluate import make_evaluator
+    from evomerge.evaluate.estimator import AnchorEstimator
+    from evomerge.search.anchor_inputs import anchor_input_samples
+    from evomerge.search.fidelity import ANCHOR_INPUTS, AnchorRung
+
+    space = parse_space(space_dict(zoo, name="ai", sampler="random", fidelity={
+        "rungs": [2, 4], "startup_trials": 1, "anchors": 1, "anchor_trials": 3}))
+    run_search(space, RunOptions(out_dir=tmp_path / "ai", trials=3))
+    study = optuna.load_study(study_name="ai", storage=default_storage(tmp_path / "ai"))
+    stored = study.user_attrs[ANCHOR_INPUTS]
+    assert [name for name, _ in stored] == [m.name for m in space.all_models()] and len(stored) == 3
+    assert anchor_input_samples(study) == 3 * 6  # each input once on the 6 search docs
+    # an input's items are its own full evaluation
+    model, tok = load_causal_lm(zoo / "math")
+    with make_evaluator(space.eval) as ev:
+        alone = ev.evaluate(model, tok)
+        items = {leaf: {int(i): v for i, v in docs.items()} for leaf, docs in dict(stored)["math"].items()}
+        assert ev.runner.fold(items).score == pytest.approx(alone.score, abs=1e-12)
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert 0 in trials[0].intermediate_values  # the anchor rung from the very first candidate
+    # a worker with a bigger bank: the inputs, then the first complete trial, as stored
+    first = next(stored_doc_items(t) for t in trials if t.state == TrialState.COMPLETE)
+    bank = [{leaf: {int(i): v for i, v in d.items()} for leaf, d in items.items()} for _, items in stored]
+    def same(a, b) -> bool:
+        return a.docs() == b.docs() and all(np.array_equal(a.leaves[k].bank, b.leaves[k].bank) for k in a.leaves)
+
+    fitted = AnchorRung(2, 4, space.eval.seed).estimator(study)
+    assert same(fitted, AnchorEstimator.fit([*bank, first], 2, seed=space.eval.seed))
+    assert fitted.leaves["smoke_mc"].bank.shape == (6, 4)
+    # a study its creator did not score inputs for (a worker-only study) fits on trials alone
+    study.set_user_attr(ANCHOR_INPUTS, [])
+    alone = AnchorRung(2, 1, space.eval.seed).estimator(study)
+    assert same(alone, AnchorEstimator.fit([first], 2, seed=space.eval.seed))

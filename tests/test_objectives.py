@@ -83,9 +83,9 @@ def test_objective_kinds_directions_and_load_time_problems(zoo):
         with pytest.raises(SpaceError) as err:
             parse_space(space_dict(zoo, objectives=["score", objective]))
         assert len(err.value.problems) == 1 and expected in err.value.problems[0], err.value.problems
-    with pytest.raises(SpaceError, match="counted on the hf backend only"):
-        parse_space(space_dict(zoo, objectives=["score", "tokens_generated"],
-                               eval={"tasks": ["smoke_mc"], "backend": "vllm"}))
+    # both backends count generated tokens (vLLM: tests/test_vllm_tokens.py)
+    assert parse_space(space_dict(zoo, objectives=["score", "tokens_generated"], eval={
+        "tasks": ["smoke_mc"], "backend": "vllm"})).objectives == ("score", "tokens_generated")
     with pytest.raises(SpaceError, match="pruning ranks candidates by their eval score, not by params"):
         parse_space(space_dict(zoo, objectives=["params"], eval={"tasks": ["smoke_mc"], "limit": 6},
                                pruning={"limit": 2}))

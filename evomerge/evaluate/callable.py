@@ -16,9 +16,14 @@ worker (installed, or on ``PYTHONPATH``). :func:`resolve_callable` is called whe
 loaded, so a missing module or function is a one-line problem before anything runs; a callable
 that raises or returns something else fails that candidate only (the search goes on).
 
-Generated tokens (:class:`GenerationCounter`) are counted on the hf backend, where lm-eval calls
-the resident model's ``generate``: the new tokens of each row, padding excluded. Loglikelihood
-tasks generate nothing (their count is 0).
+Generated tokens: each answer's tokens up to and including the one that ended it (the EOS, or
+the token that completed one of the task's stop strings), or all of them when it ran to
+``max_gen_toks``. On the hf backend :class:`GenerationCounter` reads them from the resident
+model's ``generate`` (lm-eval generates a batch until every row has met a stop string, so the
+tokens a row generated past its own stop are not counted: the count does not depend on the batch
+size); the vLLM backend counts what its engine returns, which stops each request there
+(:mod:`evomerge.evaluate.vllm`). Both count the same tokens for the same greedy answers
+(``tests/test_vllm_tokens.py``). Loglikelihood tasks generate nothing (their count is 0).
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ class GenerationCounter:
             out = original(*args, **kwargs)
             prompt = kwargs.get("input_ids", args[0] if args else None)
             self.tokens += self.new_tokens(out, 0 if prompt is None else prompt.shape[-1],
-                                           kwargs.get("pad_token_id"))
+                                           _eos_ids(self.model, kwargs), _stops(kwargs))
             return out
 
         self.model.generate = counting_generate
@@ -142,11 +147,49 @@ class GenerationCounter:
         del self.model.generate  # the class's generate again
 
     @staticmethod
-    def new_tokens(out: Any, prompt_len: int, pad_id: int | None) -> int:
+    def new_tokens(out: Any, prompt_len: int, eos_ids: set[int] = frozenset(),
+                   stops: tuple[Any, tuple[str, ...]] | None = None) -> int:
         """Tokens after the prompt in each row of ``out`` (ids, or an output with ``sequences``),
-        the padding of rows that stopped early excluded."""
-        ids = getattr(out, "sequences", out)[:, prompt_len:]
-        return int(ids.numel() if pad_id is None else (ids != pad_id).sum().item())
+        each row cut after its first EOS (``eos_ids``; the padding after it goes too) and after
+        the token whose decoding first contains a stop string (``stops``: tokenizer and
+        strings)."""
+        total = 0
+        for row in getattr(out, "sequences", out)[:, prompt_len:].tolist():
+            n = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            if stops is not None:
+                n = _first_stop(row[:n], *stops)
+            total += n
+        return total
+
+
+def _eos_ids(model: Any, kwargs: dict[str, Any]) -> set[int]:
+    """The ids ``generate`` stops a row at: the call's ``eos_token_id``, else the model's."""
+    eos = kwargs.get("eos_token_id")
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _stops(kwargs: dict[str, Any]) -> tuple[Any, tuple[str, ...]] | None:
+    """The stop strings of lm-eval's stopping criteria (each has ``sequence`` and ``tokenizer``)."""
+    criteria = [c for c in kwargs.get("stopping_criteria") or () if hasattr(c, "sequence")]
+    return (criteria[0].tokenizer, tuple(c.sequence for c in criteria)) if criteria else None
+
+
+def _first_stop(row: list[int], tokenizer: Any, stops: tuple[str, ...]) -> int:
+    """The length of the shortest prefix of ``row`` whose text contains a stop string (``len(row)``
+    if none does); a binary search, as a longer prefix's text contains a shorter one's."""
+    def stopped(k: int) -> bool:
+        text = tokenizer.decode(row[:k])
+        return any(s in text for s in stops)
+
+    if not row or not stopped(len(row)):
+        return len(row)
+    lo, hi = 1, len(row)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stopped(mid) else (mid + 1, hi)
+    return lo
 
 
 class TokenCountingEvaluator:
@@ -161,7 +204,8 @@ class TokenCountingEvaluator:
             return self.inner.evaluate(model, tokenizer)
         with GenerationCounter(model) as counter:
             result = self.inner.evaluate(model, tokenizer)
-        return replace(result, extra={**result.extra, TOKENS_GENERATED: counter.tokens})
+        # an evaluator that counts its own generation (vLLM's engine) keeps its count
+        return replace(result, extra={TOKENS_GENERATED: counter.tokens, **result.extra})
 
     def close(self) -> None:
         self.inner.close()

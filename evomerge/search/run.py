@@ -23,6 +23,7 @@ from evomerge.errors import EvomergeError
 from evomerge.search.samplers import sampler_problems
 from evomerge.results.files import write_results
 from evomerge.results.store import sample_stats, top_trials, trial_stages_of
+from evomerge.search.anchor_inputs import score_anchor_inputs, store_anchor_inputs
 from evomerge.search.held_out import evaluate_held_out
 from evomerge.search.objectives import counting_evaluators
 from evomerge.search.loop import Evaluators, LoopOutcome, Progress, Propose, count_finished, search_loop
@@ -142,10 +143,12 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
         claim_out_dir(out_dir, storage, study_name, storage=opened)
         say("loading the resident model")
         candidate = stack.enter_context(load_candidate())
+        anchor_inputs = score_anchor_inputs(space, candidate, evals, known, say)  # a new study's
         # nothing was written up to here: a bad space, task, model or folder leaves no trace
         out_dir.mkdir(parents=True, exist_ok=True)
         study = open_study(space, storage=opened or open_storage(storage, heartbeat=beat), study_name=study_name,
                            sampler=sampler, seed=sampler_seed(space.seed, known))
+        store_anchor_inputs(study, anchor_inputs)  # before any trial can finish: every worker fits on them
         if known:
             say(f"resuming study {study_name} ({count_finished(study)} finished trials)")
         if options.placeholders:  # `evomerge export` writes portable files too

@@ -6,8 +6,8 @@ is loaded). The values of one candidate are :mod:`evomerge.search.objectives`.
     <task>                      one eval task's metric (maximize; minimize for a negative weight)
     params                      the candidate's parameter count (minimize)
     layers                      the candidate's decoder layers (minimize)
-    tokens_generated            tokens the candidate generated in the search evaluation, hf
-                                backend (minimize; 0 for loglikelihood-only tasks)
+    tokens_generated            tokens the candidate generated in the search evaluation, on
+                                either backend (minimize; 0 for loglikelihood-only tasks)
     module:function             a Python callable (model, tokenizer) -> float | dict
     module:function[key]        one entry of the dict it returns
     ...:minimize / ...:maximize a callable's direction (default maximize)
@@ -175,9 +175,6 @@ def objective_problems(space: SearchSpace) -> list[str]:
     if len(set(space.objectives)) != len(space.objectives):
         problems.append(f"objectives {list(space.objectives)} repeat a name")
     problems += weight_problems(space)
-    if any(o.name == TOKENS_GENERATED for o in parsed) and space.eval.backend != "hf":
-        problems.append(f"objective {TOKENS_GENERATED} is counted on the hf backend only (eval.backend "
-                        f"is {space.eval.backend}); use backend hf or drop the objective")
     if space.pruning is not None:
         if len(space.objectives) > 1:
             problems.append("pruning (cheap-first evaluation) works with one objective only; remove it")

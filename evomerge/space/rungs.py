@@ -30,8 +30,9 @@ class Fidelity(Frozen):
     - ``startup_trials``: until this many finished candidates have a score at a rung, every
       candidate goes on from it (they calibrate the bar).
     - ``anchors``: docs per task of an extra lowest rung, the anchor estimate
-      (:mod:`evomerge.evaluate.estimator`) of the full score; it starts once ``anchor_trials``
-      candidates have full per-doc results (the first ones by trial number), which it is fitted on.
+      (:mod:`evomerge.evaluate.estimator`) of the full score, fitted on ``anchor_trials``
+      models' full per-doc results: the input models (:mod:`evomerge.search.anchor_inputs`), then
+      the first complete candidates by trial number; it starts once it is fitted.
     - ``anchor_method``: how the anchor estimate fills in the other docs (``completion`` or
       ``stratified``).
     """
