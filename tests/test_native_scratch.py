@@ -68,3 +68,21 @@ def test_recycled_garbage_buffers_give_the_same_bits(method, kwargs) -> None:
             buf.fill_(0xFF)  # NaN in bf16 and float32, "kept" in a mask
     second = run()
     assert torch.equal(bits(first), bits(second))
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 4, 5])
+def test_variance_kernel_gives_torch_bits_for_any_model_count(n_models) -> None:
+    """var_bf16 divides by power-of-two counts as a multiplication: the same bits as torch's
+    Welford, with zeros of both signs, tiny and huge values, NaN and infinities."""
+    from merge_engine.native import sparse as native_sparse
+    g = torch.Generator().manual_seed(n_models)
+    deltas = []
+    for k in range(n_models):
+        d = torch.randn(70_001, generator=g) * torch.logspace(-30, 30, 70_001)
+        d[:50] = -0.0 if k % 2 else 0.0
+        d[50 + k] = float("nan")
+        d[60 + k] = float("inf") if k % 2 else float("-inf")
+        deltas.append(d.bfloat16())
+    got = native_sparse.variance(deltas)
+    want = torch.stack(deltas).var(dim=0, unbiased=False)
+    assert torch.equal(bits(got), bits(want))
