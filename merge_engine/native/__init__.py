@@ -98,20 +98,7 @@ def declared(signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
     return lib
 
 
-_HUGE = 1 << 21  # a transparent huge page on x86-64 and arm64 (4 KiB base pages)
-_MADV_HUGEPAGE = 14
-_libc: ctypes.CDLL | None = None
-
-
-def _madvise() -> ctypes._CFuncPtr | None:
-    global _libc
-    if _libc is None and sys.platform.startswith("linux"):
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise.restype = ctypes.c_int
-    return _libc.madvise if _libc is not None else None
-
-
+_POOLED = 1 << 22  # smaller buffers come from malloc's heap, already reused
 SCRATCH_BYTES = 1 << 30  # the most the scratch pool keeps between uses (least recently given back leaves first)
 _scratch: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # nbytes -> free uint8 buffers
 _scratch_bytes = 0
@@ -120,19 +107,17 @@ _scratch_lock = threading.Lock()
 
 def empty(shape: tuple[int, ...] | torch.Size | int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor: a buffer of the same byte size given back with
-    :func:`recycle` when there is one, else ``torch.empty`` asked (``MADV_HUGEPAGE``) to be backed
-    by transparent huge pages where the kernel offers them on request.
+    :func:`recycle` when there is one, else ``torch.empty``.
 
-    The kernels write fresh outputs and scratch deltas of hundreds of MB per tensor; the kernel
-    zeroes every fresh page on its first touch, and on 4 KiB pages faults once per page: together
-    about as much system time as the kernels' own work on the 1B benchmark. A recycled buffer
-    costs neither; a 2 MiB page takes one fault per 512. Only the 2 MiB-aligned interior is
-    advised, so nothing outside the tensor changes; the bits never depend on where memory came from.
+    The kernels write fresh outputs and scratch deltas of hundreds of MB per tensor, and the OS
+    zeroes every fresh page on its first touch (a fault per 4 KiB page): system time of the order
+    of the kernels' own work on the 1B benchmark. A recycled buffer costs neither. (Asking for
+    transparent huge pages instead, MADV_HUGEPAGE, made merges slower there: with the page cache
+    full of checkpoints the faults stall in compaction.) The bits never depend on the buffer.
     """
-    dtype_size = torch.empty((), dtype=dtype).element_size()
     numel = shape if isinstance(shape, int) else math.prod(shape)
-    nbytes = numel * dtype_size
-    if nbytes >= 2 * _HUGE:
+    nbytes = numel * dtype.itemsize
+    if nbytes >= _POOLED:
         with _scratch_lock:
             free = _scratch.get(nbytes)
             buf = free.pop() if free else None
@@ -143,13 +128,7 @@ def empty(shape: tuple[int, ...] | torch.Size | int, dtype: torch.dtype) -> torc
                     del _scratch[nbytes]
         if buf is not None:
             return buf.view(dtype).view(shape)
-    out = torch.empty(shape, dtype=dtype)
-    if nbytes >= 2 * _HUGE and (madvise := _madvise()) is not None:
-        start = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        stop = (out.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if stop > start:
-            madvise(start, stop - start, _MADV_HUGEPAGE)  # advice: a failure changes nothing
-    return out
+    return torch.empty(shape, dtype=dtype)
 
 
 def recycle(*tensors: torch.Tensor | None) -> None:
@@ -162,7 +141,7 @@ def recycle(*tensors: torch.Tensor | None) -> None:
             continue
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
-        if nbytes < 2 * _HUGE or nbytes > SCRATCH_BYTES or t.numel() * t.element_size() != nbytes:
+        if nbytes < _POOLED or nbytes > SCRATCH_BYTES or t.numel() * t.element_size() != nbytes:
             continue
         buf = torch.empty(0, dtype=torch.uint8).set_(storage)
         with _scratch_lock:
