@@ -188,7 +188,9 @@ def dare_drop(delta: torch.Tensor, density: float, rng: TensorRandom, model_inde
     if rescale and paper_rescale:
         kept = delta * mask
         return kept / density if density > 0 else kept
-    return _keep(delta, mask, rescale)
+    kept = _keep(delta, mask, rescale)
+    native.recycle(mask)  # each draw is handed out once (TensorRandom): the mask is dead now
+    return kept
 
 
 def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -249,10 +251,13 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorR
                             density, epsilon)
         u = rng.uniform(delta.shape, model_index, delta.device)
         keep = native_draws.row_rank_keep(delta, table, u.contiguous())
+        native.recycle(u)  # each draw is handed out once (TensorRandom): u is dead now
     if keep is None:
         keep = rng.bernoulli(della_keep_probs(delta, density, epsilon), delta.shape, model_index,
                              device=delta.device)
-    return _keep(delta, keep, rescale)
+    kept = _keep(delta, keep, rescale)
+    native.recycle(keep)
+    return kept
 
 
 def _native_ranks(delta: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_engine import native
 from merge_engine.native import l1 as native_l1
 from merge_engine.native import sparse as native_sparse
 from merge_engine.methods._reduce import total
@@ -153,9 +154,10 @@ def merge_trimmed(tensors: Sequence[torch.Tensor], base: torch.Tensor, weight: S
                                   elect_signs=elect_signs, trim=trim)
     cache = _current.get()
     flat_base = base.reshape(-1)
-    deltas, selections = [], []
+    deltas, selections, sources = [], [], []
     for i, x in enumerate(tensors):
         stats = _stats(x, base, i, cache, hist=select is not None)
+        sources.append(stats.delta)
         chosen = select(i, stats.delta, stats.hist) if select is not None else None
         if chosen is None:
             kept = trim(i, stats.delta.view(base.shape)).reshape(-1)
@@ -173,7 +175,19 @@ def merge_trimmed(tensors: Sequence[torch.Tensor], base: torch.Tensor, weight: S
     out = native_sparse.sparse_mix(deltas, selections, flat_base, [float(v) for v in w],
                                    elect=elect_signs, normalize=normalize, divisor=divisor,
                                    lambda_=lambda_)
+    _recycle(deltas + (sources if cache is None else []), keep=sources if cache is not None else [])
     return out.view(base.shape)
+
+
+def _recycle(dead: list[torch.Tensor], keep: list[torch.Tensor]) -> None:
+    """Give the scratch buffers of a finished mix back (:func:`merge_engine.native.recycle`): each
+    buffer once, none that a search cache still holds (``keep``)."""
+    held = {t.untyped_storage().data_ptr() for t in keep}
+    for t in dead:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held:
+            held.add(ptr)
+            native.recycle(t)
 
 
 def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
@@ -209,6 +223,7 @@ def merge_sce(tensors: Sequence[torch.Tensor], base: torch.Tensor,
         return None
     weights = [float(v) for v in torch.tensor(shares, dtype=torch.bfloat16)]
     out = native_sparse.sce_mix(deltas, base.reshape(-1), var, chosen or (0, 0, 0), weights)
+    _recycle(([var] if var is not None else []) + (deltas if cache is None else []), keep=[])
     return out.view(base.shape)
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -96,6 +98,66 @@ def declared(signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
     return lib
 
 
+_POOLED = 1 << 22  # smaller buffers come from malloc's heap, already reused
+SCRATCH_BYTES = 1 << 30  # the most the scratch pool keeps between uses (least recently given back leaves first)
+_scratch: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # nbytes -> free uint8 buffers
+_scratch_bytes = 0
+_scratch_lock = threading.Lock()
+
+
+def empty(shape: tuple[int, ...] | torch.Size | int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor: a buffer of the same byte size given back with
+    :func:`recycle` when there is one, else ``torch.empty``.
+
+    The kernels write fresh outputs and scratch deltas of hundreds of MB per tensor, and the OS
+    zeroes every fresh page on its first touch (a fault per 4 KiB page): system time of the order
+    of the kernels' own work on the 1B benchmark. A recycled buffer costs neither. (Asking for
+    transparent huge pages instead, MADV_HUGEPAGE, made merges slower there: with the page cache
+    full of checkpoints the faults stall in compaction.) The bits never depend on the buffer.
+    """
+    numel = shape if isinstance(shape, int) else math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    if nbytes >= _POOLED:
+        with _scratch_lock:
+            free = _scratch.get(nbytes)
+            buf = free.pop() if free else None
+            if buf is not None:
+                global _scratch_bytes
+                _scratch_bytes -= nbytes
+                if not free:
+                    del _scratch[nbytes]
+        if buf is not None:
+            return buf.view(dtype).view(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
+def recycle(*tensors: torch.Tensor | None) -> None:
+    """Give dead CPU tensors' buffers to :func:`empty` for reuse. The caller guarantees that
+    nothing reads or writes them afterwards (no other tensor shares their storage); a tensor
+    that is not a whole contiguous buffer of at least 4 MiB is left to torch."""
+    global _scratch_bytes
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.storage_offset() != 0:
+            continue
+        storage = t.untyped_storage()
+        nbytes = storage.nbytes()
+        if nbytes < _POOLED or nbytes > SCRATCH_BYTES or t.numel() * t.element_size() != nbytes:
+            continue
+        buf = torch.empty(0, dtype=torch.uint8).set_(storage)
+        with _scratch_lock:
+            if any(b.data_ptr() == buf.data_ptr() for b in _scratch.get(nbytes, ())):
+                continue  # given back twice
+            _scratch.setdefault(nbytes, []).append(buf)
+            _scratch.move_to_end(nbytes)
+            _scratch_bytes += nbytes
+            while _scratch_bytes > SCRATCH_BYTES:
+                size, free = next(iter(_scratch.items()))
+                free.pop(0)
+                _scratch_bytes -= size
+                if not free:
+                    del _scratch[size]
+
+
 def available() -> bool:
     """True when the native kernels are built (or could be built now) and enabled."""
     return _library() is not None
@@ -114,7 +176,7 @@ def weighted_sum_bf16(tensors: list[torch.Tensor], weights: list[float],
     if lib is None:
         return None
     n = first.numel()
-    out = torch.empty(first.shape, dtype=torch.bfloat16)
+    out = empty(first.shape, torch.bfloat16)
     ins = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     w = (ctypes.c_float * len(weights))(*[float(x) for x in weights])
     args = (out.data_ptr(), ins, w, len(tensors))

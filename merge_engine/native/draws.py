@@ -33,14 +33,14 @@ def usable() -> bool:
 
 def uniform(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """``torch.rand(shape, generator=torch.Generator().manual_seed(seed))`` (float32), natively."""
-    out = torch.empty(shape, dtype=torch.float32)
+    out = native.empty(shape, torch.float32)
     _lib().mt_uniform_f32(out.data_ptr(), seed & 0xFFFFFFFFFFFFFFFF, out.numel())
     return out
 
 
 def keep_mask(shape: tuple[int, ...], seed: int, keep: float) -> torch.Tensor:
     """``(torch.rand(shape, generator=...manual_seed(seed)) < keep).view(torch.uint8)``, natively."""
-    out = torch.empty(shape, dtype=torch.uint8)
+    out = native.empty(shape, torch.uint8)
     _lib().mt_keep_u8(out.data_ptr(), seed & 0xFFFFFFFFFFFFFFFF, float(keep), out.numel())
     return out
 
@@ -50,7 +50,7 @@ def row_rank_probs(delta: torch.Tensor, table: torch.Tensor) -> torch.Tensor | N
     entry's 0-based position in a stable ascending sort of its row by magnitude; None when a row
     holds a NaN (the torch reference then ranks)."""
     rows, cols = delta.shape
-    probs = torch.empty(delta.shape, dtype=torch.float32)
+    probs = native.empty(delta.shape, torch.float32)
     n = delta.numel()
     lib = _lib()
 
@@ -67,7 +67,7 @@ def row_rank_keep(delta: torch.Tensor, table: torch.Tensor, u: torch.Tensor) -> 
     """``u < row_rank_probs(delta, table)`` as a bool tensor of ``delta``'s shape, in one pass per
     row (``u``: contiguous float32 draws of that shape); None when a row holds a NaN."""
     rows, cols = delta.shape
-    keep = torch.empty(delta.shape, dtype=torch.bool)
+    keep = native.empty(delta.shape, torch.bool)
     lib = _lib()
 
     def part(_p: int, a: int, b: int) -> int:

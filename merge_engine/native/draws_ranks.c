@@ -8,10 +8,12 @@
  *   (ties by position, as torch.argsort(stable=True)), the rank r mapped by the caller's table
  *   probs[r]. Rows holding a NaN are reported (the caller then uses the torch reference).
  * row_rank_keep_bf16: the same ranks, then DELLA's keep mask u < table[rank] straight away (no
- *   float32 probabilities written and compared in a second pass).
+ *   float32 probabilities written and compared in a second pass, no permutation array: each rank
+ *   is used where the radix pass assigns it).
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MT_N 624
 #define MT_M 397
@@ -73,37 +75,67 @@ void mt_keep_u8(uint8_t *out, uint64_t seed, float keep, long n) {
     }
 }
 
-/* idx[r] = the column of rank r in a stable ascending sort of row d by magnitude bits (an LSD radix
- * sort, 8 then 7 bits, through tmp); returns 1 (idx unset) when the row holds a NaN */
-static int rank_row(uint32_t *idx, uint32_t *tmp, const uint16_t *d, long cols) {
-    long lo[256] = {0}, hi[128] = {0};
-    int nan = 0;
-    for (long c = 0; c < cols; c++) {
+/* The rank of each column of row d in a stable ascending sort by magnitude bits (an LSD radix
+ * sort, 8 then 7 bits, through tmp), handed straight to its output: probs[c] = table[rank] (keep
+ * NULL) or keep[c] = u[c] < table[rank]; no permutation is written and read back. The counts use
+ * four interleaved sub-histograms (a row's magnitudes share few exponents: one counter would
+ * serialize). Returns 1 (outputs unset) when the row holds a NaN. */
+#define WAYS 4
+static inline void emit(float *probs, uint8_t *keep, const float *u, const float *table, uint32_t c,
+                        uint32_t rank) {
+    if (keep) keep[c] = u[c] < table[rank];
+    else probs[c] = table[rank];
+}
+
+static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *table, float *probs,
+                    uint8_t *keep, const float *u) {
+    uint32_t lo[WAYS][256], hi[WAYS][128];
+    memset(lo, 0, sizeof lo);
+    memset(hi, 0, sizeof hi);
+    unsigned worst = 0;
+    long c = 0;
+    for (; c + WAYS <= cols; c += WAYS)
+        for (int j = 0; j < WAYS; j++) {
+            const unsigned k = d[c + j] & 0x7FFF;
+            worst = k > worst ? k : worst;
+            lo[j][k & 0xFF]++;
+            hi[j][k >> 8]++;
+        }
+    for (; c < cols; c++) {
         const unsigned k = d[c] & 0x7FFF;
-        nan |= k > 0x7F80;
-        lo[k & 0xFF]++;
-        hi[k >> 8]++;
+        worst = k > worst ? k : worst;
+        lo[0][k & 0xFF]++;
+        hi[0][k >> 8]++;
     }
-    if (nan) return 1;
-    long sum = 0;
-    for (int b = 0; b < 256; b++) { long c = lo[b]; lo[b] = sum; sum += c; }
+    if (worst > 0x7F80) return 1;  /* a NaN */
+    uint32_t sum = 0;
+    for (int b = 0; b < 256; b++) {
+        const uint32_t n = lo[0][b] + lo[1][b] + lo[2][b] + lo[3][b];
+        lo[0][b] = sum;
+        sum += n;
+    }
     sum = 0;
-    for (int b = 0; b < 128; b++) { long c = hi[b]; hi[b] = sum; sum += c; }
+    for (int b = 0; b < 128; b++) {
+        const uint32_t n = hi[0][b] + hi[1][b] + hi[2][b] + hi[3][b];
+        hi[0][b] = sum;
+        sum += n;
+    }
+    uint32_t *lo_at = lo[0], *hi_at = hi[0];
     if (cols <= (1L << 17)) {  /* key and column packed in one word: the second pass reads no row */
-        for (long c = 0; c < cols; c++) {
-            const uint32_t k = d[c] & 0x7FFF;
-            tmp[lo[k & 0xFF]++] = (k << 17) | (uint32_t)c;
+        for (long i = 0; i < cols; i++) {
+            const uint32_t k = d[i] & 0x7FFF;
+            tmp[lo_at[k & 0xFF]++] = (k << 17) | (uint32_t)i;
         }
         for (long r = 0; r < cols; r++) {
             const uint32_t v = tmp[r];
-            idx[hi[v >> 25]++] = v & 0x1FFFFu;
+            emit(probs, keep, u, table, v & 0x1FFFFu, hi_at[v >> 25]++);
         }
         return 0;
     }
-    for (long c = 0; c < cols; c++) tmp[lo[d[c] & 0xFF]++] = (uint32_t)c;
+    for (long i = 0; i < cols; i++) tmp[lo_at[d[i] & 0xFF]++] = (uint32_t)i;
     for (long r = 0; r < cols; r++) {
-        const uint32_t c = tmp[r];
-        idx[hi[(d[c] & 0x7FFF) >> 8]++] = c;
+        const uint32_t i = tmp[r];
+        emit(probs, keep, u, table, i, hi_at[(d[i] & 0x7FFF) >> 8]++);
     }
     return 0;
 }
@@ -113,28 +145,15 @@ static int rank_row(uint32_t *idx, uint32_t *tmp, const uint16_t *d, long cols) 
  * returns the number of rows with a NaN (their outputs are left unset) or -1 when out of memory */
 static long ranks(float *probs, uint8_t *keep, const float *u, const uint16_t *delta,
                   const float *table, long cols, long row_start, long row_stop) {
-    uint32_t *idx = malloc(sizeof(uint32_t) * cols), *tmp = malloc(sizeof(uint32_t) * cols);
+    uint32_t *tmp = malloc(sizeof(uint32_t) * cols);
     long nan_rows = 0;
-    if (idx == NULL || tmp == NULL) {
-        free(idx);
-        free(tmp);
-        return -1;
-    }
+    if (tmp == NULL) return -1;
     for (long row = row_start; row < row_stop; row++) {
-        if (rank_row(idx, tmp, delta + row * cols, cols)) {
+        const long at = row * cols;
+        if (keep ? rank_row(tmp, delta + at, cols, table, 0, keep + at, u + at)
+                 : rank_row(tmp, delta + at, cols, table, probs + at, 0, 0))
             nan_rows++;
-            continue;
-        }
-        if (keep) {
-            uint8_t *k = keep + row * cols;
-            const float *ur = u + row * cols;
-            for (long r = 0; r < cols; r++) k[idx[r]] = ur[idx[r]] < table[r];
-        } else {
-            float *p = probs + row * cols;
-            for (long r = 0; r < cols; r++) p[idx[r]] = table[r];
-        }
     }
-    free(idx);
     free(tmp);
     return nan_rows;
 }

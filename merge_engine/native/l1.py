@@ -84,7 +84,7 @@ def mask_scale(delta: torch.Tensor, mask: torch.Tensor | None, scale: float | No
     value, as a 0-dim float32 tensor multiplies), the same bits, delta's shape."""
     lib = _lib()
     flat = delta.reshape(-1)
-    out = torch.empty_like(flat)
+    out = native.empty(flat.shape, flat.dtype)
     m = mask.reshape(-1).view(torch.uint8) if mask is not None else None
     args = (out.data_ptr(), flat.data_ptr(), m.data_ptr() if m is not None else None,
             float(scale) if scale is not None else 1.0, int(scale is not None))

@@ -16,16 +16,35 @@
 
 #define MAX_MODELS 64
 
+/* chunk by chunk, model by model, so that the divisions run as vectors (the same operations on
+ * every entry in the same order: the same bits as one entry at a time) */
+#define VAR_CHUNK 512
 void var_bf16(uint16_t *out, const uint16_t *const *deltas, int n, long start, long stop) {
-    for (long i = start; i < stop; i++) {
-        double mean = 0.0, m2 = 0.0;
+    double mean[VAR_CHUNK], m2[VAR_CHUNK];
+    for (long s = start; s < stop; s += VAR_CHUNK) {
+        const long m = stop - s < VAR_CHUNK ? stop - s : VAR_CHUNK;
+        for (long i = 0; i < m; i++) mean[i] = m2[i] = 0.0;
         for (int k = 0; k < n; k++) {
-            const double x = bf(deltas[k][i]);
-            const double delta = x - mean;
-            mean = mean + delta / (double)(k + 1);
-            m2 = m2 + delta * (x - mean);
+            const uint16_t *d = deltas[k] + s;
+            const double count = (double)(k + 1);
+            if (((k + 1) & k) == 0) {  /* count 2^j: delta * 2^-j is delta / count, rounding and all */
+                const double inv = 1.0 / count;
+                for (long i = 0; i < m; i++) {
+                    const double x = bf(d[i]);
+                    const double delta = x - mean[i];
+                    mean[i] = mean[i] + delta * inv;
+                    m2[i] = m2[i] + delta * (x - mean[i]);
+                }
+                continue;
+            }
+            for (long i = 0; i < m; i++) {
+                const double x = bf(d[i]);
+                const double delta = x - mean[i];
+                mean[i] = mean[i] + delta / count;
+                m2[i] = m2[i] + delta * (x - mean[i]);
+            }
         }
-        out[i] = rbf((float)(m2 / (double)n));
+        for (long i = 0; i < m; i++) out[s + i] = rbf((float)(m2[i] / (double)n));
     }
 }
 

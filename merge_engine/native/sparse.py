@@ -86,7 +86,7 @@ def delta_and_histogram(x: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tens
     its magnitude bits. Both flat."""
     lib = _lib()
     n = x.numel()
-    delta = torch.empty(n, dtype=torch.bfloat16)
+    delta = native.empty(n, torch.bfloat16)
     parts = _parts(n)
     _parallel(lambda p, a, b: lib.delta_hist_bf16(delta.data_ptr(), parts[p].ctypes.data,
                                                   x.data_ptr(), base.data_ptr(), a, b), n)
@@ -97,7 +97,7 @@ def delta_only(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """``x - base`` in bf16 (flat), as :func:`delta_and_histogram` gives it, without the histogram."""
     lib = _lib()
     n = x.numel()
-    delta = torch.empty(n, dtype=torch.bfloat16)
+    delta = native.empty(n, torch.bfloat16)
     _parallel(lambda p, a, b: lib.delta_bf16(delta.data_ptr(), x.data_ptr(), base.data_ptr(), a, b), n)
     return delta
 
@@ -133,7 +133,7 @@ def nth_with_key(delta: torch.Tensor, key: int, nth: int) -> int:
 def select(delta: torch.Tensor, sel: Sequence[int]) -> torch.Tensor:
     """``delta * mask`` for a selection ``(mode, lo, lo_cut, hi, hi_cut)`` of KEEP_TOP/KEEP_BAND."""
     lib = _lib()
-    out = torch.empty_like(delta)
+    out = native.empty(delta.shape, delta.dtype)
     _parallel(lambda p, a, b: lib.select_bf16(out.data_ptr(), delta.data_ptr(), *sel, a, b),
               delta.numel())
     return out
@@ -147,7 +147,7 @@ def sparse_mix(deltas: Sequence[torch.Tensor], selections: Sequence[Sequence[int
     the bf16 sum of weights (without sign election). Returns bf16 of ``base``'s shape."""
     lib = _lib()
     n_models = len(deltas)
-    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    out = native.empty(base.shape, torch.bfloat16)
     ptrs = (ctypes.c_void_p * n_models)(*[d.data_ptr() for d in deltas])
     cols = list(zip(*selections))
     arrays = [(ctypes.c_int * n_models)(*cols[0]), (ctypes.c_int * n_models)(*cols[1]),
@@ -162,7 +162,7 @@ def sparse_mix(deltas: Sequence[torch.Tensor], selections: Sequence[Sequence[int
 def variance(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(deltas).var(dim=0, unbiased=False)`` of flat bf16 deltas, the same bits."""
     lib = _lib()
-    out = torch.empty_like(deltas[0])
+    out = native.empty(deltas[0].shape, deltas[0].dtype)
     ptrs = (ctypes.c_void_p * len(deltas))(*[d.data_ptr() for d in deltas])
     _parallel(lambda p, a, b: lib.var_bf16(out.data_ptr(), ptrs, len(deltas), a, b), out.numel())
     return out
@@ -175,7 +175,7 @@ def sce_mix(deltas: Sequence[torch.Tensor], base: torch.Tensor, var: torch.Tenso
     none), ``weights`` are the bf16 shares as floats. Returns bf16 of ``base``'s shape."""
     lib = _lib()
     n_models = len(deltas)
-    out = torch.empty(base.shape, dtype=torch.bfloat16)
+    out = native.empty(base.shape, torch.bfloat16)
     ptrs = (ctypes.c_void_p * n_models)(*[d.data_ptr() for d in deltas])
     w = (ctypes.c_float * n_models)(*weights)
     args = (out.data_ptr(), base.data_ptr(), ptrs, n_models,
