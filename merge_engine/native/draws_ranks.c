@@ -135,33 +135,18 @@ static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *ta
     memset(hi, 0, sizeof hi);
     unsigned worst = 0;
     long c = 0;
-    const int packed = cols <= (1L << 17);  /* key and column in one word: later passes read no row */
-    if (packed) {  /* the high-digit counts come per quarter of tmp, after the first scatter */
-        for (; c + WAYS <= cols; c += WAYS)
-            for (int j = 0; j < WAYS; j++) {
-                const unsigned k = d[c + j] & 0x7FFF;
-                worst = k > worst ? k : worst;
-                lo[j][k & 0xFF]++;
-            }
-        for (; c < cols; c++) {
-            const unsigned k = d[c] & 0x7FFF;
+    for (; c + WAYS <= cols; c += WAYS)
+        for (int j = 0; j < WAYS; j++) {
+            const unsigned k = d[c + j] & 0x7FFF;
             worst = k > worst ? k : worst;
-            lo[0][k & 0xFF]++;
+            lo[j][k & 0xFF]++;
+            hi[j][k >> 8]++;
         }
-    } else {
-        for (; c + WAYS <= cols; c += WAYS)
-            for (int j = 0; j < WAYS; j++) {
-                const unsigned k = d[c + j] & 0x7FFF;
-                worst = k > worst ? k : worst;
-                lo[j][k & 0xFF]++;
-                hi[j][k >> 8]++;
-            }
-        for (; c < cols; c++) {
-            const unsigned k = d[c] & 0x7FFF;
-            worst = k > worst ? k : worst;
-            lo[0][k & 0xFF]++;
-            hi[0][k >> 8]++;
-        }
+    for (; c < cols; c++) {
+        const unsigned k = d[c] & 0x7FFF;
+        worst = k > worst ? k : worst;
+        lo[0][k & 0xFF]++;
+        hi[0][k >> 8]++;
     }
     if (worst > 0x7F80) return 1;  /* a NaN */
     uint32_t sum = 0;
@@ -170,43 +155,23 @@ static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *ta
         lo[0][b] = sum;
         sum += n;
     }
-    uint32_t *lo_at = lo[0], *hi_at = hi[0];
-    if (packed) {
-        for (long i = 0; i < cols; i++) {
-            const uint32_t k = d[i] & 0x7FFF;
-            tmp[lo_at[k & 0xFF]++] = (k << 17) | (uint32_t)i;
-        }
-        /* The ranks by high digit, stable: one counter per digit made a chain of dependent
-         * increments (a row's magnitudes share few exponents). So tmp is cut into WAYS quarters,
-         * each with its own counters starting where the earlier quarters leave that digit; the
-         * quarters are walked interleaved and the chains run side by side. Same ranks. */
-        const long q = cols / WAYS;  /* the last quarter also takes the cols % WAYS left over */
-        for (long r = 0; r < q; r++)
-            for (int j = 0; j < WAYS; j++) hi[j][tmp[j * q + r] >> 25]++;
-        for (long r = WAYS * q; r < cols; r++) hi[WAYS - 1][tmp[r] >> 25]++;
-        sum = 0;
-        for (int b = 0; b < 128; b++)
-            for (int j = 0; j < WAYS; j++) {
-                const uint32_t n = hi[j][b];
-                hi[j][b] = sum;
-                sum += n;
-            }
-        for (long r = 0; r < q; r++)
-            for (int j = 0; j < WAYS; j++) {
-                const uint32_t v = tmp[j * q + r];
-                emit(probs, keep, u, table, v & 0x1FFFFu, hi[j][v >> 25]++);
-            }
-        for (long r = WAYS * q; r < cols; r++) {
-            const uint32_t v = tmp[r];
-            emit(probs, keep, u, table, v & 0x1FFFFu, hi[WAYS - 1][v >> 25]++);
-        }
-        return 0;
-    }
     sum = 0;
     for (int b = 0; b < 128; b++) {
         const uint32_t n = hi[0][b] + hi[1][b] + hi[2][b] + hi[3][b];
         hi[0][b] = sum;
         sum += n;
+    }
+    uint32_t *lo_at = lo[0], *hi_at = hi[0];
+    if (cols <= (1L << 17)) {  /* key and column packed in one word: the second pass reads no row */
+        for (long i = 0; i < cols; i++) {
+            const uint32_t k = d[i] & 0x7FFF;
+            tmp[lo_at[k & 0xFF]++] = (k << 17) | (uint32_t)i;
+        }
+        for (long r = 0; r < cols; r++) {
+            const uint32_t v = tmp[r];
+            emit(probs, keep, u, table, v & 0x1FFFFu, hi_at[v >> 25]++);
+        }
+        return 0;
     }
     for (long i = 0; i < cols; i++) tmp[lo_at[d[i] & 0xFF]++] = (uint32_t)i;
     for (long r = 0; r < cols; r++) {
