@@ -66,3 +66,31 @@ def test_della_native_ranks_give_the_torch_probabilities(monkeypatch, shape) -> 
     want.append(sparsify.della_keep_probs(delta_nan, 0.5, 0.1))
     for a, b in zip(got, want):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _spanning(rows: int, cols: int, exponents: int, seed: int) -> torch.Tensor:
+    """bf16 deltas whose magnitudes span about ``exponents`` binary exponents per row, with zeros
+    and ties: a narrow span is ranked by counting every key, a wide one by the radix sort."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp2(torch.randint(-exponents // 2, exponents // 2 + 1, (rows, cols), generator=g).float())
+    sign = torch.randint(0, 2, (rows, cols), generator=g).float() * 2 - 1
+    x = (sign * (1 + torch.rand(rows, cols, generator=g)) * scale * 2 ** -10).bfloat16()
+    # every third row spans 60 exponents: rows of one tensor take both paths, in turn
+    x[::3] *= torch.exp2(torch.randint(-30, 31, x[::3].shape, generator=g).float()).bfloat16()
+    x.view(-1)[::7] = 0.0
+    x[4] = -0.0  # a row of zeros only
+    n = x.numel() // 11
+    x.view(-1)[1:11 * n:11] = x.view(-1)[3:11 * n:11]  # ties at distant columns
+    return x
+
+
+@pytest.mark.parametrize("exponents", [0, 3, 40, 200])  # counted (narrow) ... radix-sorted (wide)
+@pytest.mark.parametrize("cols", [96, 257, 2048])
+def test_della_native_drop_counts_and_sorts_the_torch_ranks(monkeypatch, exponents, cols) -> None:
+    delta = _spanning(300, cols, exponents, exponents * 1000 + cols)
+    probs = sparsify.della_keep_probs(delta, 0.5, 0.1)
+    kept = sparsify.della_drop(delta, 0.5, 0.1, TensorRandom(5, "w"), 1, rescale=True, paper_rescale=False)
+    torch_only(monkeypatch)
+    assert torch.equal(probs.view(torch.int32), sparsify.della_keep_probs(delta, 0.5, 0.1).view(torch.int32))
+    want = sparsify.della_drop(delta, 0.5, 0.1, TensorRandom(5, "w"), 1, rescale=True, paper_rescale=False)
+    assert torch.equal(kept.view(torch.int16), want.view(torch.int16))

@@ -7,6 +7,8 @@
  * row_rank_probs_bf16: per row, a stable LSD radix sort (8 + 7 bits) of |delta|'s magnitude bits
  *   (ties by position, as torch.argsort(stable=True)), the rank r mapped by the caller's table
  *   probs[r]. Rows holding a NaN are reported (the caller then uses the torch reference).
+ *   Rows whose nonzero magnitudes span few keys (real deltas: a few exponents) are ranked by
+ *   counting every 15-bit key instead (count_row: two passes over the row, no scatter).
  * row_rank_keep_bf16: the same ranks, then DELLA's keep mask u < table[rank] straight away (no
  *   float32 probabilities written and compared in a second pass, no permutation array: each rank
  *   is used where the radix pass assigns it).
@@ -87,8 +89,47 @@ static inline void emit(float *probs, uint8_t *keep, const float *u, const float
     else probs[c] = table[rank];
 }
 
+/* The counting path: a row's nonzero magnitudes span few exponents (a few thousand keys at most on
+ * real deltas), so one counter per key over [smallest nonzero key, largest key], zeros in a slot
+ * of their own below, gives every rank in two passes over the row (count, then rank in column
+ * order: stable) with no scatter through tmp. Returns -1 when the key span is too wide for the row
+ * (the radix path then ranks), 1 on a NaN, else 0. */
+#define SPAN_MAX (1L << 15)
+static int count_row(uint32_t *cnt, const uint16_t *d, long cols, const float *table, float *probs,
+                     uint8_t *keep, const float *u) {
+    unsigned lo = 0xFFFF, hi = 0;
+    for (long c = 0; c < cols; c++) {
+        const unsigned k = d[c] & 0x7FFF;
+        hi = k > hi ? k : hi;
+        const unsigned m = k ? k : 0xFFFF;
+        lo = m < lo ? m : lo;
+    }
+    if (hi > 0x7F80) return 1;  /* a NaN */
+    const unsigned base = hi >= lo ? lo - 1 : 0;  /* key k > 0 counts in slot k - base >= 1 */
+    const long span = hi >= lo ? (long)(hi - base) + 1 : 1;
+    if (span > 2 * cols + 256) return -1;
+    memset(cnt, 0, sizeof(uint32_t) * span);
+    for (long c = 0; c < cols; c++) {
+        const unsigned k = d[c] & 0x7FFF;
+        cnt[k ? k - base : 0]++;
+    }
+    uint32_t sum = 0;
+    for (long b = 0; b < span; b++) {
+        const uint32_t n = cnt[b];
+        cnt[b] = sum;
+        sum += n;
+    }
+    for (long c = 0; c < cols; c++) {
+        const unsigned k = d[c] & 0x7FFF;
+        emit(probs, keep, u, table, (uint32_t)c, cnt[k ? k - base : 0]++);
+    }
+    return 0;
+}
+
 static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *table, float *probs,
                     uint8_t *keep, const float *u) {
+    const int counted = count_row(tmp + cols, d, cols, table, probs, keep, u);
+    if (counted >= 0) return counted;
     uint32_t lo[WAYS][256], hi[WAYS][128];
     memset(lo, 0, sizeof lo);
     memset(hi, 0, sizeof hi);
@@ -145,7 +186,7 @@ static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *ta
  * returns the number of rows with a NaN (their outputs are left unset) or -1 when out of memory */
 static long ranks(float *probs, uint8_t *keep, const float *u, const uint16_t *delta,
                   const float *table, long cols, long row_start, long row_stop) {
-    uint32_t *tmp = malloc(sizeof(uint32_t) * cols);
+    uint32_t *tmp = malloc(sizeof(uint32_t) * (cols + (cols < SPAN_MAX ? 2 * cols + 256 : SPAN_MAX)));  /* + counters */
     long nan_rows = 0;
     if (tmp == NULL) return -1;
     for (long row = row_start; row < row_stop; row++) {
