@@ -8,7 +8,10 @@ problems raises one :class:`ProblemsError` listing them all. Files a user keeps 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from merge_engine.errors import validation_problems  # noqa: F401  (the one formatter, re-exported)
@@ -75,3 +78,27 @@ EXIT_CODES = {
     130: "interrupted (Ctrl-C); finished work is kept, the same command resumes",
 }
 EXIT_FAILED, EXIT_INPUT, EXIT_STORAGE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """A folder beside ``target`` to build in, swapped into place whole when the block ends (an
+    older ``target`` is moved aside first and removed after the swap): readers see the old folder
+    or the whole new one; an exception removes the half-built folder and leaves ``target`` as it
+    was. The folder gets the umask's permissions, as a normal new folder would."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    os.chmod(build, 0o777 & ~current_umask())
+    old = None
+    try:
+        yield build
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(build, target)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -67,15 +67,13 @@ def cmd_moe_search(args: argparse.Namespace) -> int:
     from evomerge.moe.run import run_moe_search
     from evomerge.moe.search_space import load_moe_space, moe_space_distributions
     from evomerge.results import report_table
-    from evomerge.search.run import RunOptions, quiet_optuna
+    from evomerge.cli.search import run_options
+    from evomerge.search.run import quiet_optuna
     from evomerge.search.study import redact
 
     quiet_libraries()
     space = load_moe_space(args.space, variables=dict(args.var))
-    options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
-                         study_name=args.study, sampler=args.sampler, trials=args.trials,
-                         timeout=args.timeout, materialize=args.materialize, device=args.device,
-                         placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
+    options = run_options(args, space.name)
     line = ProgressLine(sys.stderr)
     print(f"MoE search {space.name}: {len(moe_space_distributions(space))} genes, output {options.out_dir}",
           file=sys.stderr)

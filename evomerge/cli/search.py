@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evomerge.cli.common import (
     ProgressLine,
@@ -18,6 +19,9 @@ from evomerge.cli.common import (
     whole_number,
 )
 from evomerge.devices import DEVICE_HELP, device_arg
+
+if TYPE_CHECKING:
+    from evomerge.search.run import RunOptions
 
 TRIALS_HELP = ("finished trials to reach (default, or 0: the {}'s budget); a resumed study counts "
                "the trials it already finished")
@@ -33,16 +37,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     if is_moe_space_file(args.space):  # a moe: block: the candidates are MoE builds (docs/moe.md)
         return cmd_moe_search(args)
     quiet_libraries()
-    from evomerge.search.run import RunOptions
     from evomerge.space import load_space
 
     space = load_space(args.space, variables=dict(args.var))
-    options = RunOptions(out_dir=Path(args.out or f"runs/{space.name}"), storage=args.storage,
-                         study_name=args.study, sampler=args.sampler, trials=args.trials,
-                         timeout=args.timeout, materialize=args.materialize, device=args.device,
-                         # --var folders go back to ${NAME} in the result files (portable recipes)
-                         placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
-    return _run(space, options, args.verbose)
+    return _run(space, run_options(args, space.name), args.verbose)
+
+
+def run_options(args: argparse.Namespace, space_name: str) -> RunOptions:
+    """The ``RunOptions`` of a ``search`` command line (a parameter space or an MoE space)."""
+    from evomerge.search.run import RunOptions
+
+    return RunOptions(out_dir=Path(args.out or f"runs/{space_name}"), storage=args.storage,
+                      study_name=args.study, sampler=args.sampler, trials=args.trials,
+                      timeout=args.timeout, materialize=args.materialize, device=args.device,
+                      # --var folders go back to ${NAME} in the result files (portable recipes)
+                      placeholders={k: v for k, v in args.var if Path(v).expanduser().is_dir()})
 
 
 def cmd_export(args: argparse.Namespace) -> int:

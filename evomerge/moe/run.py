@@ -20,25 +20,21 @@ written:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, atomic_dir
 from evomerge.moe.candidate import MoECandidate
 from evomerge.moe.search_space import SHARED_VAR, MoERecipe, MoESearchSpace, default_params, trial_moe_recipe
-from evomerge.results.files import _home_relative, _portable, _replace_dir, write_results  # the same file conventions
-from evomerge.results.store import provenance, top_trials
+from evomerge.results.files import best_entries, portable_filter, var_options, write_results  # the same file conventions
+from evomerge.results.store import top_trials
 from evomerge.search.held_out import one_model_recipe
 from evomerge.search.loop import Evaluators, Progress
 from evomerge.search.run import RunOptions, SearchSummary, run_study, summarize
 from evomerge.search.samplers import sampler_problems
-from merge_engine.io import current_umask
 
 DEFAULT_MOE_SAMPLER = "tpe"  # the genes are mostly categorical (experts, prompts, gate mode)
 
@@ -132,31 +128,21 @@ def moe_held_out(study: optuna.Study, space: MoESearchSpace, candidate: MoECandi
 def write_moe_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, str] | None = None) -> Path:
     """best/NN_trialNNNN.moe.yml (+ .shared.yml) and .json for the top-k trials, written as one
     directory (a half-written best/ never exists)."""
-    portable = _portable(placeholders or {})
-    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
-    variables = "".join(f" --var {n}={_home_relative(v)}" for n, v in (placeholders or {}).items())
-    best_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
-    os.chmod(build, 0o777 & ~current_umask())
-    try:
-        for rank, t in enumerate(top_trials(study, k), 1):
-            stem = f"{rank:02d}_trial{t.number:04d}"
+    portable = portable_filter(placeholders or {})
+    variables = var_options(placeholders)
+    with atomic_dir(best_dir) as build:
+        for stem, t, prov in best_entries(study):
             recipe = recipe_of(t)
-            prov = provenance(study, t, rank)
             steps = [f"evomerge moe best/{stem}.moe.yml OUT --seed {recipe.seed}{variables}"]
             if recipe.shared is not None:
                 (build / f"{stem}.shared.yml").write_text(portable(recipe.shared.to_yaml()))
                 steps = [f"evomerge merge best/{stem}.shared.yml SHARED_DIR{variables}",
                          steps[0] + f" --var {SHARED_VAR}=SHARED_DIR"]
-            header = [f"# evomerge MoE search result: study {study.study_name}, trial {t.number} (rank {rank})",
+            header = [f"# evomerge MoE search result: study {study.study_name}, trial {t.number} (rank {prov['rank']})",
                       f"# objectives: {json.dumps(prov['values'])}",
                       f"# held-out report split: {json.dumps(prov['report_scores'])}",
                       *[f"# reproduce: {s}" for s in steps]]
             (build / f"{stem}.moe.yml").write_text(portable("\n".join(header) + "\n" + recipe.moe_yaml()))
             (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
-        _replace_dir(build, best_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
     return best_dir
 

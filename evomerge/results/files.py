@@ -17,22 +17,20 @@ Every file is written to a temporary name and renamed into place (best/ as a who
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import FrozenTrial
 
-from evomerge.errors import StorageError, atomic_write
+from evomerge.errors import StorageError, atomic_dir, atomic_write
 from evomerge.results.plots import write_plots
 from evomerge.results.report import report_table, summary, trials_frame
 from evomerge.results.store import provenance, ranking_note, top_trials, trial_stages_of
 from merge_engine.stages import stages_yaml
-from merge_engine.io import current_umask
 
 
 def write_results(study: optuna.Study, out_dir: str | Path,
@@ -48,7 +46,7 @@ def write_results(study: optuna.Study, out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    portable = _portable(placeholders or {})
+    portable = portable_filter(placeholders or {})
     files = {"trials": atomic_write(out_dir / "trials.csv", trials_frame(study).to_csv(index=False)),
              "best": (best or write_best)(study, out_dir / "best", placeholders)}
     if "space" in study.user_attrs:
@@ -65,33 +63,35 @@ def write_results(study: optuna.Study, out_dir: str | Path,
 def write_best(study: optuna.Study, best_dir: Path, placeholders: Mapping[str, str] | None = None) -> Path:
     """best/NN_trialNNNN.yaml (recipe with a provenance header) + .json for the top-k trials
     (``placeholders`` as in :func:`write_results`)."""
-    portable = _portable(placeholders or {})
-    variables = "".join(f" --var {name}={_home_relative(value)}" for name, value in (placeholders or {}).items())
+    portable = portable_filter(placeholders or {})
     lora_dtype = study.user_attrs.get("space", {}).get("lora_merge_dtype")
-    lora_option = f" --lora-merge-dtype {lora_dtype}" if lora_dtype else ""
-    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
-    best_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=best_dir.parent, prefix=f".{best_dir.name}.tmp-"))
-    os.chmod(build, 0o777 & ~current_umask())
-    try:
-        for rank, t in enumerate(top_trials(study, k), 1):
-            stem = f"{rank:02d}_trial{t.number:04d}"
+    options = var_options(placeholders) + (f" --lora-merge-dtype {lora_dtype}" if lora_dtype else "")
+    with atomic_dir(best_dir) as build:
+        for stem, t, prov in best_entries(study):
             recipe_text = stages_yaml(trial_stages_of(t))  # every stage of a multi-stage candidate
-            prov = provenance(study, t, rank)
-            header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {rank})",
+            header = [f"# evomerge search result: study {study.study_name}, trial {t.number} (rank {prov['rank']})",
                       f"# objectives: {json.dumps(prov['values'])} ({ranking_note(study)})",
                       f"# search split: {json.dumps(prov['search_scores'])}",
                       f"# held-out report split: {json.dumps(prov['report_scores'])}",
                       f"# provenance (seeds, versions, checkpoint sha256): {stem}.json"]
-            reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{variables}{lora_option}\n"
+            reproduce = f"# reproduce: evomerge merge best/{stem}.yaml OUT_DIR{options}\n"
             (build / f"{stem}.yaml").write_text(portable("\n".join(header) + "\n") + reproduce
                                                 + portable(recipe_text))
             (build / f"{stem}.json").write_text(portable(json.dumps(prov, indent=2, default=str)))
-        _replace_dir(build, best_dir)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)  # never leave a half-written best/ behind
-        raise
     return best_dir
+
+
+def best_entries(study: optuna.Study) -> Iterator[tuple[str, FrozenTrial, dict[str, Any]]]:
+    """``(stem, trial, provenance)`` of the study's top-k trials (``top_k`` of its space), best
+    first; ``stem`` (``01_trial0007``) names the trial's files in best/."""
+    k = int(study.user_attrs.get("space", {}).get("top_k", 3))
+    for rank, t in enumerate(top_trials(study, k), 1):
+        yield f"{rank:02d}_trial{t.number:04d}", t, provenance(study, t, rank)
+
+
+def var_options(placeholders: Mapping[str, str] | None) -> str:
+    """The ``--var NAME=FOLDER`` options that give a reproduce command the run's placeholders."""
+    return "".join(f" --var {name}={_home_relative(value)}" for name, value in (placeholders or {}).items())
 
 
 def _home_relative(path: str) -> str:
@@ -100,7 +100,7 @@ def _home_relative(path: str) -> str:
     return "$HOME" + path[len(home):] if path == home or path.startswith(home + "/") else path
 
 
-def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
+def portable_filter(placeholders: Mapping[str, str]) -> Callable[[str], str]:
     """A text filter writing each placeholder's folder as ``${NAME}`` where it appears as a whole
     path (followed by ``/``, a quote, a space, a comma or the end), longest folders first."""
     pairs = sorted(((str(Path(v)), f"${{{k}}}") for k, v in placeholders.items()), key=lambda pair: -len(pair[0]))
@@ -111,17 +111,6 @@ def _portable(placeholders: Mapping[str, str]) -> Callable[[str], str]:
             text = pattern.sub(lambda _: name, text)
         return text
     return portable
-
-
-def _replace_dir(build: Path, target: Path) -> None:
-    """Swap a fully written directory into place (the old one is removed after the rename)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(build, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_study(storage: str, study_name: str, out_dir: str | Path) -> dict[str, Path]:

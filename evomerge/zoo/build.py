@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, atomic_dir
 from evomerge.zoo.manifest import MANIFEST_NAME, ZooManifest
 from evomerge.zoo.train import ModelSpec, TrainSpec
 
@@ -133,28 +132,13 @@ def build_zoo(out_dir: Path, variant: str = "demo", seed: int = 0, force: bool =
         return cached
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        manifest = _build_into(tmp, recipe, variant, seed, log)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out_dir) as tmp:
+            manifest = _build_into(tmp, recipe, variant, seed, log)
     finally:
         torch.set_num_threads(threads)
     log(f"zoo {variant} built at {out_dir} in {manifest.build_seconds:.0f}s")
     return replace(manifest, root=out_dir)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``, replacing an older ``dst`` (kept aside until the move)."""
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(root: Path, recipe: ZooRecipe, variant: str, seed: int,
