@@ -43,7 +43,7 @@ from merge_engine.kept_stages import check_kept, kept_recipe_text, stage_digest,
 from merge_engine.merge import MergeResult, keep_planned, planned_bytes, write_planned
 from merge_engine.recipe import MergeRecipe
 from merge_engine.stage_validate import compare_held, validate_stages
-from merge_engine.stages import Stage, bind, stage_refs, stages_yaml, with_overrides
+from merge_engine.stages import Stage, bind, needed_stages, stage_refs, stages_yaml, with_overrides
 
 Progress = Callable[[str, int, int], None]  # (stage label, tensors done, tensors in the stage)
 
@@ -108,7 +108,7 @@ class StagePipeline:
             if name not in by_name or name is None:
                 raise RecipeError(f"no stage named {name!r}; stages are "
                                   f"{', '.join(str(s.name) for s in self.stages)}")
-        needed = self._closure(self.stages, set(wanted))
+        needed = needed_stages(self.stages, wanted)
         for stage in self.stages:
             if stage.name in needed:
                 self._ensure(stage, self.stages)
@@ -145,7 +145,7 @@ class StagePipeline:
         recomputed (the old output of a stage is dropped when it is recomputed)."""
         stages = with_overrides(self.stages, overrides or {})
         *upstream, final = stages
-        needed = self._closure(stages, set(final.needs))
+        needed = needed_stages(stages, final.needs)
         for stage in upstream:
             if stage.name in needed:
                 self._ensure(stage, stages)
@@ -201,16 +201,6 @@ class StagePipeline:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _closure(self, stages: Sequence[Stage], names: set[str]) -> set[str]:
-        by_name = {s.name: s for s in stages}
-        todo, seen = list(names), set()
-        while todo:
-            name = todo.pop()
-            if name not in seen:
-                seen.add(name)
-                todo.extend(by_name[name].needs)
-        return seen
 
     def _ensure(self, stage: Stage, stages: Sequence[Stage], warnings: list[str] | None = None) -> None:
         """Compute ``stage`` (its inputs are already computed) unless its output is current

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,19 @@ def bind(recipe: MergeRecipe, where: Mapping[str, ModelRef | str | Path]) -> Mer
         path = target.path if isinstance(target, ModelRef) else str(target)
         return ModelRef(path, None, ref.lora)
     return map_refs(recipe, swap)
+
+
+def needed_stages(stages: Sequence[Stage], names: Iterable[str]) -> set[str]:
+    """``names`` and every stage they read, directly or through others (by stage name)."""
+    by_name = {s.name: s for s in stages}
+    needed: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].needs)
+    return needed
 
 
 def stages_yaml(stages: Sequence[Stage]) -> str:

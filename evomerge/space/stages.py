@@ -34,7 +34,7 @@ from pydantic import model_validator
 from evomerge.errors import ProblemsError
 from merge_engine.errors import RecipeError
 from merge_engine.recipe import Frozen, MergeRecipe, parse_recipe
-from merge_engine.stages import Stage, load_stages, order_stages, with_overrides
+from merge_engine.stages import Stage, load_stages, needed_stages, order_stages, with_overrides
 
 if TYPE_CHECKING:
     from evomerge.space.schema import SearchSpace
@@ -136,21 +136,8 @@ def read_by_final(stages: Sequence[Stage]) -> list[Stage]:
     """``stages`` (run order) without the stages the final one does not read, directly or
     through others (a layer path may skip a stage's layers): a recipe file holds no stage that
     nothing reads (``evomerge merge`` refuses one)."""
-    needed = _closure(stages, stages[-1].needs)
+    needed = needed_stages(stages, stages[-1].needs)
     return [s for s in stages[:-1] if s.name in needed] + [stages[-1]]
-
-
-def _closure(stages: Sequence[Stage], names: Sequence[str]) -> set[str]:
-    """``names`` and every stage they read, directly or through others."""
-    by_name = {s.name: s for s in stages}
-    needed: set[str] = set()
-    todo = list(names)
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo.extend(by_name[name].needs)
-    return needed
 
 
 # ---------------------------------------------------------------- per-layer-group methods
@@ -238,7 +225,7 @@ def input_stages(space: SearchSpace, model: str) -> list[Stage] | None:
     name = stage_read(model, {s.name for s in fixed if s.name is not None})
     if name is None:
         return None
-    needed = _closure(fixed, [name])
+    needed = needed_stages(fixed, [name])
     stages = [s for s in fixed if s.name in needed]  # run order: ``name`` last
     if name == model:
         return stages
