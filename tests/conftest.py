@@ -23,3 +23,20 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fixtures import make_math_code_zoo
 
     return make_math_code_zoo(tmp_path_factory.mktemp("math_code"))
+
+
+@pytest.fixture
+def hf_home_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's dataset cache (HF_HOME) in the test's own temporary folder."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+@pytest.fixture
+def optuna_warnings_only():
+    """Optuna logs warnings and errors only during the test (not a line per trial)."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(level)

@@ -27,9 +27,7 @@ def zoo(tmp_path_factory):
     return make_math_code_zoo(tmp_path_factory.mktemp("fidelity_models"))
 
 
-@pytest.fixture(autouse=True)
-def _hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+pytestmark = pytest.mark.usefixtures("hf_home_in_tmp")
 
 
 def space_dict(zoo, **overrides):

@@ -39,9 +39,7 @@ def zoo(tmp_path_factory):
     return {"base": base, **models}
 
 
-@pytest.fixture(autouse=True)
-def _hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+pytestmark = pytest.mark.usefixtures("hf_home_in_tmp")
 
 
 def config(zoo, names, **extra):

@@ -26,12 +26,7 @@ from evomerge.search.workers import WORKERS_SUFFIX
 from evomerge.space import distributions, equal_params, parse_space
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("optuna_warnings_only")
 
 
 def big_space(zoo, **overrides):

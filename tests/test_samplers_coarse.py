@@ -15,12 +15,7 @@ from evomerge.search.study import enqueue_start_points, open_study
 from evomerge.space import distributions, equal_params, parse_space
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("optuna_warnings_only")
 
 
 def big_space(zoo, **overrides):

@@ -23,9 +23,7 @@ from evomerge.space import distributions, parse_space
 from merge_engine.recipe import load_recipe
 
 
-@pytest.fixture(autouse=True)
-def _hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+pytestmark = pytest.mark.usefixtures("hf_home_in_tmp")
 
 
 space_dict = functools.partial(math_code_space, limit=6, top_k=2, seed=3)

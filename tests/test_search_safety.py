@@ -25,9 +25,7 @@ from evomerge.search.study import default_storage
 from evomerge.space import parse_space
 
 
-@pytest.fixture(autouse=True)
-def _hf_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+pytestmark = pytest.mark.usefixtures("hf_home_in_tmp")
 
 
 space_dict = functools.partial(math_code_space, top_k=1, seed=3)
