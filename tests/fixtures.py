@@ -94,6 +94,26 @@ def make_math_code_zoo(root: Path) -> Path:
     return root
 
 
+def make_abc_zoo(root: Path) -> dict[str, Path]:
+    """A tiny 3-layer base and three seeded fine-tunes of it, ``a``, ``b`` and ``c``: {name: folder}."""
+    base = make_tiny_llama(root / "base", seed=0, num_layers=3, hidden=32, intermediate=64)
+    zoo = {"base": base}
+    for i, name in enumerate("abc", 1):
+        zoo[name] = make_tiny_llama(root / name, seed=i, perturb_from=base)
+    return zoo
+
+
+def require_vllm() -> None:
+    """Skip the calling test when vLLM cannot be imported (not installed, or a torchvision that
+    does not match the CPU torch, which raises more than ImportError)."""
+    import pytest
+
+    try:
+        import vllm  # noqa: F401
+    except Exception as err:
+        pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
+
+
 def make_sharded(path: Path | str, max_shard_size: int | str = "100KB", **llama_kwargs: Any) -> Path:
     """make_tiny_llama saved as shards of at most ``max_shard_size`` (the default gives 4 shards)."""
     return make_tiny_llama(path, max_shard_size=max_shard_size, **llama_kwargs)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import make_tiny_llama
+from fixtures import make_tiny_llama, require_vllm
 
 from evomerge.evaluate import EvalConfig
 
@@ -29,10 +29,7 @@ def test_missing_vllm_gives_an_install_hint(monkeypatch):
 
 @pytest.fixture(scope="module")
 def vllm_setup(tmp_path_factory):
-    try:
-        import vllm  # noqa: F401
-    except Exception as err:  # not installed, or a torchvision next to the CPU torch
-        pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
+    require_vllm()
     import datasets.config
 
     from evomerge.candidate import load_causal_lm

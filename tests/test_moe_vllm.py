@@ -10,7 +10,7 @@ import gc
 
 import pytest
 import torch
-from fixtures import make_tiny_llama
+from fixtures import make_tiny_llama, require_vllm
 
 from merge_engine.moe import build_moe, parse_moe_config
 
@@ -22,10 +22,8 @@ STEPS = 6
 @pytest.mark.vllm
 @pytest.mark.parametrize("arch", ["mixtral", "qwen"])
 def test_moe_output_runs_in_vllm_like_transformers(tmp_path, monkeypatch, arch):
-    try:
-        from vllm import LLM, SamplingParams
-    except Exception as err:  # not installed, or a torchvision next to the CPU torch
-        pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
+    require_vllm()
+    from vllm import LLM, SamplingParams
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from fixtures import load_state, make_lora_adapter, make_tiny_llama
+from fixtures import load_state, make_abc_zoo, make_lora_adapter
 from merge_engine.errors import OutputExistsError, RecipeError
 from merge_engine.merge import run_merge
 from merge_engine.multistage import StagePipeline, run_stages
@@ -27,12 +27,7 @@ SAME = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_token
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("stagezoo")
-    base = make_tiny_llama(root / "base", seed=0, num_layers=3, hidden=32, intermediate=64)
-    zoo = {"base": base}
-    for i, name in enumerate("abc", 1):
-        zoo[name] = make_tiny_llama(root / name, seed=i, perturb_from=base)
-    return zoo
+    return make_abc_zoo(tmp_path_factory.mktemp("stagezoo"))
 
 
 def three_stages(zoo) -> list[dict]:

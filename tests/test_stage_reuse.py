@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures import make_tiny_llama
+from fixtures import make_abc_zoo
 from test_multistage import assert_same_model, three_stages, write
 
 from merge_engine.errors import OutputExistsError
@@ -19,12 +19,7 @@ from merge_engine.stages import parse_stages
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("reusezoo")
-    base = make_tiny_llama(root / "base", seed=0, num_layers=3, hidden=32, intermediate=64)
-    zoo = {"base": base}
-    for i, name in enumerate("abc", 1):
-        zoo[name] = make_tiny_llama(root / name, seed=i, perturb_from=base)
-    return zoo
+    return make_abc_zoo(tmp_path_factory.mktemp("reusezoo"))
 
 
 @pytest.fixture(scope="module")

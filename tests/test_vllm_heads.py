@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import make_tied_llama_storing_head, make_tiny_llama
+from fixtures import make_tied_llama_storing_head, make_tiny_llama, require_vllm
 
 from evomerge.evaluate import EvalConfig
 
@@ -22,10 +22,7 @@ PROMPTS = [[1, 5, 9, 17, 33, 2, 8], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 
 @pytest.fixture()
 def engine(tmp_path, monkeypatch):
-    try:
-        import vllm  # noqa: F401
-    except Exception as err:  # not installed, or a torchvision next to the CPU torch
-        pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
+    require_vllm()
     from evomerge.evaluate.vllm import VLLMEvaluator
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

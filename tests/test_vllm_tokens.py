@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import make_tiny_llama
+from fixtures import make_tiny_llama, require_vllm
 
 from evomerge.evaluate import EvalConfig
 from evomerge.evaluate.callable import TOKENS_GENERATED, TokenCountingEvaluator
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    try:
-        import vllm  # noqa: F401
-    except Exception as err:  # not installed, or a torchvision next to the CPU torch
-        pytest.skip(f"vllm cannot be imported here ({err.__class__.__name__}: {err})")
+    require_vllm()
     import datasets.config
 
     from evomerge.candidate import load_causal_lm
