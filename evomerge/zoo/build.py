@@ -46,26 +46,20 @@ class ZooRecipe:
 # with a small learning rate and replay of the base mixture.
 _SKILLS = ("add", "sort", "shift")
 _BASE_MIX = {"add_part": 1.0, "sort_part": 0.5, "shift_part": 0.5, "copy": 0.3}
+_DEMO = ZooRecipe(
+    model=ModelSpec(hidden=128, layers=2, heads=2, intermediate=512),
+    skills=_SKILLS,
+    base=TrainSpec(steps=700, lr=2e-3, batch=48, warmup=50, mixture=_BASE_MIX),
+    expert=TrainSpec(steps=200, lr=5e-4, batch=48, warmup=20),
+    replay=0.3,
+    score_examples=300,
+)
 RECIPES: dict[str, ZooRecipe] = {
-    "demo": ZooRecipe(
-        model=ModelSpec(hidden=128, layers=2, heads=2, intermediate=512),
-        skills=_SKILLS,
-        base=TrainSpec(steps=700, lr=2e-3, batch=48, warmup=50, mixture=_BASE_MIX),
-        expert=TrainSpec(steps=200, lr=5e-4, batch=48, warmup=20),
-        replay=0.3,
-        score_examples=300,
-    ),
+    "demo": _DEMO,
     # demo's skills and training, six layers instead of two: a 2-layer model leaves a layer-path
     # search (evomerge/space/layer_path.py) almost nothing to choose, since any path that is not
     # an input model replaces half of the network; six layers give it depth to drop, repeat and mix.
-    "deep": ZooRecipe(
-        model=ModelSpec(hidden=128, layers=6, heads=2, intermediate=512),
-        skills=_SKILLS,
-        base=TrainSpec(steps=700, lr=2e-3, batch=48, warmup=50, mixture=_BASE_MIX),
-        expert=TrainSpec(steps=200, lr=5e-4, batch=48, warmup=20),
-        replay=0.3,
-        score_examples=300,
-    ),
+    "deep": replace(_DEMO, model=replace(_DEMO.model, layers=6)),
     "fixture": ZooRecipe(
         model=ModelSpec(hidden=128, layers=1, heads=2, intermediate=256),
         skills=_SKILLS,
