@@ -84,8 +84,8 @@ class Candidate:
         self.lora_merge_dtype = lora_merge_dtype
         self.merger = InMemoryMerger(model, device=device, cache_sources=cache_sources,
                                      allow_pickle=allow_pickle, lora_merge_dtype=lora_merge_dtype,
-                                     task_vector_cache_bytes=task_vector_cache_bytes)
-        self.merger.targets = writable_targets(model)  # accelerate-offloaded: its CPU store
+                                     task_vector_cache_bytes=task_vector_cache_bytes,
+                                     targets=writable_targets(model))  # accelerate-offloaded: its CPU store
         self.stack: LayerStack | None = None  # built at the first recipe with slices
         self.pipeline: StagePipeline | None = None  # built at the first multi-stage candidate
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -73,10 +74,13 @@ class InMemoryMerger:
                  allow_pickle: bool = False, trust_remote_code: bool = False,
                  cache_sources: bool = True, sources_on_device: bool | None = None,
                  task_vector_cache_bytes: int = DEFAULT_TASK_VECTOR_CACHE_BYTES,
-                 lora_merge_dtype: str | None = None) -> None:
+                 lora_merge_dtype: str | None = None,
+                 targets: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model = model
         self.lora_merge_dtype = lora_merge_dtype  # as prepare() takes it: base+adapter models' merge dtype
-        self.targets = dict(model.state_dict(keep_vars=True))
+        # the tensor written for each state-dict name: the model's own, unless the caller knows
+        # better (an offloaded parameter's store); reassigned when the model's layers change
+        self.targets = dict(targets if targets is not None else model.state_dict(keep_vars=True))
         first = next(iter(model.parameters()))
         self.device = torch.device(device) if device is not None else first.device
         self.allow_pickle = allow_pickle
