@@ -70,7 +70,9 @@ class Draw:
     ``below`` None: ``TensorRandom(seed, out_name).uniform(shape, model_index)``; a number:
     ``.keep_mask(below, shape, model_index)`` (same values either way). An I/O-like node, so the
     executor makes it ahead on its background thread: a CPU generator is serial, and on a 1B
-    model the draws of a DARE merge are a third of the single-core work.
+    model the draws of a DARE merge are a third of the single-core work. Uniform draws (DELLA's)
+    are not made ahead for a CPU merge: its kernel draws row by row while it ranks, with no
+    tensor of draws (None here; any other CPU path draws on the spot).
     """
 
     io: ClassVar[bool] = True
@@ -83,9 +85,11 @@ class Draw:
     def deps(self) -> tuple:
         return ()
 
-    def run(self, ctx: MergeContext) -> torch.Tensor:
+    def run(self, ctx: MergeContext) -> torch.Tensor | None:
         rng = TensorRandom(self.seed, self.out_name)
         if self.below is None:
+            if torch.device(ctx.device).type == "cpu":
+                return None  # see the docstring
             return rng.uniform(self.shape, self.model_index)
         return rng.keep_mask(self.below, self.shape, self.model_index)
 
@@ -131,7 +135,8 @@ class MergeTensor:
         base = values[n_in - 1].to(device, dtype, non_blocking=True) if self.base is not None else None
         kwargs = self.kwargs()
         if spec.random:
-            drawn = {(d.model_index, d.below): u for d, u in zip(self.draws, values[n_in:])}
+            drawn = {(d.model_index, d.below): u for d, u in zip(self.draws, values[n_in:])
+                     if u is not None}
             kwargs["rng"] = TensorRandom(self.seed, self.out_name, drawn)
         with torch.no_grad():
             out = spec.fn(tensors, base, **kwargs)

@@ -40,8 +40,12 @@ class TensorRandom:
 
     def generator(self, model_index: int) -> torch.Generator:
         g = torch.Generator(device="cpu")
-        g.manual_seed(derive_seed(self.seed, self.tensor_name, model_index))
+        g.manual_seed(self.seed_for(model_index))
         return g
+
+    def seed_for(self, model_index: int) -> int:
+        """The seed of ``model_index``'s stream (what :meth:`generator` is seeded with)."""
+        return derive_seed(self.seed, self.tensor_name, model_index)
 
     def _ready(self, key: tuple[int, float | None], shape, device) -> torch.Tensor | None:
         ready = self._drawn.pop(key, None)

@@ -249,9 +249,8 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float, rng: TensorR
     if _native_ranks(delta):  # ranks and the draw in one pass, no float32 probabilities
         table = _rank_probs(torch.arange(delta.shape[1], dtype=torch.float32), delta.shape[1],
                             density, epsilon)
-        u = rng.uniform(delta.shape, model_index, delta.device)
-        keep = native_draws.row_rank_keep(delta, table, u.contiguous())
-        native.recycle(u)  # each draw is handed out once (TensorRandom): u is dead now
+        # the draws are made row by row inside the kernel (the same numbers as rng.uniform's)
+        keep = native_draws.row_rank_keep_seeded(delta, table, rng.seed_for(model_index))
     if keep is None:
         keep = rng.bernoulli(della_keep_probs(delta, density, epsilon), delta.shape, model_index,
                              device=delta.device)

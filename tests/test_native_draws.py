@@ -94,3 +94,31 @@ def test_della_native_drop_counts_and_sorts_the_torch_ranks(monkeypatch, exponen
     assert torch.equal(probs.view(torch.int32), sparsify.della_keep_probs(delta, 0.5, 0.1).view(torch.int32))
     want = sparsify.della_drop(delta, 0.5, 0.1, TensorRandom(5, "w"), 1, rescale=True, paper_rescale=False)
     assert torch.equal(kept.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("shape", [(257, 1000), (5, 30001), (1200, 640)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_della_kernel_drawing_row_by_row_equals_drawing_ahead(shape, threads) -> None:
+    """The CPU executor no longer draws DELLA's uniforms ahead: the kernel makes each thread's
+    rows' draws itself after skipping the generator to its first row. Same keep mask as torch's
+    draws of the seed against the rank probabilities, for any thread count (skips of partial
+    624-blocks), and the same trimmed delta whether the engine drew ahead (GPU runs) or not."""
+    delta = _spanning(*shape, 3, shape[0] + shape[1])
+    table = sparsify._rank_probs(torch.arange(shape[1], dtype=torch.float32), shape[1], 0.4, 0.15)
+    seed = derive_seed(11, "model.layers.0.mlp.up_proj.weight", 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seeded = native_draws.row_rank_keep_seeded(delta, table, seed)
+    finally:
+        torch.set_num_threads(before)
+    # torch's own: the draws of the seed's generator against the rank probabilities
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    assert seeded is not None and torch.equal(seeded, u < native_draws.row_rank_probs(delta, table))
+    assert 0.3 < seeded.float().mean() < 0.5  # the mask is not trivially equal (all kept / none)
+    rng = TensorRandom(11, "model.layers.0.mlp.up_proj.weight",
+                       {(2, None): native_draws.uniform(shape, seed)})
+    drawn = sparsify.della_drop(delta, 0.4, 0.15, rng, 2, rescale=True, paper_rescale=False)
+    made = sparsify.della_drop(delta, 0.4, 0.15, TensorRandom(11, "model.layers.0.mlp.up_proj.weight"),
+                               2, rescale=True, paper_rescale=False)
+    assert torch.equal(drawn.view(torch.int16), made.view(torch.int16))

@@ -19,7 +19,7 @@ _SIGNATURES = {
     "mt_uniform_f32": ([_P, _U64, _L], None),
     "mt_keep_u8": ([_P, _U64, _F, _L], None),
     "row_rank_probs_bf16": ([_P, _P, _P, _L, _L, _L], _L),
-    "row_rank_keep_bf16": ([_P, _P, _P, _P, _L, _L, _L], _L),
+    "row_rank_keep_seeded_bf16": ([_P, _U64, _P, _P, _L, _L, _L], _L),
 }
 
 
@@ -63,17 +63,20 @@ def row_rank_probs(delta: torch.Tensor, table: torch.Tensor) -> torch.Tensor | N
     return None if any(bad) else probs
 
 
-def row_rank_keep(delta: torch.Tensor, table: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
-    """``u < row_rank_probs(delta, table)`` as a bool tensor of ``delta``'s shape, in one pass per
-    row (``u``: contiguous float32 draws of that shape); None when a row holds a NaN."""
+def row_rank_keep_seeded(delta: torch.Tensor, table: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """``uniform(delta.shape, seed) < row_rank_probs(delta, table)`` as a bool tensor of
+    ``delta``'s shape, in one pass per row and with no tensor of draws: each thread makes its
+    rows' draws itself, the generator first skipped to its first row (a twist per 624 draws
+    skipped, no tempering); None when a row holds a NaN."""
     rows, cols = delta.shape
     keep = native.empty(delta.shape, torch.bool)
     lib = _lib()
+    seed &= 0xFFFFFFFFFFFFFFFF
 
     def part(_p: int, a: int, b: int) -> int:
-        return int(lib.row_rank_keep_bf16(keep.data_ptr(), u.data_ptr(), delta.data_ptr(),
-                                          table.data_ptr(), cols, a // cols, b // cols))
+        return int(lib.row_rank_keep_seeded_bf16(keep.data_ptr(), seed, delta.data_ptr(),
+                                                 table.data_ptr(), cols, a // cols, b // cols))
     bad = _parallel(part, delta.numel())
     if any(b < 0 for b in bad):
-        raise MemoryError("row_rank_keep_bf16: out of memory for its row buffers")
+        raise MemoryError("row_rank_keep_seeded_bf16: out of memory for its row buffers")
     return None if any(bad) else keep

@@ -9,9 +9,10 @@
  *   probs[r]. Rows holding a NaN are reported (the caller then uses the torch reference).
  *   Rows whose nonzero magnitudes span few keys (real deltas: a few exponents) are ranked by
  *   counting every 15-bit key instead (count_row: two passes over the row, no scatter).
- * row_rank_keep_bf16: the same ranks, then DELLA's keep mask u < table[rank] straight away (no
- *   float32 probabilities written and compared in a second pass, no permutation array: each rank
- *   is used where the radix pass assigns it).
+ * row_rank_keep_seeded_bf16: the same ranks, then DELLA's keep mask u < table[rank] straight away
+ *   (no float32 probabilities written and compared in a second pass, no permutation array: each
+ *   rank is used where the radix pass assigns it), with the draws u made row by row inside
+ *   (mt_uniform_f32's numbers, the generator skipped ahead to the first row): no tensor of draws.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,6 +53,33 @@ static void mt_fill(uint32_t *out, mt_t *m, long n) {
             y ^= (y << 15) & 0xEFC60000u;
             out[s + i] = y ^ (y >> 18);
         }
+    }
+}
+
+/* the stream continued: the next n outputs into out (as mt_fill gives them from a fresh seed) */
+static void mt_next(uint32_t *out, mt_t *m, long n) {
+    for (long done = 0; done < n;) {
+        if (m->i == MT_N) mt_twist(m);
+        const long take = MT_N - m->i < n - done ? MT_N - m->i : n - done;
+        for (long i = 0; i < take; i++) {
+            uint32_t y = m->s[m->i + i];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9D2C5680u;
+            y ^= (y << 15) & 0xEFC60000u;
+            out[done + i] = y ^ (y >> 18);
+        }
+        m->i += (int)take;
+        done += take;
+    }
+}
+
+/* the next n outputs skipped: a twist per 624, no tempering */
+static void mt_skip(mt_t *m, long n) {
+    while (n > 0) {
+        if (m->i == MT_N) mt_twist(m);
+        const long take = MT_N - m->i < n ? MT_N - m->i : n;
+        m->i += (int)take;
+        n -= take;
     }
 }
 
@@ -181,30 +209,47 @@ static int rank_row(uint32_t *tmp, const uint16_t *d, long cols, const float *ta
     return 0;
 }
 
-/* probs[row, c] = table[rank of |delta[row, c]| in its row] (keep == NULL), or, with keep,
- * keep[row, c] = u[row, c] < table[rank] (DELLA's Bernoulli draw, torch's float32 `u < probs`);
- * returns the number of rows with a NaN (their outputs are left unset) or -1 when out of memory */
-static long ranks(float *probs, uint8_t *keep, const float *u, const uint16_t *delta,
-                  const float *table, long cols, long row_start, long row_stop) {
-    uint32_t *tmp = malloc(sizeof(uint32_t) * (cols + (cols < SPAN_MAX ? 2 * cols + 256 : SPAN_MAX)));  /* + counters */
+#define ROW_BUFFER(cols) (sizeof(uint32_t) * ((cols) + ((cols) < SPAN_MAX ? 2 * (cols) + 256 : SPAN_MAX)))  /* + counters */
+
+/* probs[row, c] = table[rank of |delta[row, c]| in its row]; returns the number of rows with a
+ * NaN (their outputs are left unset) or -1 when out of memory */
+long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table, long cols,
+                         long row_start, long row_stop) {
+    uint32_t *tmp = malloc(ROW_BUFFER(cols));
     long nan_rows = 0;
     if (tmp == NULL) return -1;
     for (long row = row_start; row < row_stop; row++) {
         const long at = row * cols;
-        if (keep ? rank_row(tmp, delta + at, cols, table, 0, keep + at, u + at)
-                 : rank_row(tmp, delta + at, cols, table, probs + at, 0, 0))
-            nan_rows++;
+        if (rank_row(tmp, delta + at, cols, table, probs + at, 0, 0)) nan_rows++;
     }
     free(tmp);
     return nan_rows;
 }
 
-long row_rank_probs_bf16(float *probs, const uint16_t *delta, const float *table, long cols,
-                         long row_start, long row_stop) {
-    return ranks(probs, 0, 0, delta, table, cols, row_start, row_stop);
-}
-
-long row_rank_keep_bf16(uint8_t *keep, const float *u, const uint16_t *delta, const float *table,
-                        long cols, long row_start, long row_stop) {
-    return ranks(0, keep, u, delta, table, cols, row_start, row_stop);
+/* keep[row, c] = u[row, c] < table[rank of |delta[row, c]| in its row] (DELLA's Bernoulli draw,
+ * torch's float32 `u < probs`), u[row, c] being draw number row * cols + c of
+ * mt_uniform_f32(seed), made one row at a time into a small buffer (the generator skipped to
+ * row_start first): no float32 tensor of draws is written and read back. Returns the number of
+ * rows with a NaN (their outputs are left unset) or -1 when out of memory */
+long row_rank_keep_seeded_bf16(uint8_t *keep, uint64_t seed, const uint16_t *delta,
+                               const float *table, long cols, long row_start, long row_stop) {
+    mt_t *m = malloc(sizeof(mt_t));
+    float *u = malloc(sizeof(float) * cols);
+    uint32_t *tmp = malloc(ROW_BUFFER(cols));
+    long nan_rows = 0;
+    if (m == NULL || u == NULL || tmp == NULL) {
+        free(m), free(u), free(tmp);
+        return -1;
+    }
+    mt_seed(m, (uint32_t)seed);
+    mt_skip(m, row_start * cols);
+    for (long row = row_start; row < row_stop; row++) {
+        uint32_t *bits = (uint32_t *)u;
+        mt_next(bits, m, cols);
+        for (long c = 0; c < cols; c++) u[c] = (float)(bits[c] & 0xFFFFFFu) * (1.0f / 16777216.0f);
+        const long at = row * cols;
+        if (rank_row(tmp, delta + at, cols, table, 0, keep + at, u)) nan_rows++;
+    }
+    free(m), free(u), free(tmp);
+    return nan_rows;
 }
