@@ -51,7 +51,7 @@ void var_bf16(uint16_t *out, const uint16_t *const *deltas, int n, long start, l
 /* keep entries whose variance bits (k, i) are k > lo or k == lo and i <= lo_cut; select == 0: all.
  * Chunk by chunk, model by model, so that the loops vectorize; a dropped entry is x * 0 (a NaN
  * stays NaN: its payload never reaches the result, which rounds every NaN to 0x7FC0). */
-#define CHUNK 1024
+#define CHUNK 256 /* its float arrays of a chunk stay in L1 with the input streams (as sparse_mix's) */
 void sce_mix_bf16(uint16_t *out, const uint16_t *base, const uint16_t *const *deltas, int n,
                   const uint16_t *var, int select, int lo, long lo_cut, const float *w,
                   long start, long stop) {
