@@ -104,6 +104,21 @@ class Candidate:
                    allow_pickle=allow_pickle, task_vector_cache_bytes=task_vector_cache_bytes,
                    lora_merge_dtype=lora_merge_dtype)
 
+    def cache_summary(self) -> str | None:
+        """One line on the merger's per-run task-vector cache (the space's ``task_vector_cache``):
+        what it holds per source model against its cap; None when it is off or was never used."""
+        report = self.merger.cache_report()
+        if not report["cap_bytes"] or not report["hits"] + report["misses"]:
+            return None
+        mib = 1 << 20
+        per_model = ", ".join(f"{b / mib:.0f}" for _, b in sorted(report["bytes_by_model"].items()))
+        line = (f"task-vector cache: {report['bytes'] / mib:.0f} MiB of {report['cap_bytes'] / mib:.0f} MiB "
+                f"(per source model: {per_model or '0'} MiB)")
+        if report["refused"]:
+            line += (f"; {report['refused']} tensors past the cap were recomputed per candidate "
+                     "(raise task_vector_cache to keep them)")
+        return line
+
     def apply(self, recipe: MergeRecipe | Sequence[Stage]) -> ApplyStats:
         """Write ``recipe``'s merge into the resident model (a recipe, or stages in run order
         with the final one last: see the module docstring).

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from merge_engine import native
+from merge_engine.errors import MergeError
 from merge_engine.methods.registry import get_method
 from merge_engine.randomness import TensorRandom
 from tests.test_task_vectors import CASES, bits
@@ -39,6 +40,22 @@ def test_a_buffer_given_back_is_reused_once_and_views_are_left_alone(monkeypatch
     native.recycle(b)
     native.recycle(c)  # over the cap: the least recently given back (b) leaves
     assert [t.data_ptr() for ts in native._scratch.values() for t in ts] == [c.data_ptr()]
+
+
+def test_the_pool_cap_comes_from_evomerge_scratch(monkeypatch) -> None:
+    monkeypatch.setattr(native, "SCRATCH_BYTES", None)  # read from the environment at first use
+    monkeypatch.setenv("EVOMERGE_SCRATCH", "0")
+    a = native.empty((1024, 4096), torch.bfloat16)
+    native.recycle(a)
+    assert native.scratch_cap() == 0 and native._scratch_bytes == 0  # 0 keeps nothing
+    monkeypatch.setattr(native, "SCRATCH_BYTES", None)
+    monkeypatch.setenv("EVOMERGE_SCRATCH", "12MiB")
+    native.recycle(a)
+    assert native.scratch_cap() == 12 << 20 and native._scratch_bytes == a.numel() * 2
+    monkeypatch.setattr(native, "SCRATCH_BYTES", None)
+    monkeypatch.setenv("EVOMERGE_SCRATCH", "plenty")
+    with pytest.raises(MergeError, match="EVOMERGE_SCRATCH: cannot read size 'plenty'; use e.g. 4GiB"):
+        native.recycle(native.empty((1024, 4096), torch.bfloat16))
 
 
 def _models() -> tuple[list[torch.Tensor], torch.Tensor]:

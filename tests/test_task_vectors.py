@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merge_engine.sizes import parse_bytes
 from merge_engine import native, selection
 from merge_engine.apply import InMemoryMerger
 from merge_engine.methods.registry import get_method
@@ -173,3 +174,37 @@ def test_task_vector_cache_is_reused_capped_and_gives_the_same_bits(wide_zoo) ->
     assert report["hits"] > 0 and report["refused"] == 0
     assert off["bytes"] == 0 and off["hits"] == 0
     assert small["bytes"] <= 300_000 and small["refused"] > 0
+
+
+def test_the_space_caps_the_search_cache_and_the_run_reports_it(wide_zoo) -> None:
+    """``task_vector_cache`` in a space (a size) is the cap of the resident candidate's cache,
+    and the line a search logs after its trials says what it held per source model."""
+    from evomerge.search.run import resident_candidate
+    from evomerge.space import parse_space
+    from evomerge.space.schema import SpaceError
+
+    def space(cache):
+        return parse_space({"name": "t", "method": "ties", "base_model": str(wide_zoo["base"]),
+                            "models": [{"name": k, "model": str(wide_zoo[k])} for k in ("a", "b")],
+                            "eval": {"tasks": ["smoke_mc"], "limit": 2}, "dtype": "bfloat16",
+                            **({"task_vector_cache": cache} if cache is not None else {})})
+
+    assert space(None).task_vector_cache == 4 << 30
+    assert space("0").task_vector_cache == 0 and space(1024).task_vector_cache == 1024
+    with pytest.raises(SpaceError, match="task_vector_cache: cannot read size 'lots'; use e.g. 4GiB"):
+        space("lots")
+    for cache, refused in (("300KiB", True), ("64M", False)):
+        with resident_candidate(space(cache)) as candidate:
+            assert candidate.merger.task_vectors.cap_bytes == parse_bytes(cache)
+            assert candidate.cache_summary() is None  # nothing merged yet
+            candidate.apply(_recipe(wide_zoo, 0.5))
+            candidate.apply(_recipe(wide_zoo, 0.3))
+            line = candidate.cache_summary()
+            held = candidate.merger.cache_report()
+        assert held["bytes"] <= parse_bytes(cache) and (held["refused"] > 0) == refused
+        assert line.startswith(f"task-vector cache: {held['bytes'] / 2**20:.0f} MiB of "
+                               f"{parse_bytes(cache) / 2**20:.0f} MiB (per source model: ")
+        assert ("recomputed per candidate (raise task_vector_cache" in line) == refused
+    with resident_candidate(space(0)) as candidate:
+        candidate.apply(_recipe(wide_zoo, 0.5))
+        assert candidate.cache_summary() is None

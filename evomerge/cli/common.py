@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from merge_engine.sizes import parse_bytes
+
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -36,13 +38,11 @@ def add_command(sub: argparse._SubParsersAction, name: str, handler: Handler | N
 
 # ---------------------------------------------------------------- option parsers
 def parse_size(text: str) -> int:
-    """Parse a size like 5GB, 500M, 1.5G, 1048576."""
-    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    """Parse a size like 5GB, 500M, 1.5G, 1048576 (above 0)."""
     try:
-        size = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; use e.g. 5G, 500M or a byte count")
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive; use e.g. 5G, 500M")
     return size

@@ -84,6 +84,10 @@ class MoECandidate:
         self.built = built
         return MoEApplyStats(in_place, t1 - t0, t2 - t1, time.perf_counter() - t2)
 
+    def cache_summary(self) -> str | None:
+        """The shared-weights merges' task-vector cache (:meth:`Candidate.cache_summary`)."""
+        return self.dense.cache_summary()
+
     def close(self) -> None:
         self.model = None
         self.builder.close()

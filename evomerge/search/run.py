@@ -80,7 +80,8 @@ def resident_candidate(space: SearchSpace, device: str = "cpu") -> Candidate:
     from evomerge.space.stages import resident_model
 
     return Candidate.load(resolve_model_dir(ModelRef.parse(resident_model(space))), dtype=space.dtype, device=device,
-                          eval_cfg=space.eval, lora_merge_dtype=space.lora_merge_dtype)
+                          eval_cfg=space.eval, lora_merge_dtype=space.lora_merge_dtype,
+                          task_vector_cache_bytes=space.task_vector_cache)
 
 
 def run_search(space: SearchSpace, options: RunOptions, *,
@@ -157,6 +158,8 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
         enqueue_start(study, known)
         outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
                               progress=progress, beat=beat, propose=propose)
+        if (cached := candidate.cache_summary()) is not None:
+            say(cached)
         held_out(study, space, candidate, evals, log=say)
     return study, storage, outcome
 

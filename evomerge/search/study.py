@@ -153,9 +153,10 @@ def redact(url: str | BaseStorage) -> str:
 
 
 # ---------------------------------------------------------------- the study
-# Fields of a space that may change between runs of one study (a resume with a larger budget, or
-# other objective weights to pick the best of the same Pareto front).
-_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start", "objective_weights")
+# Fields of a space that may change between runs of one study (a resume with a larger budget,
+# other objective weights to pick the best of the same Pareto front, another machine's memory).
+_RESUMABLE_FIELDS = ("budget", "sampler", "top_k", "report_eval", "start", "objective_weights",
+                     "task_vector_cache")
 
 
 def default_storage(out_dir: Path) -> str:

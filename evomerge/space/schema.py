@@ -24,12 +24,15 @@ from evomerge.space.layer_path import LayerPath
 from evomerge.space.objectives import SCORE, directions, split_weighted_entries
 from evomerge.space.rungs import Fidelity
 from evomerge.space.stages import StagesRef
+from merge_engine.apply import DEFAULT_TASK_VECTOR_CACHE_BYTES
 from merge_engine.dtypes import DTYPE_NAMES, MODEL_DTYPE_NAMES
 from merge_engine.methods.spec import MethodSpec
 from merge_engine.recipe import Frozen
+from merge_engine.sizes import parse_bytes
 
 REST = "rest"    # the name of the filter entry that matches every tensor no filter took
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
 
 
 class SpaceError(ProblemsError):
@@ -205,6 +208,9 @@ class SearchSpace(Frozen):
     smooth: bool = False
     dtype: Literal[MODEL_DTYPE_NAMES] = "float32"
     lora_merge_dtype: Literal[DTYPE_NAMES] | None = None  # base+adapter models' merge dtype (mergekit's option)
+    # the most a run keeps of merge work no candidate changes (task vectors, magnitude
+    # histograms): a size (4GiB) or bytes; past it the rest is recomputed per candidate; 0: off
+    task_vector_cache: int = DEFAULT_TASK_VECTOR_CACHE_BYTES
     num_layers: int = Field(ge=1)
     eval: EvalConfig
     report_eval: EvalConfig | None = None
@@ -243,6 +249,11 @@ class SearchSpace(Frozen):
         if isinstance(rep, Mapping) and isinstance(ev, Mapping):
             data["report_eval"] = {**ev, **rep}
         return data
+
+    @field_validator("task_vector_cache", mode="before")
+    @classmethod
+    def _cache_size(cls, value: Any) -> int:
+        return parse_bytes(value)
 
     @field_validator("filters")
     @classmethod

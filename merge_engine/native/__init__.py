@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from merge_engine.errors import MergeError
+from merge_engine.sizes import parse_bytes
+
 _SOURCES = tuple(Path(__file__).with_name(name)
                  for name in ("weighted_sum.c", "sparse_mix.c", "sce_mix.c", "draws_ranks.c", "l1_sums.c"))
 _HEADER = Path(__file__).with_name("bf16.h")  # bf16 conversions, included by every kernel
@@ -99,7 +102,9 @@ def declared(signatures: dict[str, tuple[list, object]]) -> ctypes.CDLL | None:
 
 
 _POOLED = 1 << 22  # smaller buffers come from malloc's heap, already reused
-SCRATCH_BYTES = 1 << 30  # the most the scratch pool keeps between uses (least recently given back leaves first)
+# the most the scratch pool keeps between uses (least recently given back leaves first); None:
+# EVOMERGE_SCRATCH (a size: 512M, 2GiB; 0 keeps nothing), read at the first use, else 1 GiB
+SCRATCH_BYTES: int | None = None
 _scratch: OrderedDict[int, list[torch.Tensor]] = OrderedDict()  # nbytes -> free uint8 buffers
 _scratch_bytes = 0
 _scratch_lock = threading.Lock()
@@ -131,6 +136,17 @@ def empty(shape: tuple[int, ...] | torch.Size | int, dtype: torch.dtype) -> torc
     return torch.empty(shape, dtype=dtype)
 
 
+def scratch_cap() -> int:
+    """:data:`SCRATCH_BYTES`, from ``EVOMERGE_SCRATCH`` the first time (a bad value is a MergeError)."""
+    global SCRATCH_BYTES
+    if SCRATCH_BYTES is None:
+        try:
+            SCRATCH_BYTES = parse_bytes(os.environ.get("EVOMERGE_SCRATCH", 1 << 30))
+        except ValueError as exc:
+            raise MergeError(f"EVOMERGE_SCRATCH: {exc}") from None
+    return SCRATCH_BYTES
+
+
 def recycle(*tensors: torch.Tensor | None) -> None:
     """Give dead CPU tensors' buffers to :func:`empty` for reuse. The caller guarantees that
     nothing reads or writes them afterwards (no other tensor shares their storage); a tensor
@@ -141,7 +157,7 @@ def recycle(*tensors: torch.Tensor | None) -> None:
             continue
         storage = t.untyped_storage()
         nbytes = storage.nbytes()
-        if nbytes < _POOLED or nbytes > SCRATCH_BYTES or t.numel() * t.element_size() != nbytes:
+        if nbytes < _POOLED or nbytes > scratch_cap() or t.numel() * t.element_size() != nbytes:
             continue
         buf = torch.empty(0, dtype=torch.uint8).set_(storage)
         with _scratch_lock:
@@ -150,7 +166,7 @@ def recycle(*tensors: torch.Tensor | None) -> None:
             _scratch.setdefault(nbytes, []).append(buf)
             _scratch.move_to_end(nbytes)
             _scratch_bytes += nbytes
-            while _scratch_bytes > SCRATCH_BYTES:
+            while _scratch_bytes > scratch_cap():
                 size, free = next(iter(_scratch.items()))
                 free.pop(0)
                 _scratch_bytes -= size
