@@ -34,7 +34,6 @@ REST = "rest"    # the name of the filter entry that matches every tensor no fil
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
-
 class SpaceError(ProblemsError):
     """A search space is invalid. ``problems`` lists every problem found, one line each."""
 

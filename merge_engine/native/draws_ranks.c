@@ -41,23 +41,8 @@ static void mt_twist(mt_t *m) {
     m->i = 0;
 }
 
-/* 32-bit outputs into out[0, n), one tempered state (624 values) at a time */
+/* the stream's next n 32-bit outputs into out, a tempered state (624 values) at a time */
 static void mt_fill(uint32_t *out, mt_t *m, long n) {
-    for (long s = 0; s < n; s += MT_N) {
-        mt_twist(m);
-        const long e = n - s < MT_N ? n - s : MT_N;
-        for (long i = 0; i < e; i++) {
-            uint32_t y = m->s[i];
-            y ^= y >> 11;
-            y ^= (y << 7) & 0x9D2C5680u;
-            y ^= (y << 15) & 0xEFC60000u;
-            out[s + i] = y ^ (y >> 18);
-        }
-    }
-}
-
-/* the stream continued: the next n outputs into out (as mt_fill gives them from a fresh seed) */
-static void mt_next(uint32_t *out, mt_t *m, long n) {
     for (long done = 0; done < n;) {
         if (m->i == MT_N) mt_twist(m);
         const long take = MT_N - m->i < n - done ? MT_N - m->i : n - done;
@@ -73,6 +58,12 @@ static void mt_next(uint32_t *out, mt_t *m, long n) {
     }
 }
 
+/* outputs to float32 U[0, 1) in place, as torch.rand: 24 random bits times 2^-24 (exact) */
+static void unit_floats(float *out, long n) {
+    const uint32_t *bits = (const uint32_t *)out;
+    for (long i = 0; i < n; i++) out[i] = (float)(bits[i] & 0xFFFFFFu) * (1.0f / 16777216.0f);
+}
+
 /* the next n outputs skipped: a twist per 624, no tempering */
 static void mt_skip(mt_t *m, long n) {
     while (n > 0) {
@@ -83,13 +74,12 @@ static void mt_skip(mt_t *m, long n) {
     }
 }
 
-/* float32 U[0, 1) as torch.rand: 24 random bits times 2^-24 (exact) */
+/* float32 U[0, 1) as torch.rand */
 void mt_uniform_f32(float *out, uint64_t seed, long n) {
     mt_t m;
     mt_seed(&m, (uint32_t)seed);
-    uint32_t *bits = (uint32_t *)out;
-    mt_fill(bits, &m, n);
-    for (long i = 0; i < n; i++) out[i] = (float)(bits[i] & 0xFFFFFFu) * (1.0f / 16777216.0f);
+    mt_fill((uint32_t *)out, &m, n);
+    unit_floats(out, n);
 }
 
 /* u < keep with keep rounded to float32, as torch compares a float32 tensor with a Python float */
@@ -244,9 +234,8 @@ long row_rank_keep_seeded_bf16(uint8_t *keep, uint64_t seed, const uint16_t *del
     mt_seed(m, (uint32_t)seed);
     mt_skip(m, row_start * cols);
     for (long row = row_start; row < row_stop; row++) {
-        uint32_t *bits = (uint32_t *)u;
-        mt_next(bits, m, cols);
-        for (long c = 0; c < cols; c++) u[c] = (float)(bits[c] & 0xFFFFFFu) * (1.0f / 16777216.0f);
+        mt_fill((uint32_t *)u, m, cols);
+        unit_floats(u, cols);
         const long at = row * cols;
         if (rank_row(tmp, delta + at, cols, table, 0, keep + at, u)) nan_rows++;
     }
