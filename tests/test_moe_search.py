@@ -118,11 +118,12 @@ def test_example_space_loads_and_its_defaults_build(tmp_path):
 
 def test_shared_merge_candidate_equals_merge_then_moe_on_disk(zoo, tmp_path):
     space = parse_moe_space(space_data(zoo, method="task_arithmetic", search={"weight": [0.0, 1.0]},
-                                       parameters={"lambda": 1.0}))
+                                       parameters={"lambda": 1.0}, task_vector_cache="64MiB"))
     params = {**default_params(space), "a.weight": 0.712345678, "b.weight": 0.4}  # rounded as saved
     recipe = trial_moe_recipe(space, optuna.trial.FixedTrial(params))
     other = trial_moe_recipe(space, optuna.trial.FixedTrial({**params, "a.weight": 0.1, "prompt.a.2": False}))
     with MoECandidate.load(space, device="cpu") as cand:
+        assert cand.dense.merger.task_vectors.cap_bytes == 64 << 20  # the space's cap
         assert not cand.apply(other).in_place
         assert cand.apply(recipe).in_place  # same shape: written into the resident model
         memory, resident = cand.built.state, logits(cand.model)

@@ -62,7 +62,8 @@ class MoECandidate:
 
         device = str(pick_device(device))  # "auto" -> the device every part uses
         base = resolve_model_dir(ModelRef.parse(space.moe.base_model))
-        dense = Candidate.load(base, dtype=space.dtype, device=device)
+        dense = Candidate.load(base, dtype=space.dtype, device=device,
+                               task_vector_cache_bytes=space.task_vector_cache)
         builder = MoEBuilder(device=device, router_dtype=router_dtype, seed=space.seed)
         return cls(dense, builder, device)
 

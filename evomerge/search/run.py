@@ -158,8 +158,7 @@ def run_study(space: SearchSpace, options: RunOptions, *, sampler: str | None,
         enqueue_start(study, known)
         outcome = search_loop(study, space, candidate, evals, trials=trials, timeout=timeout,
                               progress=progress, beat=beat, propose=propose)
-        if (cached := candidate.cache_summary()) is not None:
-            say(cached)
+        log_cache(candidate, say)
         held_out(study, space, candidate, evals, log=say)
     return study, storage, outcome
 
@@ -187,7 +186,14 @@ def run_worker(storage: str, study_name: str, *, trials: int | None = None, devi
         with resident_candidate(space, device) as candidate:
             outcome = search_loop(study, space, candidate, evals, trials=trials or space.budget.trials,
                                   timeout=space.budget.timeout, progress=progress, beat=beat)
+            log_cache(candidate, say)
     return summarize(study, storage, Path("."), outcome, {})
+
+
+def log_cache(candidate: Any, say: Callable[[str], None]) -> None:
+    """After a run's trials: what the candidate's per-run task-vector cache held (when used)."""
+    if (line := candidate.cache_summary()) is not None:
+        say(line)
 
 
 def materialize_best(study: optuna.Study, out_dir: Path, *, device: str = "cpu") -> Path:
