@@ -100,28 +100,6 @@ models:
     parameters: {{weight: 0.2, density: 0.5, epsilon: 0.1}}
 dtype: bfloat16
 """,
-    "della_linear": """merge_method: della_linear
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}
-  - model: {ft2}
-    parameters: {{weight: 0.3, density: 0.5, epsilon: 0.1}}
-  - model: {ft3}
-    parameters: {{weight: 0.2, density: 0.5, epsilon: 0.1}}
-dtype: bfloat16
-""",
-    "breadcrumbs": """merge_method: breadcrumbs
-base_model: {base}
-models:
-  - model: {ft1}
-    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}
-  - model: {ft2}
-    parameters: {{weight: 0.3, density: 0.5, gamma: 0.01}}
-  - model: {ft3}
-    parameters: {{weight: 0.2, density: 0.5, gamma: 0.01}}
-dtype: bfloat16
-""",
     "breadcrumbs_ties": """merge_method: breadcrumbs_ties
 base_model: {base}
 models:
@@ -143,6 +121,10 @@ parameters: {{select_topk: 0.5}}
 dtype: bfloat16
 """,
 }
+# the issue's other variants: the same parameters, without sign election
+RECIPES["della_linear"] = RECIPES["della"].replace("merge_method: della", "merge_method: della_linear")
+RECIPES["breadcrumbs"] = RECIPES["breadcrumbs_ties"].replace("merge_method: breadcrumbs_ties",
+                                                            "merge_method: breadcrumbs")
 
 
 # ---------------------------------------------------------------- checkpoints
