@@ -5,6 +5,7 @@
     make_sharded(path, max_shard_size)           the same Llama saved as shards + index
     make_tiny_gpt2(path) / make_tiny_neox(path)  other layer layouts (transformer.h.N / gpt_neox.layers.N)
     load_state(path)                             every tensor of a saved model directory, by name
+    use_hf_home(monkeypatch, home)               lm-eval's caches (HF_HOME, datasets') under home
     tiny_tokenizer(vocab)                        the char-level tokenizer the builders save
     make_vocab_variant(path, base, seed, ...)    a fine-tune of base with another vocabulary (order, added tokens)
     make_lora_adapter(path, base, seed, ...)     a real PEFT LoRA adapter of base (nonzero B), saved with peft
@@ -101,6 +102,15 @@ def make_abc_zoo(root: Path) -> dict[str, Path]:
     for i, name in enumerate("abc", 1):
         zoo[name] = make_tiny_llama(root / name, seed=i, perturb_from=base)
     return zoo
+
+
+def use_hf_home(mp: Any, home: Path) -> None:
+    """Point lm-eval's caches at ``home`` through the monkeypatch ``mp``: ``HF_HOME`` and the
+    datasets cache, which ``datasets`` read from the environment once, at its import."""
+    import datasets.config
+
+    mp.setenv("HF_HOME", str(home))
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", Path(home) / "datasets")
 
 
 def require_vllm() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import make_tiny_llama
+from fixtures import make_tiny_llama, use_hf_home
 
 from evomerge.evaluate import (
     EvalConfig,
@@ -39,11 +39,7 @@ TINY = {"hidden": 256, "heads": 4, "intermediate": 512}
 def _isolated_hf_cache(monkeypatch, tmp_path_factory):
     """lm-eval caches datasets under HF_HOME; keep that in a temp dir. One torch thread: on a
     shared 2-core machine two threads are several times slower under contention."""
-    import datasets.config
-
-    cache = tmp_path_factory.getbasetemp() / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(cache))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
+    use_hf_home(monkeypatch, tmp_path_factory.getbasetemp() / "hf_home")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from fixtures import make_tiny_llama, require_vllm
+from fixtures import make_tiny_llama, require_vllm, use_hf_home
 
 from evomerge.evaluate import EvalConfig
 
@@ -30,16 +30,13 @@ def test_missing_vllm_gives_an_install_hint(monkeypatch):
 @pytest.fixture(scope="module")
 def vllm_setup(tmp_path_factory):
     require_vllm()
-    import datasets.config
-
     from evomerge.candidate import load_causal_lm
     from evomerge.evaluate.hf import HFEvaluator
     from evomerge.evaluate.vllm import VLLMEvaluator
 
     root = tmp_path_factory.mktemp("vllm")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(root / "hf_home"))
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_home" / "datasets")
+        use_hf_home(mp, root / "hf_home")
         dirs = make_tiny_llama(root / "a", seed=0, **TINY), make_tiny_llama(root / "b", seed=1, **TINY)
         cfg = EvalConfig(tasks=SMOKE, batch_size=8, dtype="float32")
         hf = HFEvaluator(cfg)

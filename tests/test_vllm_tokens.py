@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures import make_tiny_llama, require_vllm
+from fixtures import make_tiny_llama, require_vllm, use_hf_home
 
 from evomerge.evaluate import EvalConfig
 from evomerge.evaluate.callable import TOKENS_GENERATED, TokenCountingEvaluator
@@ -25,15 +25,12 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     require_vllm()
-    import datasets.config
-
     from evomerge.candidate import load_causal_lm
     from evomerge.evaluate.vllm import VLLMEvaluator
 
     root = tmp_path_factory.mktemp("vllm_tokens")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(root / "hf_home"))
-        mp.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf_home" / "datasets")
+        use_hf_home(mp, root / "hf_home")
         model, tok = load_causal_lm(make_tiny_llama(root / "a", seed=0, **TINY), dtype="float32")
         with torch.no_grad():  # weights x5: outputs that stop at different lengths (x1 repeats one char)
             for name, p in model.named_parameters():
